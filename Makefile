@@ -1,0 +1,32 @@
+# Set-up and entry points. `make demo` and `make test` are all a fresh machine needs.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+
+.PHONY: install demo test test-slow lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	# torch/torchvision first so pip takes the pinned local wheels, then the project.
+	$(BIN)/pip install torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -e '.[dev]'
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/compress pipeline configs/demo.yaml
+
+test: install
+	$(BIN)/pytest -q
+
+test-slow: install
+	$(BIN)/pytest -q -m slow
+
+lint: install
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf runs .pytest_cache
