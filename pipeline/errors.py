@@ -1,0 +1,29 @@
+"""Exceptions that map to the CLI's exit codes (2 bad input, 3 failed gate)."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class UserInputError(Exception):
+    """Bad input from the user (config, paths, model or data spec): exit code 2.
+
+    The message says what is wrong, what is allowed and how to fix it.
+    """
+
+    exit_code = 2
+
+
+class GateFailure(Exception):
+    """A validation gate failed: exit code 3. Artifacts are kept for inspection."""
+
+    exit_code = 3
+
+
+def did_you_mean(word: str, choices: Iterable[str], n: int = 3) -> str:
+    """Return a ' Did you mean ...?' hint, or '' when nothing is close."""
+    close = difflib.get_close_matches(word, list(choices), n=n, cutoff=0.5)
+    if not close:
+        return ""
+    return " Did you mean " + " or ".join(repr(c) for c in close) + "?"

@@ -1,0 +1,309 @@
+"""Stage protocol, the context stages run in, and the runner that checkpoints, resumes and invalidates."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from pipeline._progress import Tracker
+from pipeline.config import Config, section_hash
+from pipeline.data import Splits, build_splits, loader
+from pipeline.errors import UserInputError, did_you_mean
+from pipeline.models import rebuild, structure_of
+from pipeline.registry import Registry
+from pipeline.rundir import RunDir, atomic_json, atomic_torch_save, load_checkpoint, now
+
+CHECKPOINT = "checkpoint.pt"
+SUMMARY = "summary.json"
+
+
+@dataclass
+class StageResult:
+    """What a stage hands back to the runner.
+
+    Attributes:
+        model: the model after the stage, or None when the stage did not change it.
+        metrics: small JSON-able figures recorded in the manifest.
+        state: tensors and plain data the runner saves in the stage's checkpoint.
+        files: artifacts the stage wrote (atomically); their sha256 go into the manifest.
+        status: "done", or "skipped" for a stage the config switched off.
+    """
+
+    model: nn.Module | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    state: dict[str, Any] = field(default_factory=dict)
+    files: list[Path] = field(default_factory=list)
+    status: str = "done"
+
+
+class Stage(Protocol):
+    """A pipeline stage: registry name == config key == module name."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+
+    def run(self, model: nn.Module | None, ctx: Context) -> StageResult: ...
+
+
+STAGES: Registry[type] = Registry("stage")
+
+
+@dataclass
+class Context:
+    """Everything a stage may use: config, run directory, data, device, logging, progress."""
+
+    config: Config
+    run_dir: RunDir
+    stage_dir: Path
+    device: torch.device
+    log: logging.Logger
+    tracker: Tracker
+    manifest: dict[str, Any]
+    _splits: Splits | None = None
+
+    @property
+    def splits(self) -> Splits:
+        if self._splits is None:
+            self._splits = build_splits(self.config)
+        return self._splits
+
+    def loader(self, split: str, shuffle: bool = False, batch_size: int | None = None, seed: int = 0):
+        """A seeded loader over one of the splits (train, calibration, validation)."""
+        d = self.config.data
+        bs = batch_size or (d.batch_size if split == "train" else d.eval_batch_size)
+        return loader(getattr(self.splits, split), bs, shuffle, self.config.seed + seed, d.num_workers)
+
+    def track(self, items, description: str, total: int | None = None):
+        return self.tracker.track(items, description, total)
+
+    def stage_state(self, name: str) -> dict[str, Any]:
+        """The saved state of a finished stage (loaded with weights_only=True)."""
+        entry = self.manifest["stages"].get(name)
+        if not entry or entry.get("status") != "done":
+            raise UserInputError(f"stage {name!r} has not finished in {self.run_dir.root}; run the pipeline "
+                                 f"without --from, or with --from {name}")
+        path = self.run_dir.root / entry["checkpoint"] if entry.get("checkpoint") else None
+        return load_checkpoint(path)["state"] if path else {}
+
+    def model_of(self, name: str) -> nn.Module:
+        """Rebuild the model as the named stage (or the last earlier one that had a model) left it."""
+        return load_model_upto(self.config, self.run_dir, self.manifest, name)
+
+
+def load_model_upto(config: Config, run_dir: RunDir, manifest: dict[str, Any], stage: str) -> nn.Module:
+    """Rebuild the latest model checkpoint at or before `stage` from spec + structure + weights."""
+    from stages import PIPELINE
+
+    names = PIPELINE[: PIPELINE.index(stage) + 1]
+    for name in reversed(names):
+        entry = manifest["stages"].get(name, {})
+        if entry.get("status") == "done" and entry.get("has_model"):
+            ckpt = load_checkpoint(run_dir.root / entry["checkpoint"])
+            return rebuild(config.model, ckpt["structure"], ckpt["model"])
+    raise UserInputError(f"no finished stage up to {stage!r} has saved a model in {run_dir.root}; "
+                         f"run the pipeline from the start (without --from)")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch so that a stage re-run gives the same result."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class PlanItem:
+    """What the runner will do with one stage and why."""
+
+    index: int
+    name: str
+    config_hash: str
+    action: str  # "run", "skip" or "stop"
+    reason: str
+
+
+def stage_hashes(config: Config, names: list[str]) -> list[str]:
+    """Chained config hashes: a stage's own section plus everything upstream."""
+    hashes, prev = [], ""
+    for name in names:
+        own = [config.seed, config.model, config.data] if name == "load" else [config.section(name)]
+        prev = section_hash(prev, *own)
+        hashes.append(prev)
+    return hashes
+
+
+def make_plan(config: Config, run_dir: RunDir, manifest: dict[str, Any], names: list[str],
+              start: str | None, until: str | None) -> list[PlanItem]:
+    """Decide per stage: reuse the checkpoint, run it, or stop before it."""
+    for flag, value in (("--from", start), ("--until", until)):
+        if value is not None and value not in names:
+            raise UserInputError(f"{flag} {value!r} is not a stage.{did_you_mean(value, names)} "
+                                 f"Stages in order: {', '.join(names)}.")
+    start_i = names.index(start) if start else len(names)
+    until_i = names.index(until) if until else len(names) - 1
+    if start and until and start_i > until_i:
+        raise UserInputError(f"--from {start} comes after --until {until}; stages run in the order "
+                             f"{', '.join(names)}")
+    plan, rerun = [], False
+    for i, (name, h) in enumerate(zip(names, stage_hashes(config, names), strict=True)):
+        entry = manifest["stages"].get(name)
+        if i > until_i:
+            plan.append(PlanItem(i, name, h, "stop", f"after --until {until}"))
+            continue
+        if i >= start_i:
+            reason = f"forced by --from {start}"
+        elif rerun:
+            reason = "an upstream stage re-runs"
+        elif entry is None:
+            reason = "not run yet"
+        elif entry.get("status") not in ("done", "skipped"):
+            reason = f"previous attempt ended as {entry.get('status')!r}"
+        elif entry.get("config_hash") != h:
+            reason = "its config (or an upstream one) changed"
+        else:
+            bad = run_dir.corrupted_files(entry)
+            if bad:
+                raise UserInputError(
+                    f"checkpoint files of finished stage {name!r} are missing or do not match their recorded "
+                    f"sha256: {', '.join(bad)} (damaged or edited outside the tool). Nothing was changed. "
+                    f"Re-run with --from {name} to recompute it and every later stage."
+                )
+            plan.append(PlanItem(i, name, h, "skip", f"{entry['status']}, unchanged"))
+            continue
+        rerun = True
+        plan.append(PlanItem(i, name, h, "run", reason))
+    return plan
+
+
+def print_plan(console: Console, plan: list[PlanItem], run_dir: RunDir) -> None:
+    table = Table(title=f"plan for {run_dir.root}")
+    for col in ("#", "stage", "action", "why"):
+        table.add_column(col)
+    for p in plan:
+        table.add_row(str(p.index), p.name, p.action, p.reason)
+    console.print(table)
+
+
+def _logger(run_dir: RunDir, console: Console) -> logging.Logger:
+    from rich.logging import RichHandler
+
+    log = logging.getLogger(f"compress.{run_dir.root}")
+    log.handlers.clear()
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    log.addHandler(RichHandler(console=console, show_path=False, show_time=False))
+    fh = logging.FileHandler(run_dir.root / "log.txt")
+    fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(fh)
+    return log
+
+
+def resolve_device(config: Config) -> torch.device:
+    want = config.runtime.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise UserInputError("runtime.device is 'cuda' but no CUDA device is visible; set runtime.device: cpu "
+                             "or auto")
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(want)
+
+
+def run_pipeline(config: Config, run_dir: RunDir, console: Console, start: str | None = None,
+                 until: str | None = None, fresh: bool = False) -> dict[str, Any] | None:
+    """Run the planned stages; returns summary.json's content when the validate stage has run."""
+    from stages import PIPELINE
+
+    if config.runtime.threads:
+        torch.set_num_threads(config.runtime.threads)
+    device = resolve_device(config)
+    run_dir.lock()
+    try:
+        manifest = {"stages": {}} if fresh else run_dir.read_manifest()
+        manifest.update({"name": config.name, "model": f"{config.model.source}:{config.model.name}"})
+        plan = make_plan(config, run_dir, manifest, PIPELINE, start, until)
+        atomic_json(run_dir.root / "config.json", config.model_dump(mode="json", by_alias=True))
+        log = _logger(run_dir, console)
+        for item in plan:
+            if item.action == "skip":
+                log.info(f"[{item.index}] {item.name}: reused ({item.reason})")
+            elif item.action == "run":
+                _run_stage(item, config, run_dir, manifest, device, log, console)
+        summary = run_dir.root / SUMMARY
+        return json.loads(summary.read_text()) if plan[-1].action != "stop" and summary.is_file() else None
+    finally:
+        run_dir.unlock()
+
+
+def _run_stage(item: PlanItem, config: Config, run_dir: RunDir, manifest: dict[str, Any],
+               device: torch.device, log: logging.Logger, console: Console) -> None:
+    from stages import PIPELINE
+
+    stage = STAGES.get(item.name)()
+    stage_dir = run_dir.stage_dir(item.index, item.name)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    previous = manifest["stages"].get(item.name)
+    manifest["stages"][item.name] = {"status": "running", "config_hash": item.config_hash, "started": now()}
+    run_dir.write_manifest(manifest)
+    log.info(f"[{item.index}] {item.name}: running ({item.reason})")
+    tracker = Tracker(console, item.name, config.runtime.progress)
+    ctx = Context(config, run_dir, stage_dir, device, log, tracker, manifest)
+    t0 = time.perf_counter()
+    try:
+        seed_everything(config.seed + item.index)
+        model = None
+        if item.index > 0:
+            model = load_model_upto(config, run_dir, manifest, PIPELINE[item.index - 1]).to(device)
+        result = stage.run(model, ctx)
+        tracker.before_commit()
+        entry = _commit(item, config, run_dir, stage_dir, result, manifest["stages"][item.name])
+    except UserInputError:
+        # Bad input loses nothing: the stage's previous record (and its files) stay as they were.
+        if previous is None:
+            manifest["stages"].pop(item.name, None)
+        else:
+            manifest["stages"][item.name] = previous
+        run_dir.write_manifest(manifest)
+        raise
+    except BaseException as exc:
+        manifest["stages"][item.name].update(status="failed", error=f"{type(exc).__name__}: {exc}",
+                                             finished=now())
+        run_dir.write_manifest(manifest)
+        raise
+    entry["seconds"] = round(time.perf_counter() - t0, 3)
+    manifest["stages"][item.name] = entry
+    run_dir.write_manifest(manifest)
+    shown = {k: v for k, v in entry["metrics"].items() if not isinstance(v, (dict, list))}
+    log.info(f"[{item.index}] {item.name}: {entry['status']} in {entry['seconds']:.1f}s {shown}")
+
+
+def _commit(item: PlanItem, config: Config, run_dir: RunDir, stage_dir: Path, result: StageResult,
+            entry: dict[str, Any]) -> dict[str, Any]:
+    files = list(result.files)
+    has_model = result.model is not None
+    if has_model or result.state:
+        ckpt = stage_dir / CHECKPOINT
+        payload: dict[str, Any] = {"state": result.state, "model": None, "structure": None}
+        if has_model:
+            cpu_model = result.model.to("cpu")
+            payload["model"] = cpu_model.state_dict()
+            payload["structure"] = structure_of(cpu_model, config.model)
+        atomic_torch_save(ckpt, payload)
+        files.append(ckpt)
+        entry["checkpoint"] = run_dir.rel(ckpt)
+    atomic_json(stage_dir / "result.json", {"stage": item.name, "status": result.status,
+                                            "metrics": result.metrics})
+    files.append(stage_dir / "result.json")
+    entry.update(status=result.status, finished=now(), metrics=result.metrics, has_model=has_model,
+                 files=run_dir.file_hashes(files))
+    return entry

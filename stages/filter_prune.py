@@ -1,0 +1,114 @@
+"""Stage `filter_prune`: IDAP++ divergence-aware iterative filter pruning (METHOD.md section 3)."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.errors import UserInputError
+from pipeline.models import clone, count_macs
+from pipeline.runner import STAGES, Context, StageResult
+from stages._criteria import CRITERIA, accumulate_gradients
+from stages._flows import collect_unit_stats
+from stages._pruning import apply_plan, build_graph, classifier_layers, plan_step, score_groups
+from stages._training import evaluate, train_steps
+
+
+def step_fraction(p0: float, alpha: float, t: int, steps: int) -> float:
+    """p_t = p0 * (1 + t/T)^alpha: the share of the remaining units removed at step t."""
+    return min(p0 * (1.0 + t / steps) ** alpha, 0.95)
+
+
+def capped_fraction(p: float, gflops: float, target: float) -> float:
+    """Shrink the last step so that MACs land near the target (MACs scale about as width squared)."""
+    if gflops * (1.0 - p) ** 2 >= target:
+        return p
+    return max(1.0 - math.sqrt(target / gflops), 1e-3)
+
+
+def ignored_modules(model: nn.Module, ctx: Context) -> list[nn.Module]:
+    cfg = ctx.config.filter_prune
+    ignored = classifier_layers(model, ctx.config.model.num_classes)
+    names = dict(model.named_modules())
+    for name in cfg.ignore:
+        if name not in names:
+            from pipeline.errors import did_you_mean
+
+            raise UserInputError(f"filter_prune.ignore names {name!r}, which is not a module of the model."
+                                 f"{did_you_mean(name, names)} Use names as model.named_modules() gives them.")
+        ignored.append(names[name])
+    return ignored
+
+
+@STAGES.register("filter_prune")
+class FilterPrune:
+    name = "filter_prune"
+    description = "iterative divergence-aware filter pruning to the target FLOPs, with rollback"
+
+    def run(self, model: nn.Module | None, ctx: Context) -> StageResult:
+        cfg = ctx.config.filter_prune
+        if not cfg.enabled:
+            return StageResult(status="skipped", metrics={"reason": "filter_prune.enabled is false"})
+        spec = ctx.config.model
+        calib = ctx.stage_state("calibrate")
+        stats: dict[str, Any] | None = calib["unit_stats"]  # step 0 uses the calibration pass
+        criterion = CRITERIA.get(cfg.criterion)()
+        example = torch.zeros(1, spec.in_chans, *spec.input_size, device=ctx.device)
+        gflops0, params0 = count_macs(model, spec)
+        start = evaluate(model, ctx)
+        target = gflops0 * (1.0 - cfg.target_flops_reduction)
+        gflops, keep = gflops0, 1.0
+        originals: dict[str, int] = {}
+        dynamics = [{"step": 0, "fraction": 0.0, "units_removed": 0, "params_m": params0, "gflops": gflops0,
+                     **start, "accepted": True}]
+        stop, graph_builds, score_seconds = f"reached {cfg.steps} steps", 0, 0.0
+        for t in ctx.track(range(cfg.steps), "pruning steps", total=cfg.steps):
+            if gflops <= target * (1.0 + cfg.flops_tolerance):
+                stop = "reached the FLOPs target"
+                break
+            p = capped_fraction(step_fraction(cfg.p0, cfg.alpha, t, cfg.steps), gflops, target)
+            snapshot = clone(model)
+            if criterion.needs_stats and stats is None:
+                stats = collect_unit_stats(model, ctx, f"flows, step {t + 1}")
+            if criterion.needs_grad:
+                accumulate_gradients(model, ctx)
+            criterion.prepare(model, ctx, stats)
+            t0 = time.perf_counter()
+            graph = build_graph(model, example)
+            graph_builds += 1
+            records = score_groups(graph, model, criterion, ignored_modules(model, ctx))
+            score_seconds += time.perf_counter() - t0
+            for r in records:
+                originals.setdefault(r.name, r.width)
+            keep *= 1.0 - p
+            plan = plan_step(records, originals, p, cfg.round_to, cfg.max_layer_pruning_ratio, cfg.ranking, keep)
+            removed = apply_plan(graph, records, plan)
+            model.zero_grad(set_to_none=True)
+            if removed == 0:
+                stop = "no unit left to prune (every layer at its minimum width)"
+                break
+            train_steps(model, ctx, cfg.recovery_steps, cfg.recovery_lr, f"recovery {t + 1}", seed=100 + t)
+            gflops, params = count_macs(model, spec)
+            row = {"step": t + 1, "fraction": p, "units_removed": removed, "params_m": params, "gflops": gflops,
+                   **evaluate(model, ctx)}
+            stats = None  # the model changed: later steps measure flows again
+            if start["top1"] - row["top1"] > cfg.max_accuracy_drop:
+                dynamics.append({**row, "accepted": False})
+                model = snapshot
+                gflops = dynamics[-2]["gflops"]
+                stop = (f"step {t + 1} dropped top-1 by {start['top1'] - row['top1']:.2f} > "
+                        f"max_accuracy_drop {cfg.max_accuracy_drop}; rolled back")
+                break
+            dynamics.append({**row, "accepted": True})
+        final = [d for d in dynamics if d["accepted"]][-1]
+        ctx.log.info(f"filter_prune stopped: {stop}")
+        metrics = {"criterion": cfg.criterion, "steps_taken": len(dynamics) - 1, "stop_reason": stop,
+                   "gflops_before": gflops0, "gflops": final["gflops"], "params_m": final["params_m"],
+                   "flops_reduction": 1.0 - final["gflops"] / gflops0, "top1_start": start["top1"],
+                   "top1": final["top1"], "top5": final["top5"], "graph_builds": graph_builds,
+                   "scoring_seconds": round(score_seconds, 3)}
+        return StageResult(model=model, metrics=metrics, state={"dynamics": dynamics, "stop_reason": stop})
