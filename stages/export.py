@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 import pipeline
+from export.torch2onnx import torch2onnx
 from pipeline.models import count_macs
 from pipeline.rundir import now
 from pipeline.runner import STAGES, Context, StageResult
-from export.torch2onnx import torch2onnx
 
 
 def export_model(model: nn.Module, ctx: Context, path, role: str) -> onnx.ModelProto:
