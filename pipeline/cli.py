@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=False)
     except (UserInputError, GateFailure) as exc:
-        console.print(f"error: {exc}", style="bold red", highlight=False, markup=False)
+        console.print(f"error: {exc}", style="bold red", highlight=False, markup=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)

@@ -232,13 +232,13 @@ def run_pipeline(config: Config, run_dir: RunDir, console: Console, start: str |
         manifest = {"stages": {}} if fresh else run_dir.read_manifest()
         manifest.update({"name": config.name, "model": f"{config.model.source}:{config.model.name}"})
         plan = make_plan(config, run_dir, manifest, PIPELINE, start, until)
-        atomic_json(run_dir.root / "config.json", config.model_dump(mode="json", by_alias=True))
         log = _logger(run_dir, console)
         for item in plan:
             if item.action == "skip":
                 log.info(f"[{item.index}] {item.name}: reused ({item.reason})")
             elif item.action == "run":
                 _run_stage(item, config, run_dir, manifest, device, log, console)
+        atomic_json(run_dir.root / "config.json", config.model_dump(mode="json", by_alias=True))
         summary = run_dir.root / SUMMARY
         return json.loads(summary.read_text()) if plan[-1].action != "stop" and summary.is_file() else None
     finally:

@@ -139,7 +139,9 @@ class _TorchPruning(Criterion):
         raise NotImplementedError
 
     def __call__(self, group) -> torch.Tensor | None:
-        return self.imp(group)
+        scores = self.imp(group)
+        # Mean normalisation turns an all-zero group (e.g. zero gradients) into NaN: it has no importance.
+        return None if scores is None else torch.nan_to_num(scores, nan=0.0)
 
 
 @CRITERIA.register("l1")

@@ -1,0 +1,54 @@
+"""Shared fixtures: small configs that run the whole pipeline in seconds."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(**sections: Any) -> dict[str, Any]:
+    """A config for timm ResNet-18 on synthetic 32x32 data; every stage does a little real work."""
+    cfg: dict[str, Any] = {
+        "name": "tiny",
+        "seed": 0,
+        "model": {"source": "timm", "name": "resnet18", "num_classes": 4, "in_chans": 1, "input_size": [32, 32]},
+        "data": {"kind": "synthetic", "synthetic_samples": 192, "batch_size": 32, "eval_batch_size": 64},
+        "train": {"enabled": True, "epochs": 1, "lr": 0.05},
+        "calibrate": {"batches": 2, "batch_size": 32},
+        "filter_prune": {"target_flops_reduction": 0.5, "steps": 4, "p0": 0.2, "recovery_steps": 3,
+                         "max_accuracy_drop": 100.0},
+        "finetune": {"epochs": 1},
+        "validate": {"warmup": 2, "runs": 5, "gates": {"max_parity_error": 1e-3}},
+        "runtime": {"progress": False, "threads": 2},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key] = {**cfg[key], **value}
+        else:
+            cfg[key] = value
+    return cfg
+
+
+def write_config(path: Path, cfg: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `compress` in a fresh process, as users and CI do."""
+    full_env = {**os.environ, "COLUMNS": "200", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
+                          env=full_env, timeout=timeout, cwd=REPO)
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> Path:
+    return write_config(tmp_path / "tiny.yaml", tiny_config())

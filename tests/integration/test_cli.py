@@ -1,0 +1,163 @@
+"""End-to-end CLI on a finished tiny run: resume, invalidation, gates, and every kind of bad input (exit 2)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.cli import main
+from pipeline.config import ModelConfig
+from pipeline.models import build_model
+from pipeline.rundir import sha256
+from tests.conftest import REPO, tiny_config, write_config
+
+
+def cli(*args: str) -> int:
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    return exit_info.value.code
+
+
+def snapshot(run_dir: Path) -> dict[str, str]:
+    """Hashes of every file of a run directory except the append-only log."""
+    return {str(p.relative_to(run_dir)): sha256(p) for p in sorted(run_dir.rglob("*"))
+            if p.is_file() and p.name != "log.txt"}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("finished")
+    config = write_config(root / "tiny.yaml", tiny_config())
+    assert cli("pipeline", str(config), "--run-dir", str(root / "run")) == 0
+    return config, root / "run"
+
+
+def test_finished_run_has_the_contract(finished):
+    _, run = finished
+    summary = json.loads((run / "summary.json").read_text())
+    for key in ("name", "model", "base", "compressed", "delta_pct", "latency_ms", "parity", "artifacts", "gates"):
+        assert key in summary
+    assert summary["compressed"]["gflops"] < summary["base"]["gflops"]
+    assert summary["compressed"]["params_m"] < summary["base"]["params_m"]
+    assert summary["latency_ms"]["backend"] == "onnxruntime-cpu" and summary["latency_ms"]["batch"] == 1
+    assert summary["gates"] == {"passed": True, "failures": []}
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert [s["status"] for s in manifest["stages"].values()] == ["done"] * 7
+    dynamics = torch.load(run / "03_filter_prune" / "checkpoint.pt", weights_only=True)["state"]["dynamics"]
+    assert dynamics[0]["step"] == 0 and all({"params_m", "gflops", "top1", "top5"} <= d.keys() for d in dynamics)
+    assert manifest["stages"]["filter_prune"]["metrics"]["graph_builds"] == len(dynamics) - 1
+
+
+def test_rerun_reuses_every_stage(finished, capsys):
+    config, run = finished
+    before = snapshot(run)
+    assert cli("pipeline", str(config), "--run-dir", str(run)) == 0
+    assert capsys.readouterr().err.count("reused") == 7
+    after = snapshot(run)
+    assert {k: v for k, v in after.items() if k != "manifest.json"} == \
+        {k: v for k, v in before.items() if k != "manifest.json"}
+
+
+def test_config_change_invalidates_that_stage_and_later(finished, tmp_path: Path, capsys):
+    config, run = finished
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    assert cli("pipeline", str(config), "--run-dir", str(copy), "--set", "finetune.lr=0.02") == 0
+    err = capsys.readouterr().err
+    for stage in ("load", "train", "calibrate", "filter_prune"):
+        assert f"{stage}: reused" in err
+    for stage in ("finetune", "export", "validate"):
+        assert f"{stage}: running (" in err
+
+
+def test_failed_gate_exits_3_and_keeps_artifacts(finished, tmp_path: Path, capsys):
+    config, run = finished
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    code = cli("pipeline", str(config), "--run-dir", str(copy), "--set", "validate.gates.min_speedup=50")
+    assert code == 3
+    summary = json.loads((copy / "summary.json").read_text())
+    assert summary["gates"]["passed"] is False and "min_speedup 50" in summary["gates"]["failures"][0]
+    assert (copy / "model.onnx").is_file()
+    assert "validation gates failed" in capsys.readouterr().err
+
+
+def test_until_stops_and_dry_run_plans(finished, tmp_path: Path, capsys):
+    config, _ = finished
+    run = tmp_path / "run"
+    assert cli("pipeline", str(config), "--run-dir", str(run), "--until", "calibrate") == 0
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert list(manifest["stages"]) == ["load", "train", "calibrate"]
+    capsys.readouterr()
+    assert cli("pipeline", str(config), "--run-dir", str(run), "--dry-run") == 0
+    out = capsys.readouterr().err
+    assert "calibrate" in out and "skip" in out and "not run yet" in out
+
+
+def test_resnet50_example_dry_run_prints_the_plan(capsys, tmp_path: Path):
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"x")
+    code = cli("pipeline", str(REPO / "configs" / "resnet50.yaml"), "--dry-run", "--run-dir", str(tmp_path / "r"),
+               "--set", f"data.root={tmp_path}", "--set", f"model.weights={weights}")
+    out = capsys.readouterr().err
+    assert code == 0, out
+    assert all(s in out for s in ("load", "filter_prune", "validate")) and "config is valid" in out
+
+
+def _other_arch_weights(tmp_path: Path) -> str:
+    path = tmp_path / "resnet34.pt"
+    torch.save(build_model(ModelConfig(source="timm", name="resnet34", num_classes=4, in_chans=1)).state_dict(), path)
+    return str(path)
+
+
+BAD_INPUTS = {
+    "malformed_yaml": (lambda tmp, cfg: _write_raw(tmp, "name: tiny\nmodel: [unclosed\n"), [], "malformed YAML"),
+    "unknown_key": (lambda tmp, cfg: write_config(tmp / "c.yaml", tiny_config(finetune={"epoch": 1})), [],
+                    "Did you mean 'epochs'"),
+    "out_of_range": (lambda tmp, cfg: cfg, ["--set", "filter_prune.target_flops_reduction=1.5"], "less than 1"),
+    "missing_dataset_root": (lambda tmp, cfg: cfg, ["--set", "data.kind=cifar10", "--set", "data.root=/nonexistent/x"],
+                             "data.root '/nonexistent/x' does not exist"),
+    "unknown_model": (lambda tmp, cfg: cfg, ["--set", "model.name=resnet-18"], "Did you mean 'resnet18'"),
+    "weights_of_other_arch": (lambda tmp, cfg: cfg, ["--set", "model.weights={weights}"], "does not fit timm:resnet18"),
+    "from_unknown_stage": (lambda tmp, cfg: cfg, ["--from", "finetuning"], "Did you mean 'finetune'"),
+    "unknown_criterion": (lambda tmp, cfg: cfg, ["--set", "filter_prune.criterion=tayler"], "Did you mean 'taylor'"),
+}
+
+
+def _write_raw(tmp: Path, text: str) -> Path:
+    (tmp / "raw.yaml").write_text(text)
+    return tmp / "raw.yaml"
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_exits_2_and_alters_nothing(finished, tmp_path: Path, capsys, case: str):
+    config, run = finished
+    make, extra, expected = BAD_INPUTS[case]
+    extra = [a.replace("{weights}", _other_arch_weights(tmp_path)) if "{weights}" in a else a for a in extra]
+    before = snapshot(run)
+    code = cli("pipeline", str(make(tmp_path, config)), "--run-dir", str(run), *extra)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert expected in " ".join(err.split()), err
+    assert snapshot(run) == before
+
+
+def test_corrupted_checkpoint_is_reported_then_recomputed_with_from(finished, tmp_path: Path, capsys):
+    config, run = finished
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    ckpt = copy / "02_calibrate" / "checkpoint.pt"
+    data = bytearray(ckpt.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    ckpt.write_bytes(bytes(data))
+    before = snapshot(copy)
+    assert cli("pipeline", str(config), "--run-dir", str(copy)) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "02_calibrate/checkpoint.pt" in err and "--from calibrate" in err
+    assert snapshot(copy) == before
+    assert cli("pipeline", str(config), "--run-dir", str(copy), "--from", "calibrate") == 0
+    assert sha256(ckpt) == sha256(run / "02_calibrate" / "checkpoint.pt"), "recomputed checkpoint is identical"
