@@ -1,0 +1,59 @@
+"""SIGKILL inside each stage in turn; the rerun resumes without redoing finished stages and ends identical."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.rundir import sha256
+from stages import PIPELINE
+from tests.conftest import run_cli, tiny_config, write_config
+
+# Where to kill: the n-th progress tick inside the stage's loop, or "commit" (work done, nothing saved yet).
+KILL_POINTS = {"load": "commit", "train": "2", "calibrate": "1", "filter_prune": "4", "finetune": "2",
+               "export": "commit", "validate": "3"}
+
+
+def _comparable(run: Path) -> dict:
+    summary = json.loads((run / "summary.json").read_text())
+    summary.pop("latency_ms")  # wall-clock timing differs between any two runs
+    ckpts = {p.parent.name: sha256(p) for p in sorted(run.glob("0*/checkpoint.pt"))}
+    return {"summary": summary, "checkpoints": ckpts}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("kill")
+    config = write_config(root / "tiny.yaml", tiny_config())
+    done = run_cli("pipeline", str(config), "--run-dir", str(root / "baseline"))
+    assert done.returncode == 0, done.stderr
+    return config, _comparable(root / "baseline")
+
+
+def test_kill_points_cover_every_stage():
+    assert set(KILL_POINTS) == set(PIPELINE)
+
+
+@pytest.mark.parametrize("stage", PIPELINE)
+def test_sigkill_inside_stage_then_resume(setup, tmp_path: Path, stage: str):
+    config, baseline = setup
+    run = tmp_path / "run"
+    killed = run_cli("pipeline", str(config), "--run-dir", str(run),
+                     env={"COMPRESS_DEBUG_KILL_AT": f"{stage}:{KILL_POINTS[stage]}"})
+    assert killed.returncode == -9, f"expected SIGKILL inside {stage}: {killed.stderr[-2000:]}"
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["stages"][stage]["status"] == "running"
+    finished_before = {n: e["finished"] for n, e in manifest["stages"].items() if e["status"] == "done"}
+    assert list(finished_before) == PIPELINE[: PIPELINE.index(stage)]
+
+    resumed = run_cli("pipeline", str(config), "--run-dir", str(run))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    log = " ".join(resumed.stderr.split())
+    for name in finished_before:
+        assert f"{name}: reused" in log, f"{name} was redone after a kill in {stage}"
+    assert f"{stage}: running (previous attempt ended as 'running')" in log
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert {n: manifest["stages"][n]["finished"] for n in finished_before} == finished_before
+    assert _comparable(run) == baseline
