@@ -43,7 +43,8 @@ def test_imagefolder_with_train_and_val(tmp_path: Path):
         for cls in ("cat", "dog"):
             (tmp_path / split / cls).mkdir(parents=True)
             for i in range(3):
-                Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / split / cls / f"{i}.png")
+                pixels = rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / split / cls / f"{i}.png")
     cfg = Config.model_validate(tiny_config(data={"kind": "imagefolder", "root": str(tmp_path)},
                                             model={"in_chans": 3, "num_classes": 2}))
     s = build_splits(cfg)
