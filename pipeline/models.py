@@ -44,10 +44,7 @@ def build_model(spec: ModelConfig, with_weights: bool = True) -> nn.Module:
     pretrained = spec.pretrained and with_weights
     try:
         if spec.source == "timm":
-            import timm
-
-            model = timm.create_model(spec.name, pretrained=pretrained, num_classes=spec.num_classes,
-                                      in_chans=spec.in_chans)
+            model = _build_timm(spec, pretrained)
         else:
             model = _build_torchvision(spec, pretrained)
     except (OSError, RuntimeError, ValueError) as exc:
@@ -62,6 +59,22 @@ def build_model(spec: ModelConfig, with_weights: bool = True) -> nn.Module:
     if with_weights and spec.weights is not None:
         load_weights(model, spec.weights, f"{spec.source}:{spec.name}")
     return model
+
+
+def _build_timm(spec: ModelConfig, pretrained: bool) -> nn.Module:
+    import timm
+
+    if not pretrained:
+        return timm.create_model(spec.name, pretrained=False, num_classes=spec.num_classes, in_chans=spec.in_chans)
+    import huggingface_hub.constants as hf
+
+    # Pretrained weights come from the local cache only: never let the hub client reach the network.
+    saved = hf.HF_HUB_OFFLINE
+    hf.HF_HUB_OFFLINE = True
+    try:
+        return timm.create_model(spec.name, pretrained=True, num_classes=spec.num_classes, in_chans=spec.in_chans)
+    finally:
+        hf.HF_HUB_OFFLINE = saved
 
 
 def _build_torchvision(spec: ModelConfig, pretrained: bool) -> nn.Module:

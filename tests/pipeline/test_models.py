@@ -86,3 +86,22 @@ def test_pretrained_without_cache_says_how_to_fix(monkeypatch, tmp_path: Path):
     spec = ModelConfig(source="torchvision", name="resnet18", num_classes=1000, pretrained=True)
     with pytest.raises(UserInputError, match="never downloads"):
         build_model(spec)
+
+
+def test_timm_pretrained_never_reaches_the_network(monkeypatch, tmp_path: Path):
+    import huggingface_hub.constants as hf
+    import timm
+
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path))
+    seen, real = [], timm.create_model
+
+    def spy(*args, **kwargs):
+        seen.append(hf.HF_HUB_OFFLINE)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", spy)
+    offline_before = hf.HF_HUB_OFFLINE
+    with pytest.raises(UserInputError, match="never downloads.*model.weights"):
+        build_model(ModelConfig(source="timm", name="resnet18", pretrained=True))
+    assert seen == [True], "the hub client must be in offline mode while pretrained weights are looked up"
+    assert hf.HF_HUB_OFFLINE == offline_before
