@@ -143,6 +143,11 @@ def stage_hashes(config: Config, names: list[str]) -> list[str]:
     return hashes
 
 
+def upstream_fingerprint(manifest: dict[str, Any], upstream: list[str]) -> str:
+    """Identity of the upstream stages' outputs (their files' sha256), recorded with each finished stage."""
+    return section_hash([manifest["stages"].get(n, {}).get("files", {}) for n in upstream])
+
+
 def make_plan(config: Config, run_dir: RunDir, manifest: dict[str, Any], names: list[str],
               start: str | None, until: str | None) -> list[PlanItem]:
     """Decide per stage: reuse the checkpoint, run it, or stop before it."""
@@ -171,6 +176,8 @@ def make_plan(config: Config, run_dir: RunDir, manifest: dict[str, Any], names: 
             reason = f"previous attempt ended as {entry.get('status')!r}"
         elif entry.get("config_hash") != h:
             reason = "its config (or an upstream one) changed"
+        elif entry.get("upstream") != upstream_fingerprint(manifest, names[:i]):
+            reason = "an upstream checkpoint changed after it ran"
         else:
             bad = run_dir.corrupted_files(entry)
             if bad:
@@ -267,6 +274,7 @@ def _run_stage(item: PlanItem, config: Config, run_dir: RunDir, manifest: dict[s
         result = stage.run(model, ctx)
         tracker.before_commit()
         entry = _commit(item, config, run_dir, stage_dir, result, manifest["stages"][item.name])
+        entry["upstream"] = upstream_fingerprint(manifest, PIPELINE[: item.index])
     except UserInputError:
         # Bad input loses nothing: the stage's previous record (and its files) stay as they were.
         if previous is None:

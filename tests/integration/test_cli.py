@@ -161,3 +161,19 @@ def test_corrupted_checkpoint_is_reported_then_recomputed_with_from(finished, tm
     assert snapshot(copy) == before
     assert cli("pipeline", str(config), "--run-dir", str(copy), "--from", "calibrate") == 0
     assert sha256(ckpt) == sha256(run / "02_calibrate" / "checkpoint.pt"), "recomputed checkpoint is identical"
+
+
+def test_downstream_reruns_when_an_upstream_checkpoint_changed(finished, tmp_path: Path, capsys):
+    """A re-run upstream stage whose output differs makes later finished stages stale, even with equal configs."""
+    config, run = finished
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    # as if finetune had been recomputed (e.g. --from finetune, killed before export) with another result
+    (copy / "04_finetune" / "result.json").write_text("changed")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["stages"]["finetune"]["files"]["04_finetune/result.json"] = sha256(copy / "04_finetune" / "result.json")
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert cli("pipeline", str(config), "--run-dir", str(copy)) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "finetune: reused" in err
+    assert "export: running (an upstream checkpoint changed after it ran)" in err
