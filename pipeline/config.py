@@ -92,6 +92,17 @@ class FilterPruneConfig(Section):
     flops_tolerance: float = Field(0.005, ge=0.0, lt=0.1, description="stop when this close to the target")
 
 
+class LayerTruncateConfig(Section):
+    """IDAP++ flow-guided layer truncation (METHOD.md section 4): whole blocks become the identity."""
+
+    enabled: bool = True
+    max_layers: int = Field(2, ge=0, description="most blocks removed")
+    max_accuracy_drop: float = Field(1.0, ge=0.0, le=100.0, description="top-1 points below the stage start")
+    recovery_steps: int = Field(30, ge=0, description="SGD steps of recovery after each removal")
+    recovery_lr: float = Field(0.01, gt=0.0)
+    min_flops_share: float = Field(0.005, ge=0.0, lt=1.0, description="ignore blocks with a smaller share of MACs")
+
+
 class FinetuneConfig(Section):
     """Recovery fine-tuning with a fixed epoch budget."""
 
@@ -106,7 +117,8 @@ class ExportConfig(Section):
     """ONNX export of the compressed model."""
 
     opset: int = Field(17, ge=11, le=23)
-    exporter: Literal["torchscript", "dynamo"] = "torchscript"
+    exporter: Literal["auto", "torchscript", "dynamo"] = Field(
+        "auto", description="auto: torchscript, falling back to the torch.export-based exporter when it fails")
     input_name: str = "input"
     output_name: str = "logits"
     dynamic_batch: bool = True
@@ -151,6 +163,7 @@ class Config(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     calibrate: CalibrateConfig = Field(default_factory=CalibrateConfig)
     filter_prune: FilterPruneConfig = Field(default_factory=FilterPruneConfig)
+    layer_truncate: LayerTruncateConfig = Field(default_factory=LayerTruncateConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")

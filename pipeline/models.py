@@ -91,6 +91,11 @@ def _build_torchvision(spec: ModelConfig, pretrained: bool) -> nn.Module:
         model = torchvision.models.get_model(spec.name, weights=None, **kwargs)
         load_weights(model, cached, f"torchvision:{spec.name}")
     else:
+        if spec.name.startswith("vit_"):
+            if spec.input_size[0] != spec.input_size[1]:
+                raise UserInputError(f"torchvision {spec.name} needs a square model.input_size, got "
+                                     f"{list(spec.input_size)}")
+            kwargs["image_size"] = spec.input_size[0]  # position embeddings are sized for the input
         if spec.name.startswith("inception"):
             kwargs["aux_logits"] = False
             kwargs["init_weights"] = True

@@ -1,5 +1,5 @@
 """The pipeline's stages, registered in pipeline.runner.STAGES; PIPELINE is their order."""
 
-from stages import calibrate, export, filter_prune, finetune, load, train, validate  # noqa: F401
+from stages import calibrate, export, filter_prune, finetune, layer_truncate, load, train, validate  # noqa: F401
 
-PIPELINE: list[str] = ["load", "train", "calibrate", "filter_prune", "finetune", "export", "validate"]
+PIPELINE: list[str] = ["load", "train", "calibrate", "filter_prune", "layer_truncate", "finetune", "export", "validate"]

@@ -1,4 +1,7 @@
-"""Flow statistics from forward hooks: per-unit activation norms for the divergence criteria."""
+"""Flow statistics from forward hooks: per-unit activation norms and per-block shapes and divergences.
+
+Several collectors share one no-grad pass over the calibration split (METHOD.md section 2).
+"""
 
 from __future__ import annotations
 
@@ -22,38 +25,111 @@ def _per_channel_norm(t: torch.Tensor, channel_dim: int) -> torch.Tensor:
     return rows.norm(dim=0) / rows.shape[0] ** 0.5
 
 
+class UnitStats:
+    """Per conv/linear layer: `in_norm`, the norm of each input channel as it arrives (the producing units'
+    signal after their normalisation, activation and any residual add); `out_relu_norm`, ReLU of the raw
+    output per channel (the published form); `out_numel`, C*H*W of one output sample."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, dict[str, Any]] = {}
+        self.batches = 0
+
+    def attach(self, model: nn.Module) -> list:
+        def hook(name: str):
+            def fn(mod: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+                cdim = 1 if isinstance(mod, nn.Conv2d) else -1
+                e = self.sums.setdefault(name, {"in_norm": 0.0, "out_relu_norm": 0.0,
+                                                "out_numel": int(output[0].numel())})
+                e["in_norm"] = e["in_norm"] + _per_channel_norm(inputs[0].float(), cdim).cpu()
+                e["out_relu_norm"] = e["out_relu_norm"] + _per_channel_norm(output.float().relu(), cdim).cpu()
+
+            return fn
+
+        return [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, MEASURED)]
+
+    def result(self) -> dict[str, Any]:
+        n = max(self.batches, 1)
+        return {k: {"in_norm": e["in_norm"] / n, "out_relu_norm": e["out_relu_norm"] / n, "out_numel": e["out_numel"]}
+                for k, e in self.sums.items()}
+
+
+class BlockStats:
+    """Per module: input/output shapes, calls per forward, and the block divergence terms
+    E||y - x|| and E||x|| (per-sample L2 norms) where the output has the input's shape."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.batches = 0
+
+    def attach(self, model: nn.Module) -> list:
+        def hook(name: str):
+            def fn(mod: nn.Module, inputs: tuple, output: Any) -> None:
+                row = self.rows.setdefault(name, {"calls": 0, "diff": 0.0, "norm": 0.0, "in_shape": None,
+                                                  "out_shape": None, "single": True})
+                row["calls"] += 1
+                tensors_in = [t for t in inputs if isinstance(t, torch.Tensor)]
+                if len(inputs) != 1 or len(tensors_in) != 1 or not isinstance(output, torch.Tensor):
+                    row["single"] = False
+                    return
+                x = tensors_in[0]
+                row["in_shape"], row["out_shape"] = list(x.shape[1:]), list(output.shape[1:])
+                if x.shape == output.shape:
+                    row["diff"] += float((output - x).flatten(1).norm(dim=1).sum())
+                    row["norm"] += float(x.flatten(1).norm(dim=1).sum())
+                    if name not in self.samples:
+                        self.samples[name] = x[:2].detach().clone()
+
+            return fn
+
+        self.samples: dict[str, torch.Tensor] = {}
+        return [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
+
+    @torch.no_grad()
+    def finish(self, model: nn.Module) -> None:
+        """Mark residual blocks: with every parameter zeroed, y = x + f(x) becomes exactly the identity."""
+        for name, x in self.samples.items():
+            mod = model.get_submodule(name)
+            zeros = {k: torch.zeros_like(p) for k, p in mod.named_parameters()}
+            if not zeros:
+                continue
+            try:
+                y = torch.func.functional_call(mod, zeros, (x,))
+            except Exception:  # noqa: BLE001 - a module that cannot run this way is simply not residual
+                continue
+            scale = float(x.abs().max()) or 1.0
+            self.rows[name]["residual"] = bool(torch.allclose(y, x, rtol=0.0, atol=1e-6 * scale))
+        self.samples.clear()
+
+    def result(self) -> dict[str, Any]:
+        n = max(self.batches, 1)
+        out = {}
+        for name, r in self.rows.items():
+            out[name] = {**r, "calls": r["calls"] // n, "residual": r.get("residual", False),
+                         "divergence": r["diff"] / r["norm"] if r["norm"] > 0 else None}
+        return out
+
+
 @torch.no_grad()
-def collect_unit_stats(model: nn.Module, ctx: Context, description: str = "calibration") -> dict[str, Any]:
-    """One eval pass over the calibration split.
-
-    For every conv/linear layer: `in_norm`, the norm of each input channel as it arrives, i.e. the
-    signal of the producing units after their normalisation and activation (and any residual add);
-    `out_relu_norm`, ReLU of the raw output per channel (the published form); `out_numel`, C*H*W of one
-    output sample.
-    """
-    sums: dict[str, dict[str, Any]] = {}
-    batches = {"n": 0}
-
-    def hook(name: str):
-        def fn(mod: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            x = inputs[0]
-            cdim = 1 if isinstance(mod, nn.Conv2d) else -1
-            entry = sums.setdefault(name, {"in_norm": 0.0, "out_relu_norm": 0.0,
-                                           "out_numel": int(output[0].numel())})
-            entry["in_norm"] = entry["in_norm"] + _per_channel_norm(x.float(), cdim).cpu()
-            entry["out_relu_norm"] = entry["out_relu_norm"] + _per_channel_norm(output.float().relu(), cdim).cpu()
-
-        return fn
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, MEASURED)]
+def calibration_pass(model: nn.Module, ctx: Context, collectors: list, description: str = "calibration") -> None:
+    """One eval pass over the calibration split feeding every collector."""
+    handles = [h for c in collectors for h in c.attach(model)]
     model.eval()
     try:
-        for x, _ in ctx.track(ctx.loader("calibration", batch_size=ctx.config.calibrate.batch_size), description):
+        loader = ctx.loader("calibration", batch_size=ctx.config.calibrate.batch_size)
+        for x, _ in ctx.track(loader, description):
             model(x.to(ctx.device))
-            batches["n"] += 1
+            for c in collectors:
+                c.batches += 1
     finally:
         for h in handles:
             h.remove()
-    n = max(batches["n"], 1)
-    return {name: {"in_norm": e["in_norm"] / n, "out_relu_norm": e["out_relu_norm"] / n,
-                   "out_numel": e["out_numel"]} for name, e in sums.items()}
+    for c in collectors:
+        if hasattr(c, "finish"):
+            c.finish(model)
+
+
+def collect_unit_stats(model: nn.Module, ctx: Context, description: str = "calibration") -> dict[str, Any]:
+    """Unit statistics alone (for re-measuring after the model changed)."""
+    units = UnitStats()
+    calibration_pass(model, ctx, [units], description)
+    return units.result()

@@ -6,18 +6,23 @@ from torch import nn
 
 from pipeline.models import count_macs
 from pipeline.runner import STAGES, Context, StageResult
-from stages._flows import collect_unit_stats
+from stages._blocks import measure_blocks
+from stages._flows import UnitStats, calibration_pass
 from stages._training import evaluate
 
 
 @STAGES.register("calibrate")
 class Calibrate:
     name = "calibrate"
-    description = "measure unit flows on the calibration split; score the base model on validation"
+    description = "one pass measuring unit and block flows on the calibration split; base metrics"
 
     def run(self, model: nn.Module | None, ctx: Context) -> StageResult:
-        stats = collect_unit_stats(model, ctx)
+        units = UnitStats()
+        blocks, unit_div = measure_blocks(model)
+        calibration_pass(model, ctx, [units, blocks, unit_div])
+        stats = units.result()
         gflops, params = count_macs(model, ctx.config.model)
         base = {**evaluate(model, ctx), "gflops": gflops, "params_m": params}
         return StageResult(metrics={"base": base, "layers_measured": len(stats)},
-                           state={"base": base, "unit_stats": stats})
+                           state={"base": base, "unit_stats": stats, "block_rows": blocks.result(),
+                                  "unit_divergence": unit_div.result()})

@@ -33,6 +33,8 @@ class Export:
     def run(self, model: nn.Module | None, ctx: Context) -> StageResult:
         path = ctx.run_dir.root / "model.onnx"
         proto = export_model(model, ctx, path, "compressed")
-        metrics = {"onnx": "model.onnx", "opset": ctx.config.export.opset, "nodes": len(proto.graph.node),
+        opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+        exporter = {p.key: p.value for p in proto.metadata_props}.get("exporter")
+        metrics = {"onnx": "model.onnx", "opset": opset, "exporter": exporter, "nodes": len(proto.graph.node),
                    "bytes": path.stat().st_size}
         return StageResult(metrics=metrics, files=[path])

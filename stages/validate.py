@@ -98,6 +98,8 @@ class Validate:
                            "runs": cfg.runs, "warmup": cfg.warmup},
             "parity": {"max_abs_diff": parity, "samples": len(xs)},
             "artifacts": {"onnx": "model.onnx", "tensorrt": None},
+            "removed_blocks": ctx.manifest["stages"].get("layer_truncate", {}).get("metrics", {})
+            .get("removed_blocks", []),
         }
         fails = check_gates(summary, ctx)
         summary["gates"] = {"passed": not fails, "failures": fails}

@@ -12,7 +12,8 @@ from stages import PIPELINE
 from tests.conftest import run_cli, tiny_config, write_config
 
 # Where to kill: the n-th progress tick inside the stage's loop, or "commit" (work done, nothing saved yet).
-KILL_POINTS = {"load": "commit", "train": "2", "calibrate": "1", "filter_prune": "4", "finetune": "2",
+KILL_POINTS = {"load": "commit", "train": "2", "calibrate": "1", "filter_prune": "4", "layer_truncate": "2",
+               "finetune": "2",
                "export": "commit", "validate": "3"}
 
 
@@ -57,3 +58,31 @@ def test_sigkill_inside_stage_then_resume(setup, tmp_path: Path, stage: str):
     manifest = json.loads((run / "manifest.json").read_text())
     assert {n: manifest["stages"][n]["finished"] for n in finished_before} == finished_before
     assert _comparable(run) == baseline
+
+
+def test_truncated_checkpoint_rebuilds_in_a_fresh_process(setup, tmp_path: Path):
+    """The truncated model loaded with weights_only=True in another process gives the same logits."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from pipeline.config import load_config
+    from pipeline.models import rebuild
+
+    config, _ = setup
+    run = config.parent / "baseline"
+    ckpt = torch.load(run / "04_layer_truncate" / "checkpoint.pt", weights_only=True)
+    assert ckpt["state"]["removed_blocks"] and ckpt["structure"]["replaced"]
+    x = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    model = rebuild(load_config(config).model, ckpt["structure"], ckpt["model"]).eval()
+    here = model(x).detach()
+    torch.save(x, tmp_path / "x.pt")
+    code = (
+        "import sys, torch; from pipeline.config import load_config; from pipeline.models import rebuild\n"
+        f"ck = torch.load({str(run / '04_layer_truncate' / 'checkpoint.pt')!r}, weights_only=True)\n"
+        f"m = rebuild(load_config(__import__('pathlib').Path({str(config)!r})).model, ck['structure'], ck['model'])\n"
+        f"torch.save(m.eval()(torch.load({str(tmp_path / 'x.pt')!r})).detach(), {str(tmp_path / 'y.pt')!r})\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
+    assert torch.equal(torch.load(tmp_path / "y.pt"), here)

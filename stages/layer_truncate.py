@@ -1,0 +1,84 @@
+"""Stage `layer_truncate`: IDAP++ flow-guided layer truncation with rollback (METHOD.md section 4)."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+from torch import nn
+
+from pipeline.models import clone, count_macs
+from pipeline.runner import STAGES, Context, StageResult
+from stages._blocks import find_candidates, measure_blocks, replace_with_identity
+from stages._flows import calibration_pass
+from stages._training import evaluate, train_steps
+
+
+def measure(model: nn.Module, ctx: Context, description: str) -> tuple[dict[str, Any], dict[str, float]]:
+    """Block shapes and divergences D = E||y - x|| / E||x|| of the current model."""
+    rows, unit_div = measure_blocks(model)
+    calibration_pass(model, ctx, [rows, unit_div], description)
+    return rows.result(), unit_div.result()
+
+
+@STAGES.register("layer_truncate")
+class LayerTruncate:
+    name = "layer_truncate"
+    description = "replace the lowest-divergence blocks by the identity; keep a removal only within budget"
+
+    def run(self, model: nn.Module | None, ctx: Context) -> StageResult:
+        cfg = ctx.config.layer_truncate
+        if not cfg.enabled or cfg.max_layers == 0:
+            return StageResult(status="skipped", metrics={"reason": "layer_truncate is disabled"})
+        spec = ctx.config.model
+        measured: tuple[dict[str, Any], dict[str, float]] | None = None
+        if ctx.manifest["stages"].get("filter_prune", {}).get("status") == "skipped":
+            calib = ctx.stage_state("calibrate")  # the model is the one calibrated: reuse that pass
+            measured = (calib["block_rows"], calib["unit_divergence"])
+        gflops0, _ = count_macs(model, spec)
+        start = evaluate(model, ctx)
+        current = dict(start)
+        decisions: list[dict[str, Any]] = []
+        removed: list[str] = []
+        essential: set[str] = set()
+        candidates, rejected = None, {}
+        stop = f"removed max_layers={cfg.max_layers} blocks"
+        for t in ctx.track(itertools.count(), "truncation decisions"):
+            if len(removed) >= cfg.max_layers:
+                break
+            if measured is None:
+                measured = measure(model, ctx, f"block flows, round {t + 1}")
+            blocks, why = find_candidates(model, *measured, cfg.min_flops_share)
+            if candidates is None:
+                candidates, rejected = [b.as_record() for b in blocks], why
+            blocks = [b for b in blocks if b.name not in essential]
+            if not blocks:
+                stop = ("no removable block in this model: " + "; ".join(f"{n} module(s) {r}" for r, n in
+                                                                         why.items())) if not candidates \
+                    else "no candidate left (the rest are essential)"
+                break
+            best = min(blocks, key=lambda b: (b.divergence, b.name))
+            snapshot = clone(model)
+            replace_with_identity(model, best.modules)
+            train_steps(model, ctx, cfg.recovery_steps, cfg.recovery_lr, f"recovery {t + 1}", seed=200 + t)
+            after = evaluate(model, ctx)
+            accepted = start["top1"] - after["top1"] <= cfg.max_accuracy_drop
+            decisions.append({**best.as_record(), "top1_before": current["top1"], "top1_after": after["top1"],
+                              "top5_after": after["top5"], "accepted": accepted})
+            if accepted:
+                removed.append(best.name)
+                current = after
+                measured = None  # flows change after a removal: re-score
+            else:
+                model = snapshot  # exact block and weights back; the measured flows are valid again
+                essential.add(best.name)
+            ctx.log.info(f"layer_truncate: {best.name} (D={best.divergence:.4f}) top-1 {after['top1']:.2f} "
+                         f"-> {'removed' if accepted else 'rolled back, essential'}")
+        gflops, params = count_macs(model, spec)
+        ctx.log.info(f"layer_truncate stopped: {stop}")
+        metrics = {"removed_blocks": removed, "decisions": len(decisions), "candidates": len(candidates or []),
+                   "stop_reason": stop, "gflops_before": gflops0, "gflops": gflops, "params_m": params,
+                   "flops_reduction": 1.0 - gflops / gflops0, "top1_start": start["top1"], **current}
+        state = {"decisions": decisions, "removed_blocks": removed, "candidates": candidates or [],
+                 "rejected": rejected, "stop_reason": stop}
+        return StageResult(model=model, metrics=metrics, state=state)

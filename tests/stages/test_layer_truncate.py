@@ -1,0 +1,102 @@
+"""Layer truncation: an identity in disguise goes first; a block that matters is rolled back bit for bit."""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import stages.layer_truncate as lt
+from pipeline.config import LayerTruncateConfig
+from stages._blocks import find_candidates, measure_blocks
+from stages._flows import calibration_pass
+
+
+class Residual(nn.Module):
+    """y = x + f(x)."""
+
+    def __init__(self, f: nn.Module) -> None:
+        super().__init__()
+        self.f = f
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.f(x)
+
+
+def _conv(c: int, scale: float) -> nn.Conv2d:
+    conv = nn.Conv2d(c, c, 3, padding=1, bias=False)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[:, :, 1, 1] = scale * torch.eye(c)
+    return conv
+
+
+def make_net() -> nn.Sequential:
+    """Class = sign of the input's mean. `zero` adds nothing (an identity in disguise); `flip` maps x to -x,
+    and the head expects the flipped signal, so removing `flip` inverts every prediction."""
+    torch.manual_seed(0)
+    zero = Residual(nn.Sequential(_conv(4, 1.0), nn.ReLU(), _conv(4, 0.0)))
+    flip = Residual(_conv(4, -2.0))
+    head = nn.Linear(4, 2)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[1.0] * 4, [-1.0] * 4]))
+        head.bias.zero_()
+    return nn.Sequential(nn.Conv2d(1, 4, 1), zero, flip, nn.AdaptiveAvgPool2d(1), nn.Flatten(), head)
+
+
+def make_ctx(net: nn.Sequential, **cfg) -> SimpleNamespace:
+    with torch.no_grad():
+        net[0].weight.fill_(1.0)
+        net[0].bias.zero_()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 1, 6, 6, generator=g) + torch.where(torch.rand(64, 1, 1, 1, generator=g) > 0.5, 1.0, -1.0)
+    y = (x.mean(dim=(1, 2, 3)) > 0).long()  # head on -x: class 0 wins for positive means
+    ds = TensorDataset(x, y)
+    config = SimpleNamespace(layer_truncate=LayerTruncateConfig(min_flops_share=0.0, **cfg),
+                             model=SimpleNamespace(in_chans=1, input_size=(6, 6)),
+                             calibrate=SimpleNamespace(batch_size=32))
+    return SimpleNamespace(device=torch.device("cpu"), config=config, manifest={"stages": {}},
+                           log=logging.getLogger("test"), track=lambda items, desc, total=None: items,
+                           loader=lambda split, shuffle=False, batch_size=32, seed=0: DataLoader(
+                               ds, batch_size=batch_size, shuffle=shuffle,
+                               generator=torch.Generator().manual_seed(seed)))
+
+
+def test_zero_residual_block_is_scored_lowest():
+    net = make_net().eval()
+    ctx = make_ctx(net)
+    rows, units = measure_blocks(net)
+    calibration_pass(net, ctx, [rows, units])
+    blocks, _ = find_candidates(net, rows.result(), units.result(), 0.0)
+    scores = {b.name: b.divergence for b in blocks}
+    assert set(scores) == {"1", "2"}
+    assert scores["1"] == 0.0 and scores["2"] == pytest.approx(2.0, rel=1e-5)
+
+
+def test_identity_in_disguise_goes_first_and_essential_block_rolls_back(monkeypatch):
+    net = make_net().eval()
+    ctx = make_ctx(net, max_layers=2, max_accuracy_drop=5.0, recovery_steps=3, recovery_lr=1e-3)
+    snapshots = []
+    real_clone = lt.clone
+
+    def recording_clone(model):
+        snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+        return real_clone(model)
+
+    monkeypatch.setattr(lt, "clone", recording_clone)
+    result = lt.LayerTruncate().run(net, ctx)
+    decisions = result.state["decisions"]
+    assert [(d["block"], d["accepted"]) for d in decisions] == [("1", True), ("2", False)]
+    assert decisions[0]["top1_after"] == 100.0 and decisions[1]["top1_after"] < 50.0
+    assert result.state["removed_blocks"] == ["1"]
+    model = result.model
+    assert isinstance(model[1], nn.Identity) and isinstance(model[2], Residual)
+    final = model.state_dict()
+    before_flip_removal = snapshots[-1]
+    assert final.keys() == before_flip_removal.keys()
+    assert all(torch.equal(final[k], before_flip_removal[k]) for k in final), "rollback must be bit-identical"
+    assert result.metrics["stop_reason"] == "no candidate left (the rest are essential)"
