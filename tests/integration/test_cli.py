@@ -13,6 +13,7 @@ from pipeline.cli import main
 from pipeline.config import ModelConfig
 from pipeline.models import build_model
 from pipeline.rundir import sha256
+from stages import PIPELINE
 from tests.conftest import REPO, tiny_config, write_config
 
 
@@ -46,7 +47,7 @@ def test_finished_run_has_the_contract(finished):
     assert summary["latency_ms"]["backend"] == "onnxruntime-cpu" and summary["latency_ms"]["batch"] == 1
     assert summary["gates"] == {"passed": True, "failures": []}
     manifest = json.loads((run / "manifest.json").read_text())
-    assert [s["status"] for s in manifest["stages"].values()] == ["done"] * 7
+    assert [s["status"] for s in manifest["stages"].values()] == ["done"] * len(PIPELINE)
     dynamics = torch.load(run / "03_filter_prune" / "checkpoint.pt", weights_only=True)["state"]["dynamics"]
     assert dynamics[0]["step"] == 0 and all({"params_m", "gflops", "top1", "top5"} <= d.keys() for d in dynamics)
     assert manifest["stages"]["filter_prune"]["metrics"]["graph_builds"] == len(dynamics) - 1
@@ -56,7 +57,7 @@ def test_rerun_reuses_every_stage(finished, capsys):
     config, run = finished
     before = snapshot(run)
     assert cli("pipeline", str(config), "--run-dir", str(run)) == 0
-    assert capsys.readouterr().err.count("reused") == 7
+    assert capsys.readouterr().err.count("reused") == len(PIPELINE)
     after = snapshot(run)
     assert {k: v for k, v in after.items() if k != "manifest.json"} == \
         {k: v for k, v in before.items() if k != "manifest.json"}
@@ -68,7 +69,7 @@ def test_config_change_invalidates_that_stage_and_later(finished, tmp_path: Path
     shutil.copytree(run, copy)
     assert cli("pipeline", str(config), "--run-dir", str(copy), "--set", "finetune.lr=0.02") == 0
     err = capsys.readouterr().err
-    for stage in ("load", "train", "calibrate", "filter_prune"):
+    for stage in ("load", "train", "calibrate", "filter_prune", "layer_truncate"):
         assert f"{stage}: reused" in err
     for stage in ("finetune", "export", "validate"):
         assert f"{stage}: running (" in err
@@ -169,9 +170,9 @@ def test_downstream_reruns_when_an_upstream_checkpoint_changed(finished, tmp_pat
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
     # as if finetune had been recomputed (e.g. --from finetune, killed before export) with another result
-    (copy / "04_finetune" / "result.json").write_text("changed")
+    (copy / "05_finetune" / "result.json").write_text("changed")
     manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["stages"]["finetune"]["files"]["04_finetune/result.json"] = sha256(copy / "04_finetune" / "result.json")
+    manifest["stages"]["finetune"]["files"]["05_finetune/result.json"] = sha256(copy / "05_finetune" / "result.json")
     (copy / "manifest.json").write_text(json.dumps(manifest))
     assert cli("pipeline", str(config), "--run-dir", str(copy)) == 0
     err = " ".join(capsys.readouterr().err.split())

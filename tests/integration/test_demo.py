@@ -20,3 +20,4 @@ def test_demo_meets_its_promises(tmp_path: Path):
     assert s["parity"]["max_abs_diff"] <= 1e-4
     assert s["latency_ms"]["speedup"] > 1.0
     assert s["gates"]["passed"]
+    assert s["removed_blocks"], "the demo removes at least one whole block within its budget"

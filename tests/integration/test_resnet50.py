@@ -30,6 +30,7 @@ def test_resnet50_full_pipeline_exports_valid_onnx(tmp_path: Path):
     assert summary["model"] == "torchvision:resnet50"
     assert summary["delta_pct"]["gflops"] <= -30
     assert summary["parity"]["max_abs_diff"] <= 1e-3
+    assert summary["removed_blocks"], "ResNet-50 has shape-preserving bottlenecks to remove"
     proto = onnx.load(run / "model.onnx")
     onnx.checker.check_model(proto, full_check=True)
     meta = {p.key: p.value for p in proto.metadata_props}
