@@ -46,7 +46,7 @@ def torch2onnx(model: nn.Module, example: torch.Tensor, path: Path, cfg: ExportC
     """Export `model` to `path` atomically; the model is stamped with `metadata` and passes onnx.checker."""
     model = model.eval().to("cpu")
     example = example.to("cpu")
-    used = cfg.exporter
+    used = "dynamo" if cfg.exporter == "dynamo" else "torchscript"
     if cfg.exporter == "dynamo":
         proto = _dynamo(model, example, cfg)
     else:

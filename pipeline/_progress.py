@@ -33,6 +33,7 @@ class Tracker:
         self.stage = stage
         self.enabled = enabled and console.is_terminal
         self.ticks = 0
+        self.info = ""  # shown beside the bar, e.g. throughput
         target = os.environ.get(KILL_ENV, "")
         self._kill_stage, _, self._kill_at = target.partition(":")
 
@@ -59,10 +60,10 @@ class Tracker:
                 self.tick()
             return
         columns = [TextColumn(f"[bold]{self.stage}[/] {description}"), BarColumn(), MofNCompleteColumn(),
-                   TimeElapsedColumn(), TimeRemainingColumn()]
+                   TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
         with Progress(*columns, console=self.console, transient=True) as progress:
-            task = progress.add_task(description, total=total)
+            task = progress.add_task(description, total=total, info="")
             for item in items:
                 yield item
-                progress.advance(task)
+                progress.update(task, advance=1, info=self.info)
                 self.tick()

@@ -86,7 +86,8 @@ class FilterPruneConfig(Section):
     ranking: Literal["global", "per_layer"] = "global"
     max_layer_pruning_ratio: float = Field(0.9, gt=0.0, lt=1.0, description="cap per layer vs original width")
     max_accuracy_drop: float = Field(5.0, ge=0.0, le=100.0, description="top-1 points below the stage start")
-    recovery_steps: int = Field(30, ge=0, description="SGD steps of recovery after each pruning step")
+    recovery_steps: int = Field(30, ge=0, description="training steps per recovery round after each step")
+    recovery_rounds: int = Field(1, ge=1, description="most recovery rounds after each step (recovery.stopping)")
     recovery_lr: float = Field(0.01, gt=0.0)
     ignore: list[str] = Field(default_factory=list, description="module names never pruned")
     flops_tolerance: float = Field(0.005, ge=0.0, lt=0.1, description="stop when this close to the target")
@@ -98,19 +99,44 @@ class LayerTruncateConfig(Section):
     enabled: bool = True
     max_layers: int = Field(2, ge=0, description="most blocks removed")
     max_accuracy_drop: float = Field(1.0, ge=0.0, le=100.0, description="top-1 points below the stage start")
-    recovery_steps: int = Field(30, ge=0, description="SGD steps of recovery after each removal")
+    recovery_steps: int = Field(30, ge=0, description="training steps per recovery round after each removal")
+    recovery_rounds: int = Field(1, ge=1, description="most recovery rounds after each removal")
     recovery_lr: float = Field(0.01, gt=0.0)
     min_flops_share: float = Field(0.005, ge=0.0, lt=1.0, description="ignore blocks with a smaller share of MACs")
 
 
-class FinetuneConfig(Section):
-    """Recovery fine-tuning with a fixed epoch budget."""
+class RecoveryConfig(Section):
+    """Loss, optimiser and stopping rule of every recovery: fine-tuning and the short ones between steps."""
 
-    enabled: bool = True
-    epochs: int = Field(3, ge=0)
-    lr: float = Field(0.01, gt=0.0)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(5e-4, ge=0.0)
+    schedule: Literal["cosine", "step"] = "cosine"
+    warmup_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="share of the budget spent warming up")
+    step_every: int = Field(1, ge=1, description="step schedule: rounds between decays")
+    step_gamma: float = Field(0.1, gt=0.0, le=1.0)
+    grad_clip: float | None = Field(None, gt=0.0, description="max gradient norm")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    distill_weight: float = Field(0.5, ge=0.0, le=1.0, description="lambda of the distillation term")
+    temperature: float = Field(4.0, gt=0.0)
+    teacher: Literal["stage_input", "base"] = Field("base", description="distil from the base model or the "
+                                                                       "model entering the stage")
+    stopping: Literal["fixed", "accuracy", "information_flow", "gradient_flow"] = "fixed"
+    epsilon: float | None = Field(None, gt=0.0, description="flow distance that stops (default IF 0.11, GF 0.5)")
+    amp: bool = Field(True, description="mixed precision on CUDA")
+    channels_last: bool = Field(True, description="channels-last memory format on CUDA")
+
+    def threshold(self) -> float:
+        """epsilon, or the InCoP authors' default for the stopping rule."""
+        return self.epsilon if self.epsilon is not None else {"gradient_flow": 0.5}.get(self.stopping, 0.11)
+
+
+class FinetuneConfig(Section):
+    """Recovery fine-tuning: up to max_epochs, stopped by recovery.stopping."""
+
+    enabled: bool = True
+    max_epochs: int = Field(3, ge=0)
+    lr: float = Field(0.01, gt=0.0)
 
 
 class ExportConfig(Section):
@@ -163,6 +189,7 @@ class Config(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     calibrate: CalibrateConfig = Field(default_factory=CalibrateConfig)
     filter_prune: FilterPruneConfig = Field(default_factory=FilterPruneConfig)
+    recovery: RecoveryConfig = Field(default_factory=RecoveryConfig)
     layer_truncate: LayerTruncateConfig = Field(default_factory=LayerTruncateConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)

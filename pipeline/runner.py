@@ -70,6 +70,8 @@ class Context:
     log: logging.Logger
     tracker: Tracker
     manifest: dict[str, Any]
+    resume_key: str = ""  # identifies this attempt's inputs: a mid-stage checkpoint with another key is stale
+    ddp: bool = False  # every rank runs this stage (torchrun): train on shards, reduce metrics
     _splits: Splits | None = None
 
     @property
@@ -77,6 +79,13 @@ class Context:
         if self._splits is None:
             self._splits = build_splits(self.config)
         return self._splits
+
+    @property
+    def world(self) -> tuple[int, int]:
+        """(rank, world size) of the processes sharing this stage's work."""
+        from pipeline import distributed as D
+
+        return (D.rank(), D.world_size()) if self.ddp else (0, 1)
 
     def loader(self, split: str, shuffle: bool = False, batch_size: int | None = None, seed: int = 0):
         """A seeded loader over one of the splits (train, calibration, validation)."""
@@ -137,7 +146,8 @@ def stage_hashes(config: Config, names: list[str]) -> list[str]:
     """Chained config hashes: a stage's own section plus everything upstream."""
     hashes, prev = [], ""
     for name in names:
-        own = [config.seed, config.model, config.data] if name == "load" else [config.section(name)]
+        own = {"load": [config.seed, config.model, config.data],
+               "filter_prune": [config.filter_prune, config.recovery]}.get(name, [config.section(name)])
         prev = section_hash(prev, *own)
         hashes.append(prev)
     return hashes
@@ -202,17 +212,19 @@ def print_plan(console: Console, plan: list[PlanItem], run_dir: RunDir) -> None:
     console.print(table)
 
 
-def _logger(run_dir: RunDir, console: Console) -> logging.Logger:
+def _logger(run_dir: RunDir, console: Console, main: bool = True) -> logging.Logger:
+    """Console and log.txt on rank 0; other ranks report warnings only, to the console."""
     from rich.logging import RichHandler
 
     log = logging.getLogger(f"compress.{run_dir.root}")
     log.handlers.clear()
-    log.setLevel(logging.INFO)
+    log.setLevel(logging.INFO if main else logging.WARNING)
     log.propagate = False
     log.addHandler(RichHandler(console=console, show_path=False, show_time=False))
-    fh = logging.FileHandler(run_dir.root / "log.txt")
-    fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(fh)
+    if main:
+        fh = logging.FileHandler(run_dir.root / "log.txt")
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(fh)
     return log
 
 
@@ -228,51 +240,116 @@ def resolve_device(config: Config) -> torch.device:
 
 def run_pipeline(config: Config, run_dir: RunDir, console: Console, start: str | None = None,
                  until: str | None = None, fresh: bool = False) -> dict[str, Any] | None:
-    """Run the planned stages; returns summary.json's content when the validate stage has run."""
+    """Run the planned stages; returns summary.json's content when the validate stage has run.
+
+    Under torchrun, rank 0 plans, writes and runs the single-process stages while the other ranks wait;
+    stages marked `distributed` (training) run on every rank.
+    """
+    from pipeline import distributed as D
     from stages import PIPELINE
 
     if config.runtime.threads:
         torch.set_num_threads(config.runtime.threads)
     device = resolve_device(config)
-    run_dir.lock()
+    D.init_from_env(device)
+    main = D.is_main()
+    if main:
+        run_dir.lock()
     try:
-        manifest = {"stages": {}} if fresh else run_dir.read_manifest()
-        manifest.update({"name": config.name, "model": f"{config.model.source}:{config.model.name}"})
-        plan = make_plan(config, run_dir, manifest, PIPELINE, start, until)
-        log = _logger(run_dir, console)
+        manifest, plan = _on_main(main, lambda: _prepare(config, run_dir, PIPELINE, start, until, fresh))
+        log = _logger(run_dir, console, main)
         for item in plan:
             if item.action == "skip":
                 log.info(f"[{item.index}] {item.name}: reused ({item.reason})")
-            elif item.action == "run":
-                _run_stage(item, config, run_dir, manifest, device, log, console)
+            elif item.action != "run":
+                continue
+            elif main:
+                manifest = _on_main(True, lambda i=item, m=manifest: _run_stage(i, config, run_dir, m, device, log,
+                                                                                 console))
+            elif getattr(STAGES.get(item.name), "distributed", False):
+                _run_worker(item, config, run_dir, manifest, device, log, console)
+                manifest = _on_main(False, None)
+            else:
+                manifest = _on_main(False, None)  # wait while rank 0 runs it
+        if not main:
+            return None
         atomic_json(run_dir.root / "config.json", config.model_dump(mode="json", by_alias=True))
         summary = run_dir.root / SUMMARY
         return json.loads(summary.read_text()) if plan[-1].action != "stop" and summary.is_file() else None
     finally:
-        run_dir.unlock()
+        if main:
+            run_dir.unlock()
+
+
+def _on_main(main: bool, work) -> Any:
+    """Rank 0 does `work` and shares its result (or its error) with every rank; the others receive it."""
+    from pipeline import distributed as D
+
+    if not main:
+        status, value = D.broadcast(None)
+        if status == "error":
+            raise RuntimeError(f"rank 0 stopped: {value}")
+        return value
+    try:
+        value = work()
+    except BaseException as exc:
+        D.broadcast(("error", f"{type(exc).__name__}: {exc}"))
+        raise
+    return D.broadcast(("ok", value))[1]
+
+
+def _prepare(config: Config, run_dir: RunDir, names: list[str], start: str | None, until: str | None,
+             fresh: bool) -> tuple[dict[str, Any], list[PlanItem]]:
+    manifest = {"stages": {}} if fresh else run_dir.read_manifest()
+    manifest.update({"name": config.name, "model": f"{config.model.source}:{config.model.name}"})
+    return manifest, make_plan(config, run_dir, manifest, names, start, until)
+
+
+def _context(item: PlanItem, config: Config, run_dir: RunDir, manifest: dict[str, Any], device: torch.device,
+             log: logging.Logger, console: Console) -> Context:
+    from pipeline import distributed as D
+    from stages import PIPELINE
+
+    stage_dir = run_dir.stage_dir(item.index, item.name)
+    tracker = Tracker(console, item.name, config.runtime.progress and D.is_main())
+    ddp = getattr(STAGES.get(item.name), "distributed", False) and D.world_size() > 1
+    return Context(config, run_dir, stage_dir, device, log, tracker, manifest, ddp=ddp,
+                   resume_key=item.config_hash + upstream_fingerprint(manifest, PIPELINE[: item.index]))
+
+
+def _input_model(item: PlanItem, config: Config, run_dir: RunDir, manifest: dict[str, Any],
+                 device: torch.device) -> nn.Module | None:
+    from stages import PIPELINE
+
+    seed_everything(config.seed + item.index)
+    if item.index == 0:
+        return None
+    return load_model_upto(config, run_dir, manifest, PIPELINE[item.index - 1]).to(device)
+
+
+def _run_worker(item: PlanItem, config: Config, run_dir: RunDir, manifest: dict[str, Any], device: torch.device,
+                log: logging.Logger, console: Console) -> None:
+    """A rank other than 0 takes its share of a distributed stage; it writes nothing."""
+    ctx = _context(item, config, run_dir, manifest, device, log, console)
+    STAGES.get(item.name)().run(_input_model(item, config, run_dir, manifest, device), ctx)
 
 
 def _run_stage(item: PlanItem, config: Config, run_dir: RunDir, manifest: dict[str, Any],
-               device: torch.device, log: logging.Logger, console: Console) -> None:
+               device: torch.device, log: logging.Logger, console: Console) -> dict[str, Any]:
     from stages import PIPELINE
 
     stage = STAGES.get(item.name)()
-    stage_dir = run_dir.stage_dir(item.index, item.name)
+    ctx = _context(item, config, run_dir, manifest, device, log, console)
+    stage_dir = ctx.stage_dir
     stage_dir.mkdir(parents=True, exist_ok=True)
     previous = manifest["stages"].get(item.name)
     manifest["stages"][item.name] = {"status": "running", "config_hash": item.config_hash, "started": now()}
     run_dir.write_manifest(manifest)
     log.info(f"[{item.index}] {item.name}: running ({item.reason})")
-    tracker = Tracker(console, item.name, config.runtime.progress)
-    ctx = Context(config, run_dir, stage_dir, device, log, tracker, manifest)
     t0 = time.perf_counter()
     try:
-        seed_everything(config.seed + item.index)
-        model = None
-        if item.index > 0:
-            model = load_model_upto(config, run_dir, manifest, PIPELINE[item.index - 1]).to(device)
-        result = stage.run(model, ctx)
-        tracker.before_commit()
+        result = stage.run(_input_model(item, config, run_dir, manifest, device), ctx)
+        ctx.tracker.before_commit()
         entry = _commit(item, config, run_dir, stage_dir, result, manifest["stages"][item.name])
         entry["upstream"] = upstream_fingerprint(manifest, PIPELINE[: item.index])
     except UserInputError:
@@ -293,6 +370,7 @@ def _run_stage(item: PlanItem, config: Config, run_dir: RunDir, manifest: dict[s
     run_dir.write_manifest(manifest)
     shown = {k: v for k, v in entry["metrics"].items() if not isinstance(v, (dict, list))}
     log.info(f"[{item.index}] {item.name}: {entry['status']} in {entry['seconds']:.1f}s {shown}")
+    return manifest
 
 
 def _commit(item: PlanItem, config: Config, run_dir: RunDir, stage_dir: Path, result: StageResult,

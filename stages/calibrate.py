@@ -8,6 +8,7 @@ from pipeline.models import count_macs
 from pipeline.runner import STAGES, Context, StageResult
 from stages._blocks import measure_blocks
 from stages._flows import UnitStats, calibration_pass
+from stages._incop import InformationFlow, reference_gradient_flow
 from stages._training import evaluate
 
 
@@ -17,12 +18,16 @@ class Calibrate:
     description = "one pass measuring unit and block flows on the calibration split; base metrics"
 
     def run(self, model: nn.Module | None, ctx: Context) -> StageResult:
-        units = UnitStats()
+        units, flow = UnitStats(), InformationFlow()
         blocks, unit_div = measure_blocks(model)
-        calibration_pass(model, ctx, [units, blocks, unit_div])
+        calibration_pass(model, ctx, [units, blocks, unit_div, flow])
         stats = units.result()
+        # InCoP's gradient-flow reference needs real backward passes of the dense model
+        loader = ctx.loader("calibration", batch_size=ctx.config.calibrate.batch_size)
+        grad_ref = reference_gradient_flow(model, ctx.track(loader, "gradient flow"), ctx.device)
         gflops, params = count_macs(model, ctx.config.model)
         base = {**evaluate(model, ctx), "gflops": gflops, "params_m": params}
         return StageResult(metrics={"base": base, "layers_measured": len(stats)},
                            state={"base": base, "unit_stats": stats, "block_rows": blocks.result(),
-                                  "unit_divergence": unit_div.result()})
+                                  "unit_divergence": unit_div.result(), "information_flow": flow.result(),
+                                  "gradient_flow": grad_ref})

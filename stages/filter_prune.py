@@ -15,7 +15,8 @@ from pipeline.runner import STAGES, Context, StageResult
 from stages._criteria import CRITERIA, accumulate_gradients
 from stages._flows import collect_unit_stats
 from stages._pruning import apply_plan, build_graph, classifier_layers, plan_step, score_groups
-from stages._training import evaluate, train_steps
+from stages._recovery import Budget, recover
+from stages._training import evaluate, teacher_and_reference
 
 
 def step_fraction(p0: float, alpha: float, t: int, steps: int) -> float:
@@ -60,6 +61,8 @@ class FilterPrune:
         example = torch.zeros(1, spec.in_chans, *spec.input_size, device=ctx.device)
         gflops0, params0 = count_macs(model, spec)
         start = evaluate(model, ctx)
+        teacher, reference = teacher_and_reference(model, ctx)
+        budget = Budget(rounds=cfg.recovery_rounds, steps=cfg.recovery_steps, lr=cfg.recovery_lr)
         target = gflops0 * (1.0 - cfg.target_flops_reduction)
         gflops, keep = gflops0, 1.0
         originals: dict[str, int] = {}
@@ -91,10 +94,10 @@ class FilterPrune:
             if removed == 0:
                 stop = "no unit left to prune (every layer at its minimum width)"
                 break
-            train_steps(model, ctx, cfg.recovery_steps, cfg.recovery_lr, f"recovery {t + 1}", seed=100 + t)
+            model, outcome = recover(model, ctx, budget, teacher, reference, f"recovery {t + 1}", seed=100 + t)
             gflops, params = count_macs(model, spec)
             row = {"step": t + 1, "fraction": p, "units_removed": removed, "params_m": params, "gflops": gflops,
-                   **evaluate(model, ctx)}
+                   **evaluate(model, ctx), "recovery_rounds": outcome.rounds, "recovery_stop": outcome.stopped_by}
             stats = None  # the model changed: later steps measure flows again
             if start["top1"] - row["top1"] > cfg.max_accuracy_drop:
                 dynamics.append({**row, "accepted": False})

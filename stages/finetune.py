@@ -1,26 +1,30 @@
-"""Stage `finetune`: cross-entropy recovery with a fixed epoch budget."""
+"""Stage `finetune`: recovery training (distillation, InCoP stopping), checkpointed every epoch."""
 
 from __future__ import annotations
 
 from torch import nn
 
 from pipeline.runner import STAGES, Context, StageResult
-from stages._training import evaluate, steps_per_epoch, train_steps
+from stages._recovery import Budget, recover
+from stages._training import evaluate, steps_per_epoch, teacher_and_reference
+
+PROGRESS = "progress.pt"
 
 
 @STAGES.register("finetune")
 class Finetune:
     name = "finetune"
-    description = "recover accuracy with cross-entropy fine-tuning (fixed epochs)"
+    description = "recover accuracy: CE + distillation, stopped by recovery.stopping, resumable per epoch"
 
     def run(self, model: nn.Module | None, ctx: Context) -> StageResult:
         cfg = ctx.config.finetune
         before = evaluate(model, ctx)
-        if not cfg.enabled or cfg.epochs == 0:
+        if not cfg.enabled or cfg.max_epochs == 0:
             return StageResult(status="skipped", metrics={"reason": "finetune disabled", **before})
-        steps = cfg.epochs * steps_per_epoch(ctx)
-        loss = train_steps(model, ctx, steps, cfg.lr, f"{cfg.epochs} epochs", cfg.momentum, cfg.weight_decay,
-                           seed=17)
+        teacher, reference = teacher_and_reference(model, ctx)
+        budget = Budget(rounds=cfg.max_epochs, steps=steps_per_epoch(ctx), lr=cfg.lr)
+        model, outcome = recover(model, ctx, budget, teacher, reference, "epoch", seed=17,
+                                 resume=ctx.stage_dir / PROGRESS)
         after = evaluate(model, ctx)
-        return StageResult(model=model, metrics={"epochs": cfg.epochs, "final_loss": loss,
-                                                 "top1_before": before["top1"], **after})
+        metrics = {"epochs": outcome.rounds, "stopped_by": outcome.stopped_by, "top1_before": before["top1"], **after}
+        return StageResult(model=model, metrics=metrics, state={"recovery": outcome.record()})

@@ -11,7 +11,8 @@ from pipeline.models import clone, count_macs
 from pipeline.runner import STAGES, Context, StageResult
 from stages._blocks import find_candidates, measure_blocks, replace_with_identity
 from stages._flows import calibration_pass
-from stages._training import evaluate, train_steps
+from stages._recovery import Budget, recover
+from stages._training import evaluate, teacher_and_reference
 
 
 def measure(model: nn.Module, ctx: Context, description: str) -> tuple[dict[str, Any], dict[str, float]]:
@@ -38,6 +39,8 @@ class LayerTruncate:
         gflops0, _ = count_macs(model, spec)
         start = evaluate(model, ctx)
         current = dict(start)
+        teacher, reference = teacher_and_reference(model, ctx)
+        budget = Budget(rounds=cfg.recovery_rounds, steps=cfg.recovery_steps, lr=cfg.recovery_lr)
         decisions: list[dict[str, Any]] = []
         removed: list[str] = []
         essential: set[str] = set()
@@ -60,11 +63,12 @@ class LayerTruncate:
             best = min(blocks, key=lambda b: (b.divergence, b.name))
             snapshot = clone(model)
             replace_with_identity(model, best.modules)
-            train_steps(model, ctx, cfg.recovery_steps, cfg.recovery_lr, f"recovery {t + 1}", seed=200 + t)
+            model, outcome = recover(model, ctx, budget, teacher, reference, f"recovery {t + 1}", seed=200 + t)
             after = evaluate(model, ctx)
             accepted = start["top1"] - after["top1"] <= cfg.max_accuracy_drop
             decisions.append({**best.as_record(), "top1_before": current["top1"], "top1_after": after["top1"],
-                              "top5_after": after["top5"], "accepted": accepted})
+                              "top5_after": after["top5"], "accepted": accepted, "recovery_rounds": outcome.rounds,
+                              "recovery_stop": outcome.stopped_by})
             if accepted:
                 removed.append(best.name)
                 current = after

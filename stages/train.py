@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from torch import nn
 
+from pipeline.config import RecoveryConfig
 from pipeline.runner import STAGES, Context, StageResult
-from stages._training import evaluate, steps_per_epoch, train_steps
+from stages._recovery import Budget, recover
+from stages._training import evaluate, steps_per_epoch
 
 
 @STAGES.register("train")
@@ -17,7 +19,9 @@ class Train:
         cfg = ctx.config.train
         if not cfg.enabled:
             return StageResult(status="skipped", metrics={"reason": "train.enabled is false"})
-        steps = cfg.epochs * steps_per_epoch(ctx)
-        loss = train_steps(model, ctx, steps, cfg.lr, f"{cfg.epochs} epochs", cfg.momentum, cfg.weight_decay)
-        return StageResult(model=model, metrics={"epochs": cfg.epochs, "steps": steps, "final_loss": loss,
+        plain = RecoveryConfig(momentum=cfg.momentum, weight_decay=cfg.weight_decay, distill_weight=0.0,
+                               stopping="fixed")
+        budget = Budget(rounds=cfg.epochs, steps=steps_per_epoch(ctx), lr=cfg.lr)
+        model, outcome = recover(model, ctx, budget, None, {}, "epoch", seed=1, cfg=plain)
+        return StageResult(model=model, metrics={"epochs": outcome.rounds, "final_loss": outcome.history[-1]["loss"],
                                                  **evaluate(model, ctx)})

@@ -26,7 +26,7 @@ def tiny_config(**sections: Any) -> dict[str, Any]:
         "filter_prune": {"target_flops_reduction": 0.5, "steps": 4, "p0": 0.2, "recovery_steps": 3,
                          "max_accuracy_drop": 100.0},
         "layer_truncate": {"max_layers": 1, "recovery_steps": 2, "max_accuracy_drop": 100.0},
-        "finetune": {"epochs": 1},
+        "finetune": {"max_epochs": 1},
         "validate": {"warmup": 2, "runs": 5, "gates": {"max_parity_error": 1e-3}},
         "runtime": {"progress": False, "threads": 2},
     }

@@ -118,7 +118,7 @@ def _other_arch_weights(tmp_path: Path) -> str:
 BAD_INPUTS = {
     "malformed_yaml": (lambda tmp, cfg: _write_raw(tmp, "name: tiny\nmodel: [unclosed\n"), [], "malformed YAML"),
     "unknown_key": (lambda tmp, cfg: write_config(tmp / "c.yaml", tiny_config(finetune={"epoch": 1})), [],
-                    "Did you mean 'epochs'"),
+                    "Did you mean 'max_epochs'"),
     "out_of_range": (lambda tmp, cfg: cfg, ["--set", "filter_prune.target_flops_reduction=1.5"], "less than 1"),
     "missing_dataset_root": (lambda tmp, cfg: cfg, ["--set", "data.kind=cifar10", "--set", "data.root=/nonexistent/x"],
                              "data.root '/nonexistent/x' does not exist"),

@@ -21,7 +21,7 @@ def test_resnet50_full_pipeline_exports_valid_onnx(tmp_path: Path):
         train={"enabled": False},
         calibrate={"batches": 1, "batch_size": 16},
         filter_prune={"target_flops_reduction": 0.4, "steps": 3, "p0": 0.15, "recovery_steps": 2},
-        finetune={"epochs": 1, "lr": 0.001},
+        finetune={"max_epochs": 1, "lr": 0.001},
     )
     run = tmp_path / "run"
     done = run_cli("pipeline", str(write_config(tmp_path / "r50.yaml", cfg)), "--run-dir", str(run))

@@ -56,12 +56,12 @@ def test_all_errors_are_reported_together(tmp_path: Path):
 
 def test_overrides_apply_and_validate(tmp_path: Path):
     p = write_config(tmp_path / "c.yaml", tiny_config())
-    cfg = load_config(p, ["finetune.epochs=7", "filter_prune.criterion=l2"])
-    assert cfg.finetune.epochs == 7 and cfg.filter_prune.criterion == "l2"
+    cfg = load_config(p, ["finetune.max_epochs=7", "filter_prune.criterion=l2"])
+    assert cfg.finetune.max_epochs == 7 and cfg.filter_prune.criterion == "l2"
     with pytest.raises(UserInputError, match="a.b=value"):
-        load_config(p, ["finetune.epochs"])
-    with pytest.raises(UserInputError, match="finetune.epochs"):
-        load_config(p, ["finetune.epochs=-1"])
+        load_config(p, ["finetune.max_epochs"])
+    with pytest.raises(UserInputError, match="finetune.max_epochs"):
+        load_config(p, ["finetune.max_epochs=-1"])
 
 
 def test_dataset_root_required_for_folder_kinds(tmp_path: Path):
@@ -72,7 +72,7 @@ def test_dataset_root_required_for_folder_kinds(tmp_path: Path):
 
 def test_hash_chain_changes_downstream_only(tmp_path: Path):
     a = load_config(write_config(tmp_path / "a.yaml", tiny_config()))
-    b = load_config(write_config(tmp_path / "b.yaml", tiny_config(finetune={"epochs": 2})))
+    b = load_config(write_config(tmp_path / "b.yaml", tiny_config(finetune={"max_epochs": 2})))
     ha, hb = stage_hashes(a, PIPELINE), stage_hashes(b, PIPELINE)
     i = PIPELINE.index("finetune")
     assert ha[:i] == hb[:i]

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import logging
-from types import SimpleNamespace
 
 import pytest
 import torch
+from rich.console import Console
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 import stages.layer_truncate as lt
-from pipeline.config import LayerTruncateConfig
+from pipeline._progress import Tracker
+from pipeline.config import Config
+from pipeline.data import Splits
+from pipeline.rundir import RunDir
+from pipeline.runner import Context
 from stages._blocks import find_candidates, measure_blocks
 from stages._flows import calibration_pass
+from tests.conftest import tiny_config
 
 
 class Residual(nn.Module):
@@ -48,27 +53,26 @@ def make_net() -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(1, 4, 1), zero, flip, nn.AdaptiveAvgPool2d(1), nn.Flatten(), head)
 
 
-def make_ctx(net: nn.Sequential, **cfg) -> SimpleNamespace:
+def make_ctx(net: nn.Sequential, tmp_path, **cfg) -> Context:
     with torch.no_grad():
         net[0].weight.fill_(1.0)
         net[0].bias.zero_()
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(64, 1, 6, 6, generator=g) + torch.where(torch.rand(64, 1, 1, 1, generator=g) > 0.5, 1.0, -1.0)
+    x = torch.randn(64, 1, 8, 8, generator=g) + torch.where(torch.rand(64, 1, 1, 1, generator=g) > 0.5, 1.0, -1.0)
     y = (x.mean(dim=(1, 2, 3)) > 0).long()  # head on -x: class 0 wins for positive means
     ds = TensorDataset(x, y)
-    config = SimpleNamespace(layer_truncate=LayerTruncateConfig(min_flops_share=0.0, **cfg),
-                             model=SimpleNamespace(in_chans=1, input_size=(6, 6)),
-                             calibrate=SimpleNamespace(batch_size=32))
-    return SimpleNamespace(device=torch.device("cpu"), config=config, manifest={"stages": {}},
-                           log=logging.getLogger("test"), track=lambda items, desc, total=None: items,
-                           loader=lambda split, shuffle=False, batch_size=32, seed=0: DataLoader(
-                               ds, batch_size=batch_size, shuffle=shuffle,
-                               generator=torch.Generator().manual_seed(seed)))
+    config = Config.model_validate(tiny_config(
+        model={"num_classes": 2, "input_size": [8, 8]}, data={"batch_size": 32, "eval_batch_size": 64},
+        layer_truncate={"min_flops_share": 0.0, **cfg}, recovery={"distill_weight": 0.0}))
+    ctx = Context(config, RunDir(tmp_path), tmp_path, torch.device("cpu"), logging.getLogger("test"),
+                  Tracker(Console(), "layer_truncate", False), {"stages": {}})
+    ctx._splits = Splits(ds, ds, ds)
+    return ctx
 
 
-def test_zero_residual_block_is_scored_lowest():
+def test_zero_residual_block_is_scored_lowest(tmp_path):
     net = make_net().eval()
-    ctx = make_ctx(net)
+    ctx = make_ctx(net, tmp_path)
     rows, units = measure_blocks(net)
     calibration_pass(net, ctx, [rows, units])
     blocks, _ = find_candidates(net, rows.result(), units.result(), 0.0)
@@ -77,9 +81,10 @@ def test_zero_residual_block_is_scored_lowest():
     assert scores["1"] == 0.0 and scores["2"] == pytest.approx(2.0, rel=1e-5)
 
 
-def test_identity_in_disguise_goes_first_and_essential_block_rolls_back(monkeypatch):
+def test_identity_in_disguise_goes_first_and_essential_block_rolls_back(monkeypatch, tmp_path):
     net = make_net().eval()
-    ctx = make_ctx(net, max_layers=2, max_accuracy_drop=5.0, recovery_steps=3, recovery_lr=1e-3)
+    ctx = make_ctx(net, tmp_path, max_layers=2, max_accuracy_drop=5.0, recovery_steps=2, recovery_lr=1e-3)
+    monkeypatch.setattr(lt, "teacher_and_reference", lambda model, ctx: (None, {}))
     snapshots = []
     real_clone = lt.clone
 

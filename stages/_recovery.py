@@ -1,0 +1,236 @@
+"""The one recovery engine: CE + distillation, InCoP stopping, DDP under torchrun, per-round resume."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from pipeline import distributed as D
+from pipeline.config import RecoveryConfig
+from pipeline.rundir import atomic_torch_save, load_checkpoint
+from pipeline.runner import Context
+from stages._flows import calibration_pass
+from stages._incop import InformationFlow, flow_distance, gradient_flow
+from stages._training import evaluate
+
+
+@dataclass
+class Budget:
+    """How much a recovery may train: up to `rounds` rounds of `steps` optimiser steps each."""
+
+    rounds: int
+    steps: int
+    lr: float
+
+
+@dataclass
+class Outcome:
+    """What a recovery did and why it stopped."""
+
+    rounds: int = 0
+    stopped_by: str = "budget"
+    history: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def record(self) -> dict[str, Any]:
+        return {"rounds": self.rounds, "stopped_by": self.stopped_by, "seconds": round(self.seconds, 3),
+                "history": self.history}
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor | None, y: torch.Tensor, cfg: RecoveryConfig,
+                 ) -> torch.Tensor:
+    """(1 - lambda) CE(z_s, y) + lambda tau^2 KL(softmax(z_t / tau) || softmax(z_s / tau))."""
+    ce = F.cross_entropy(student, y, label_smoothing=cfg.label_smoothing)
+    if teacher is None or cfg.distill_weight == 0:
+        return ce
+    tau = cfg.temperature
+    kl = F.kl_div(F.log_softmax(student / tau, dim=1), F.log_softmax(teacher / tau, dim=1), log_target=True,
+                  reduction="batchmean")
+    return (1 - cfg.distill_weight) * ce + cfg.distill_weight * tau * tau * kl
+
+
+def _optimizer(model: nn.Module, cfg: RecoveryConfig, lr: float) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    rest = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+
+
+def _schedule(opt: torch.optim.Optimizer, cfg: RecoveryConfig, budget: Budget):
+    total = max(budget.rounds * budget.steps, 1)
+    warm = int(cfg.warmup_fraction * total)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.schedule == "step":
+            return cfg.step_gamma ** (step // (budget.steps * cfg.step_every))
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(total - warm, 1)))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _rng_state() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    # plain data and tensors only, so that the checkpoint loads with weights_only=True
+    state = {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos,
+                                                        has_gauss, gauss], "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class _Stream:
+    """Endless training batches: each epoch a seeded permutation cut into global batches, this rank's share."""
+
+    def __init__(self, ctx: Context, seed: int, start_step: int) -> None:
+        self.ds, self.ctx, self.seed = ctx.splits.train, ctx, seed
+        self.bs = ctx.config.data.batch_size
+        self.me, self.world = ctx.world
+        self.per_epoch = len(D.global_batches(len(self.ds), self.bs, seed, 0, self.me, self.world))
+        self.step = start_step
+
+    def __iter__(self):
+        while True:
+            epoch, offset = divmod(self.step, self.per_epoch)
+            batches = D.global_batches(len(self.ds), self.bs, self.seed, epoch, self.me, self.world)[offset:]
+            loader = DataLoader(self.ds, batch_sampler=batches, num_workers=self.ctx.config.data.num_workers)
+            for x, y in loader:
+                self.step += 1
+                yield x, y
+
+
+def _stop_reason(rule: str, model: nn.Module, ctx: Context, reference: dict[str, Any], eps: float,
+                 row: dict[str, Any], grad_flow: dict[str, float] | None) -> str | None:
+    """Check the stopping rule on the current model; fills `row` with what it measured."""
+    if rule == "accuracy":
+        row.update(evaluate(model, ctx))
+        return "accuracy reached the reference" if row["top1"] >= reference["top1"] else None
+    if rule == "information_flow":
+        flow = InformationFlow()
+        calibration_pass(model, ctx, [flow], "information flow")
+        row["distance"] = flow_distance(flow.result(), reference["information_flow"])
+    elif rule == "gradient_flow":
+        if grad_flow is None:
+            return None
+        row["distance"] = flow_distance(grad_flow, reference["gradient_flow"])
+    else:
+        return None
+    stop = D.broadcast(row["distance"] <= eps, ctx.ddp)  # every rank takes rank 0's decision
+    return f"{rule} distance {row['distance']:.4f} <= epsilon {eps:g}" if stop else None
+
+
+def recover(model: nn.Module, ctx: Context, budget: Budget, teacher: nn.Module | None, reference: dict[str, Any],
+            description: str, seed: int, resume: Path | None = None, cfg: RecoveryConfig | None = None,
+            ) -> tuple[nn.Module, Outcome]:
+    """Train `model` to recover, up to the budget, stopping early by `recovery.stopping`.
+
+    Under torchrun the model trains in DDP (gloo on CPU, nccl on CUDA) on this rank's share of each global
+    batch. With `resume`, the full training state is saved after every round and picked up again after a kill.
+    """
+    cfg, device = cfg or ctx.config.recovery, ctx.device
+    rule, eps = cfg.stopping, cfg.threshold()
+    out = Outcome()
+    t0 = time.perf_counter()
+    if budget.rounds == 0 or budget.steps == 0:
+        out.stopped_by = "no recovery budget"
+        return model, out
+    cuda = device.type == "cuda"
+    if cuda and cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = _optimizer(model, cfg, budget.lr)
+    sched = _schedule(opt, cfg, budget)
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda and cfg.amp)
+    start_round = 0
+    if resume is not None and resume.is_file():
+        saved = load_checkpoint(resume)
+        if saved.get("key") == ctx.resume_key:
+            model.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["optimizer"])
+            sched.load_state_dict(saved["scheduler"])
+            scaler.load_state_dict(saved["scaler"])
+            _set_rng_state(saved["rng"])
+            start_round, out.history = saved["round"], saved["history"]
+            ctx.log.info(f"{description}: resuming after round {start_round} of {budget.rounds}")
+    if start_round == 0 and rule in ("accuracy", "information_flow"):
+        row: dict[str, Any] = {"round": 0}
+        reason = _stop_reason(rule, model, ctx, reference, eps, row, None)
+        out.history.append(row)
+        if reason:
+            out.stopped_by, out.seconds = f"{reason} before training", time.perf_counter() - t0
+            return model, out
+    world = ctx.world[1]
+    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    if teacher is not None:
+        teacher = teacher.to(device).eval()
+    stream = iter(_Stream(ctx, seed, start_round * budget.steps))
+    for rnd in range(start_round, budget.rounds):
+        net.train()
+        loss_sum, images, grads, tr = 0.0, 0, {}, time.perf_counter()
+        for _ in ctx.track(range(budget.steps), f"{description} round {rnd + 1}/{budget.rounds}"):
+            x, y = next(stream)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if cuda and cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, enabled=cuda and cfg.amp):
+                logits = net(x)
+                with torch.no_grad():
+                    t_logits = teacher(x) if teacher is not None else None
+                loss = distill_loss(logits.float(), None if t_logits is None else t_logits.float(), y, cfg)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if rule == "gradient_flow":
+                for k, v in gradient_flow(model).items():
+                    grads[k] = grads.get(k, 0.0) + v / budget.steps
+            if cfg.grad_clip:
+                scaler.unscale_(opt)
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            loss_sum += loss.item()
+            images += len(y) * world
+            ctx.tracker.info = f"{images / (time.perf_counter() - tr):.0f} img/s"
+        model.eval()
+        row = {"round": rnd + 1, "loss": D.all_reduce_sum([loss_sum], device, ctx.ddp)[0] / (budget.steps * world),
+               "images_per_s": images / (time.perf_counter() - tr)}
+        reason = _stop_reason(rule, model, ctx, reference, eps, row, grads or None)
+        out.history.append(row)
+        out.rounds = rnd + 1
+        if resume is not None and ctx.world[0] == 0:
+            atomic_torch_save(resume, {"key": ctx.resume_key, "round": rnd + 1, "history": out.history,
+                                       "model": model.state_dict(), "optimizer": opt.state_dict(),
+                                       "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
+                                       "rng": _rng_state()})
+        if ctx.ddp:
+            D.barrier()
+        if reason:
+            out.stopped_by = reason
+            break
+    else:
+        out.stopped_by = f"max rounds ({budget.rounds})"
+    out.rounds = max(out.rounds, start_round)
+    out.seconds = time.perf_counter() - t0
+    model = model.to(memory_format=torch.contiguous_format)
+    return model, out
