@@ -14,6 +14,7 @@ PROGRESS = "progress.pt"
 @STAGES.register("finetune")
 class Finetune:
     name = "finetune"
+    distributed = True  # under torchrun every rank trains its share of each global batch
     description = "recover accuracy: CE + distillation, stopped by recovery.stopping, resumable per epoch"
 
     def run(self, model: nn.Module | None, ctx: Context) -> StageResult:

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
-from pipeline.rundir import sha256
 from stages import PIPELINE
 from tests.conftest import run_cli, tiny_config, write_config
 
@@ -17,11 +17,15 @@ KILL_POINTS = {"load": "commit", "train": "2", "calibrate": "1", "filter_prune":
                "export": "commit", "validate": "3"}
 
 
+def _weights(path: Path) -> dict:
+    ckpt = torch.load(path, weights_only=True)
+    return {"model": {k: v.tolist() for k, v in (ckpt["model"] or {}).items()}, "structure": ckpt["structure"]}
+
+
 def _comparable(run: Path) -> dict:
     summary = json.loads((run / "summary.json").read_text())
     summary.pop("latency_ms")  # wall-clock timing differs between any two runs
-    ckpts = {p.parent.name: sha256(p) for p in sorted(run.glob("0*/checkpoint.pt"))}
-    return {"summary": summary, "checkpoints": ckpts}
+    return {"summary": summary, "weights": {p.parent.name: _weights(p) for p in sorted(run.glob("0*/checkpoint.pt"))}}
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +69,6 @@ def test_truncated_checkpoint_rebuilds_in_a_fresh_process(setup, tmp_path: Path)
     import subprocess
     import sys
 
-    import torch
-
     from pipeline.config import load_config
     from pipeline.models import rebuild
 
@@ -86,3 +88,20 @@ def test_truncated_checkpoint_rebuilds_in_a_fresh_process(setup, tmp_path: Path)
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
     assert torch.equal(torch.load(tmp_path / "y.pt"), here)
+
+
+def test_finetune_killed_mid_epoch_resumes_from_the_last_finished_epoch(tmp_path: Path):
+    cfg = tiny_config(finetune={"max_epochs": 3})
+    config = write_config(tmp_path / "ft.yaml", cfg)
+    whole = run_cli("pipeline", str(config), "--run-dir", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    steps = (192 - round(192 * 0.2)) // 32  # training steps per epoch of the tiny config
+    run = tmp_path / "killed"
+    killed = run_cli("pipeline", str(config), "--run-dir", str(run),
+                     env={"COMPRESS_DEBUG_KILL_AT": f"finetune:{steps + 2}"})  # inside epoch 2
+    assert killed.returncode == -9
+    assert torch.load(run / "05_finetune" / "progress.pt", weights_only=True)["round"] == 1
+    resumed = run_cli("pipeline", str(config), "--run-dir", str(run))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming after round 1 of 3" in " ".join(resumed.stderr.split())
+    assert _comparable(run) == _comparable(tmp_path / "whole")
