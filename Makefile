@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: install demo test test-slow lint bench clean
+.PHONY: install demo test test-slow lint bench bench-quick clean
 
 install: $(STAMP)
 
@@ -24,6 +24,12 @@ test: install
 
 test-slow: install
 	$(BIN)/pytest -q -m slow
+
+bench: install
+	$(BIN)/python -m benchmarks.run
+
+bench-quick: install
+	$(BIN)/python -m benchmarks.run --quick
 
 lint: install
 	$(BIN)/ruff check .

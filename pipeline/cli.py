@@ -68,8 +68,9 @@ def pipeline_cmd(
 ) -> None:
     """Run load -> [train] -> calibrate -> filter_prune -> finetune -> export -> validate, resuming."""
     from pipeline.config import load_config
+    from pipeline.plan import make_plan, print_plan
     from pipeline.rundir import RunDir
-    from pipeline.runner import make_plan, print_plan, run_pipeline
+    from pipeline.runner import run_pipeline
     from stages import PIPELINE
 
     cfg = load_config(config, set_)

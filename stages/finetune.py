@@ -27,5 +27,6 @@ class Finetune:
         model, outcome = recover(model, ctx, budget, teacher, reference, "epoch", seed=17,
                                  resume=ctx.stage_dir / PROGRESS)
         after = evaluate(model, ctx)
-        metrics = {"epochs": outcome.rounds, "stopped_by": outcome.stopped_by, "top1_before": before["top1"], **after}
+        metrics = {"epochs": outcome.rounds, "steps_per_epoch": budget.steps, "stopped_by": outcome.stopped_by,
+                   "top1_before": before["top1"], **after}
         return StageResult(model=model, metrics=metrics, state={"recovery": outcome.record()})

@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.errors import UserInputError
-from pipeline.runner import stage_hashes
+from pipeline.plan import stage_hashes
 from stages import PIPELINE
 from tests.conftest import REPO, tiny_config, write_config
 
