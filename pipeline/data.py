@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import Dataset, Subset, TensorDataset
 
 from pipeline.config import Config, DataConfig, ModelConfig
 from pipeline.errors import UserInputError
@@ -165,8 +165,3 @@ def build_splits(config: Config) -> Splits:
     n_cal = min(len(train_idx), config.calibrate.batches * config.calibrate.batch_size)
     return Splits(Subset(train_view, train_idx), Subset(plain_view, train_idx[:n_cal]), validation)
 
-
-def loader(ds: Dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0) -> DataLoader:
-    """A seeded DataLoader: the same seed gives the same batches."""
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
-                      generator=torch.Generator().manual_seed(seed), drop_last=False)

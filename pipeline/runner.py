@@ -14,10 +14,11 @@ import numpy as np
 import torch
 from rich.console import Console
 from torch import nn
+from torch.utils.data import DataLoader
 
 from pipeline._progress import Tracker
 from pipeline.config import Config
-from pipeline.data import Splits, build_splits, loader
+from pipeline.data import Splits, build_splits
 from pipeline.errors import UserInputError
 from pipeline.models import rebuild, structure_of
 from pipeline.plan import PlanItem, make_plan, upstream_fingerprint
@@ -87,11 +88,13 @@ class Context:
 
         return (D.rank(), D.world_size()) if self.ddp else (0, 1)
 
-    def loader(self, split: str, shuffle: bool = False, batch_size: int | None = None, seed: int = 0):
-        """A seeded loader over one of the splits (train, calibration, validation)."""
-        d = self.config.data
-        bs = batch_size or (d.batch_size if split == "train" else d.eval_batch_size)
-        return loader(getattr(self.splits, split), bs, shuffle, self.config.seed + seed, d.num_workers)
+    def loader(self, split: str) -> DataLoader:
+        """An ordered loader over a split: calibrate.batch_size for calibration, data.eval_batch_size otherwise.
+
+        Training batches do not come from here: the recovery engine cuts seeded global batches itself.
+        """
+        bs = self.config.calibrate.batch_size if split == "calibration" else self.config.data.eval_batch_size
+        return DataLoader(getattr(self.splits, split), batch_size=bs, num_workers=self.config.data.num_workers)
 
     def track(self, items, description: str, total: int | None = None):
         return self.tracker.track(items, description, total)

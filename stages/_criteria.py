@@ -190,5 +190,5 @@ def accumulate_gradients(model: nn.Module, ctx: Context) -> None:
     """Cross-entropy gradients summed over the calibration batches (for gradient-based criteria)."""
     model.eval()
     model.zero_grad(set_to_none=True)
-    for x, y in ctx.loader("calibration", batch_size=ctx.config.calibrate.batch_size):
+    for x, y in ctx.loader("calibration"):
         F.cross_entropy(model(x.to(ctx.device)), y.to(ctx.device)).backward()

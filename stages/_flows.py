@@ -115,7 +115,7 @@ def calibration_pass(model: nn.Module, ctx: Context, collectors: list, descripti
     handles = [h for c in collectors for h in c.attach(model)]
     model.eval()
     try:
-        loader = ctx.loader("calibration", batch_size=ctx.config.calibrate.batch_size)
+        loader = ctx.loader("calibration")
         for x, _ in ctx.track(loader, description):
             model(x.to(ctx.device))
             for c in collectors:

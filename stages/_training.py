@@ -9,6 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from pipeline import distributed as D
+from pipeline.models import clone
 from pipeline.runner import Context
 
 
@@ -39,8 +40,6 @@ def steps_per_epoch(ctx: Context) -> int:
 
 def teacher_and_reference(model: nn.Module, ctx: Context) -> tuple[nn.Module | None, dict[str, Any]]:
     """The distillation teacher (stage input or base model) and the references the stopping rules compare to."""
-    from pipeline.models import clone
-
     cfg = ctx.config.recovery
     teacher = None
     if cfg.distill_weight > 0:

@@ -23,7 +23,7 @@ class Calibrate:
         calibration_pass(model, ctx, [units, blocks, unit_div, flow])
         stats = units.result()
         # InCoP's gradient-flow reference needs real backward passes of the dense model
-        loader = ctx.loader("calibration", batch_size=ctx.config.calibrate.batch_size)
+        loader = ctx.loader("calibration")
         grad_ref = reference_gradient_flow(model, ctx.track(loader, "gradient flow"), ctx.device)
         gflops, params = count_macs(model, ctx.config.model)
         base = {**evaluate(model, ctx), "gflops": gflops, "params_m": params}

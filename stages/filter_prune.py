@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.errors import UserInputError
+from pipeline.errors import UserInputError, did_you_mean
 from pipeline.models import clone, count_macs
 from pipeline.runner import STAGES, Context, StageResult
 from stages._criteria import CRITERIA, accumulate_gradients
@@ -37,8 +37,6 @@ def ignored_modules(model: nn.Module, ctx: Context) -> list[nn.Module]:
     names = dict(model.named_modules())
     for name in cfg.ignore:
         if name not in names:
-            from pipeline.errors import did_you_mean
-
             raise UserInputError(f"filter_prune.ignore names {name!r}, which is not a module of the model."
                                  f"{did_you_mean(name, names)} Use names as model.named_modules() gives them.")
         ignored.append(names[name])

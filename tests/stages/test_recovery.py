@@ -32,7 +32,7 @@ def dense_and_reference(ctx: Context):
     model = build_model(ctx.config.model).eval()
     flow = InformationFlow()
     calibration_pass(model, ctx, [flow])
-    loader = ctx.loader("calibration", batch_size=ctx.config.calibrate.batch_size)
+    loader = ctx.loader("calibration")
     ref = {"top1": 50.0, "information_flow": flow.result(),
            "gradient_flow": reference_gradient_flow(model, loader, ctx.device)}
     return model, ref
@@ -93,7 +93,7 @@ def test_gradient_flow_comes_from_real_backward_passes(tmp_path, monkeypatch):
     assert len(seen) == 2 and all(v > 0 for v in seen), "one reading per training step, after its backward"
     # the reference is the mean of mean |grad W| over real cross-entropy backward passes
     m2 = build_model(ctx.config.model).eval()
-    x, y = next(iter(ctx.loader("calibration", batch_size=ctx.config.calibrate.batch_size)))
+    x, y = next(iter(ctx.loader("calibration")))
     ref_one = reference_gradient_flow(m2, [(x, y)], ctx.device)
     F.cross_entropy(m2(x), y).backward()
     assert ref_one["fc"] == pytest.approx(float(m2.fc.weight.grad.abs().mean()), rel=1e-5)
