@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: install demo test test-slow lint bench bench-quick clean
+.PHONY: install demo test test-slow gpu-check lint bench bench-quick clean
 
 install: $(STAMP)
 
@@ -24,6 +24,11 @@ test: install
 
 test-slow: install
 	$(BIN)/pytest -q -m slow
+
+# The tests marked gpu (TensorRT engines, CUDA runtimes). Needs an NVIDIA GPU and the gpu extra:
+# $(BIN)/pip install -e '.[gpu]'. Without them every test reports why it was skipped.
+gpu-check: install
+	$(BIN)/pytest -q -m gpu -rs
 
 bench: install
 	$(BIN)/python -m benchmarks.run

@@ -1,37 +1,98 @@
-"""ONNX Runtime (CPU) session: batched scoring and batch-1 latency with warm-up, median and p90."""
+"""Runtimes that score and time a deployed artifact: ONNX Runtime (CPU or CUDA provider) and TensorRT engines."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
+from pipeline.errors import UserInputError
+
+RUNTIMES = ("onnxruntime-cpu", "onnxruntime-cuda", "tensorrt")
+
+
+class Runtime(Protocol):
+    backend: str
+    precision: str
+
+    def __call__(self, x: np.ndarray) -> np.ndarray: ...
+
+    def time_once(self, x: np.ndarray) -> float: ...
+
 
 class OrtModel:
-    """An ONNX model loaded in ONNX Runtime on the CPU execution provider."""
+    """An ONNX model in ONNX Runtime on the CPU or CUDA execution provider (FP32, as exported)."""
 
-    backend = "onnxruntime-cpu"
+    precision = "fp32"
 
-    def __init__(self, path: Path, threads: int | None = None) -> None:
+    def __init__(self, path: Path, threads: int | None = None, provider: str = "cpu") -> None:
         import onnxruntime as ort
 
+        name = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}[provider]
+        if name not in ort.get_available_providers():
+            raise UserInputError(
+                f"ONNX Runtime here has no {name} (available: {', '.join(ort.get_available_providers())}); "
+                "install the gpu extra on a CUDA machine (pip install -e '.[gpu]', which brings onnxruntime-gpu; "
+                "uninstall the CPU-only onnxruntime first), or set validate.runtime: onnxruntime-cpu")
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             opts.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        self.input_name = self.session.get_inputs()[0].name
+        self.backend = f"onnxruntime-{provider}"
+        self.session = ort.InferenceSession(str(path), opts, providers=[name])
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        self.input_shape = tuple(inp.shape[1:])
+        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
 
     def time_once(self, x: np.ndarray) -> float:
-        """Wall time of one inference in milliseconds."""
+        """Wall time of one inference in milliseconds (outputs are on the host when run() returns)."""
         feed = {self.input_name: np.ascontiguousarray(x, dtype=np.float32)}
         t0 = time.perf_counter()
         self.session.run(None, feed)
         return (time.perf_counter() - t0) * 1e3
+
+
+def open_artifact(path: Path, runtime: str, threads: int | None = None) -> Runtime:
+    """Load an .onnx or .engine file in the named runtime, or explain why it cannot be."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"artifact {str(path)!r} does not exist")
+    suffix = path.suffix.lower()
+    if suffix not in (".onnx", ".engine", ".plan"):
+        raise UserInputError(f"{path.name}: unknown artifact type {suffix!r}; expected .onnx (ONNX Runtime) or "
+                             f".engine (TensorRT)")
+    if suffix == ".onnx" and runtime == "tensorrt":
+        raise UserInputError(f"{path.name} is ONNX; the tensorrt runtime runs .engine files (build one with "
+                             f"`compress export RUN_DIR --format tensorrt`) - or choose onnxruntime-cpu/-cuda")
+    if suffix != ".onnx" and runtime != "tensorrt":
+        raise UserInputError(f"{path.name} is a TensorRT engine; it runs only in the tensorrt runtime")
+    if runtime == "tensorrt":
+        from export.tensorrt import TrtModel
+
+        return TrtModel(path)
+    if runtime not in RUNTIMES:
+        raise UserInputError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    return OrtModel(path, threads, runtime.removeprefix("onnxruntime-"))
+
+
+def resolve_runtime(wanted: str, engine_built: bool, device: str) -> str:
+    """validate.runtime `auto` -> the engine if built, else ONNX Runtime on the device the run uses."""
+    if wanted != "auto":
+        return wanted
+    if engine_built:
+        return "tensorrt"
+    if device == "cuda":
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" in ort.get_available_providers():
+            return "onnxruntime-cuda"
+    return "onnxruntime-cpu"
 
 
 def latency_stats(samples_ms: list[float]) -> dict[str, float]:

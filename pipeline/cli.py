@@ -36,8 +36,29 @@ def _preflight(config) -> None:
             and not config.data.download:
         problems.append(f"data.root {str(root)!r} does not exist (data.kind={config.data.kind}); point it at the "
                         f"dataset folder, or set data.download: true for torchvision datasets")
+    problems += _runtime_problems(config)
     if problems:
         raise UserInputError("the config cannot run:\n  - " + "\n  - ".join(problems))
+
+
+def _runtime_problems(config) -> list[str]:
+    """TensorRT or the CUDA provider asked for explicitly but missing here: known before any stage runs."""
+    from export.tensorrt import AUTO_HINT, INSTALL_HINT, unavailable_reason
+
+    problems = []
+    trt_needed = config.export.tensorrt.mode == "required" or config.validate_.runtime == "tensorrt"
+    reason = unavailable_reason() if trt_needed else None
+    if reason:
+        key = "export.tensorrt.mode is 'required'" if config.export.tensorrt.mode == "required" \
+            else "validate.runtime is 'tensorrt'"
+        problems.append(f"{key} but {reason}; {INSTALL_HINT}; {AUTO_HINT}")
+    if config.validate_.runtime == "onnxruntime-cuda":
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            problems.append("validate.runtime is 'onnxruntime-cuda' but this ONNX Runtime has no "
+                            "CUDAExecutionProvider; install the gpu extra (onnxruntime-gpu) or use onnxruntime-cpu")
+    return problems
 
 
 def _summary_table(summary: dict[str, Any]) -> Table:
@@ -52,7 +73,9 @@ def _summary_table(summary: dict[str, Any]) -> Table:
     lat = summary["latency_ms"]
     table.add_row(f"latency ms ({lat['backend']}, b{lat['batch']})", f"{lat['base']:.3f}",
                   f"{lat['compressed']:.3f}", f"{lat['speedup']:.2f}x")
-    table.add_row("ONNX parity", "", f"{summary['parity']['max_abs_diff']:.1e}", "")
+    par = summary["parity"]
+    table.add_row(f"parity vs PyTorch ({par.get('artifact', 'model.onnx')})", "", f"{par['max_abs_diff']:.1e}", "")
+    table.add_row("latency precision", "", lat.get("precision", "fp32"), "")
     return table
 
 
@@ -87,10 +110,178 @@ def pipeline_cmd(
         console.print(f"[green]stopped after --until {until}[/]; checkpoints in {rd.root}")
         return
     console.print(_summary_table(summary))
-    console.print(f"artifacts: {rd.root / 'model.onnx'}, {rd.root / 'summary.json'}")
+    engine = summary["artifacts"].get("tensorrt")
+    console.print(f"artifacts: {rd.root / 'model.onnx'}" + (f", {rd.root / engine}" if engine else "") +
+                  f", {rd.root / 'summary.json'}")
+    if summary["artifacts"].get("tensorrt_status") == "skipped":
+        console.print(f"TensorRT engine skipped: {summary['artifacts']['tensorrt_reason']}")
     if not summary["gates"]["passed"]:
         raise GateFailure("validation gates failed:\n  - " + "\n  - ".join(summary["gates"]["failures"]) +
                           f"\nArtifacts are kept in {rd.root} for inspection.")
+
+
+def _input_shape_matches(rt, config, path: Path) -> None:
+    spec = config.model
+    want = (spec.in_chans, *spec.input_size)
+    got = tuple(rt.input_shape)
+    if all(isinstance(d, int) and d > 0 for d in got) and got != want:
+        raise UserInputError(f"{path.name} takes inputs of shape {'x'.join(map(str, got))} but the config's model "
+                             f"gives {'x'.join(map(str, want))}; pass the config the artifact was built with, or set "
+                             f"model.in_chans and model.input_size to match")
+
+
+def _artifact_runtime(path: Path, wanted: str, config) -> str:
+    from export.runtime import resolve_runtime
+    from pipeline.runner import resolve_device
+
+    if wanted != "auto":
+        return wanted
+    if path.suffix.lower() in (".engine", ".plan"):
+        return "tensorrt"
+    return resolve_runtime("auto", False, resolve_device(config).type)
+
+
+@app.command("validate")
+def validate_cmd(
+    artifact: Path = typer.Argument(..., help="an exported .onnx or TensorRT .engine"),
+    config: Path = typer.Option(..., "--config", help="YAML config giving the model input and the dataset"),
+    base: Path | None = typer.Option(None, "--base", help="the uncompressed artifact: enables speedup and top-1 "
+                                                          "drop gates"),
+    runtime: str | None = typer.Option(None, "--runtime", help="onnxruntime-cpu | onnxruntime-cuda | tensorrt "
+                                                                "(default: validate.runtime, auto by file type)"),
+    output: Path | None = typer.Option(None, "--output", help="write the results as JSON here"),
+    set_: list[str] = typer.Option([], "--set", help="override a config key (repeatable)"),
+) -> None:
+    """Score and time an existing artifact on the config's validation split; gates as in the pipeline (exit 3)."""
+    from torch.utils.data import DataLoader
+
+    from export.runtime import RUNTIMES, open_artifact
+    from export.validation import accuracy, check_gates, latency
+    from pipeline.config import load_config
+    from pipeline.data import build_splits
+    from pipeline.errors import did_you_mean
+    from pipeline.rundir import atomic_json
+
+    cfg = load_config(config, set_)
+    vcfg = cfg.validate_
+    wanted = runtime or vcfg.runtime
+    if wanted not in (*RUNTIMES, "auto"):
+        raise UserInputError(f"--runtime {wanted!r} is not a runtime.{did_you_mean(wanted, list(RUNTIMES))} "
+                             f"Choose one of: {', '.join(RUNTIMES)}")
+    models = {}
+    for role, path in (("compressed", artifact), ("base", base)):
+        if path is not None:
+            rt = open_artifact(path, _artifact_runtime(path, wanted, cfg), vcfg.threads)
+            _input_shape_matches(rt, cfg, path)
+            models[role] = rt
+    if cfg.runtime.threads:
+        import torch
+
+        torch.set_num_threads(cfg.runtime.threads)
+    loader = DataLoader(build_splits(cfg).validation, batch_size=cfg.data.eval_batch_size,
+                        num_workers=cfg.data.num_workers)
+    scores = {role: accuracy(rt, loader) for role, rt in models.items()}
+    spec = cfg.model
+    lat = latency(models, (vcfg.batch, spec.in_chans, *spec.input_size), vcfg.warmup, vcfg.runs)
+    comp_rt = models["compressed"]
+    result = {
+        "artifact": str(artifact), "base_artifact": str(base) if base else None, "config": str(config),
+        "compressed": scores["compressed"], "base": scores.get("base"),
+        "latency_ms": {"backend": comp_rt.backend, "batch": vcfg.batch, "precision": comp_rt.precision,
+                       "compressed": lat["compressed"]["median_ms"], "compressed_p90": lat["compressed"]["p90_ms"],
+                       "base": lat["base"]["median_ms"] if base else None,
+                       "base_p90": lat["base"]["p90_ms"] if base else None,
+                       "speedup": lat["base"]["median_ms"] / lat["compressed"]["median_ms"] if base else None,
+                       "runs": vcfg.runs, "warmup": vcfg.warmup},
+        "parity": None,
+    }
+    fails, unchecked = check_gates(result, vcfg.gates)
+    result["gates"] = {"passed": not fails, "failures": fails, "unchecked": unchecked}
+    table = Table(title=f"{artifact.name} on {comp_rt.backend} ({scores['compressed']['samples']} images)")
+    for col in ("", "base", "artifact", "change"):
+        table.add_column(col, justify="right")
+    b = scores.get("base")
+    for key in ("top1", "top5"):
+        c = scores["compressed"][key]
+        table.add_row(f"{key} %", f"{b[key]:.2f}" if b else "-", f"{c:.2f}", f"{c - b[key]:+.2f} pts" if b else "")
+    lm = result["latency_ms"]
+    table.add_row(f"latency ms (b{vcfg.batch}, {lm['precision']})", f"{lm['base']:.3f}" if base else "-",
+                  f"{lm['compressed']:.3f}", f"{lm['speedup']:.2f}x" if base else "")
+    Console().print(table)
+    for note in unchecked:
+        console.print(f"gate not checked: {note}")
+    if output is not None:
+        atomic_json(output, result)
+        console.print(f"results: {output}")
+    if fails:
+        raise GateFailure("validation gates failed:\n  - " + "\n  - ".join(fails))
+
+
+@app.command("export")
+def export_cmd(
+    run_dir: Path = typer.Argument(..., help="a run directory whose model stages have finished"),
+    fmt: str = typer.Option("onnx", "--format", help="onnx | tensorrt"),
+    output: Path | None = typer.Option(None, "--output", help="file to write (default: RUN_DIR/exports/...)"),
+    config: Path | None = typer.Option(None, "--config", help="config to use (default: RUN_DIR/config.json)"),
+    set_: list[str] = typer.Option([], "--set", help="override a config key, e.g. export.opset=18 or "
+                                                     "export.tensorrt.precision=fp16 (repeatable)"),
+) -> None:
+    """Re-export the compressed model of a finished run, without touching the run's own stages and artifacts."""
+    from pipeline.config import load_config
+    from pipeline.errors import did_you_mean
+    from pipeline.rundir import RunDir
+    from pipeline.runner import load_model_upto
+    from stages.export import engine_spec, export_onnx
+
+    formats = ("onnx", "tensorrt")
+    if fmt not in formats:
+        raise UserInputError(f"--format {fmt!r} is not supported.{did_you_mean(fmt, list(formats))} "
+                             f"Choose one of: {', '.join(formats)}")
+    rd = RunDir(run_dir)
+    if not rd.manifest_path.is_file():
+        raise UserInputError(f"{run_dir} is not a run directory (no manifest.json); pass the --run-dir of a "
+                             f"`compress pipeline` run")
+    source = config or run_dir / "config.json"
+    if not source.is_file():
+        raise UserInputError(f"{source} does not exist; pass the run's YAML with --config")
+    cfg = load_config(source, set_)
+    if fmt == "tensorrt":
+        from export.tensorrt import require
+
+        require("or export ONNX only (--format onnx) and build the engine where TensorRT runs")
+    manifest = rd.read_manifest()
+    from stages import PIPELINE
+
+    last = next((n for n in reversed(PIPELINE) if manifest["stages"].get(n, {}).get("has_model")
+                 and manifest["stages"][n].get("status") == "done"), None)
+    if last is None:
+        raise UserInputError(f"no finished stage in {run_dir} has saved a model; run the pipeline first")
+    bad = rd.corrupted_files(manifest["stages"][last])
+    if bad:
+        raise UserInputError(f"checkpoint files of stage {last!r} are missing or damaged: {', '.join(bad)}; "
+                             f"re-run `compress pipeline ... --from {last}`")
+    rd.lock()
+    try:
+        model = load_model_upto(cfg, rd, manifest, last).eval()
+        default_dir = run_dir / "exports"
+        if fmt == "onnx":
+            path = output or default_dir / "model.onnx"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            export_onnx(model, cfg, path, "compressed")
+            written = [path]
+        else:
+            from export.tensorrt import build_engine, sidecar_of
+
+            precision = cfg.export.tensorrt.precision
+            path = output or default_dir / f"model.{precision}.engine"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            onnx_path = path.with_suffix(".onnx")
+            export_onnx(model, cfg, onnx_path, "compressed")
+            build_engine(onnx_path, path, engine_spec(cfg))
+            written = [onnx_path, path, sidecar_of(path)]
+    finally:
+        rd.unlock()
+    console.print(f"exported the model of stage {last!r}: " + ", ".join(str(p) for p in written))
 
 
 @app.command()

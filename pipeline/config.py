@@ -139,8 +139,33 @@ class FinetuneConfig(Section):
     lr: float = Field(0.01, gt=0.0)
 
 
+class TensorRTConfig(Section):
+    """A TensorRT engine built from the exported ONNX (needs the `gpu` extra and a CUDA device)."""
+
+    mode: Literal["off", "auto", "required"] = Field(
+        "auto", description="auto: build when TensorRT and a GPU are present, else skip and say why; "
+        "required: missing TensorRT/GPU is an error (exit 2)")
+    precision: Literal["fp32", "fp16"] = "fp32"
+    workspace_gb: float = Field(4.0, gt=0.0, description="builder workspace memory limit")
+    min_batch: int = Field(1, ge=1, description="optimization profile of the dynamic batch axis")
+    opt_batch: int = Field(1, ge=1)
+    max_batch: int = Field(32, ge=1)
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: Any) -> Any:
+        return "off" if v is False else v  # YAML reads a bare `off` as false
+
+    @model_validator(mode="after")
+    def _ordered(self) -> TensorRTConfig:
+        if not self.min_batch <= self.opt_batch <= self.max_batch:
+            raise ValueError(f"need min_batch <= opt_batch <= max_batch, got {self.min_batch}, {self.opt_batch}, "
+                             f"{self.max_batch}")
+        return self
+
+
 class ExportConfig(Section):
-    """ONNX export of the compressed model."""
+    """ONNX export of the compressed model, and optionally a TensorRT engine."""
 
     opset: int = Field(17, ge=11, le=23)
     exporter: Literal["auto", "torchscript", "dynamo"] = Field(
@@ -148,6 +173,7 @@ class ExportConfig(Section):
     input_name: str = "input"
     output_name: str = "logits"
     dynamic_batch: bool = True
+    tensorrt: TensorRTConfig = Field(default_factory=TensorRTConfig)
 
 
 class GatesConfig(Section):
@@ -156,11 +182,16 @@ class GatesConfig(Section):
     max_top1_drop: float | None = Field(None, ge=0.0, description="points of top-1 lost vs base")
     min_speedup: float | None = Field(None, gt=0.0)
     max_latency_ms: float | None = Field(None, gt=0.0)
-    max_parity_error: float | None = Field(1e-4, gt=0.0)
+    max_parity_error: float | None = Field(1e-4, gt=0.0, description="max |artifact - PyTorch| of FP32 artifacts")
+    max_parity_error_fp16: float | None = Field(5e-2, gt=0.0, description="the same for FP16 TensorRT engines")
 
 
 class ValidateConfig(Section):
-    """Accuracy, parity and latency of the exported artifact through ONNX Runtime."""
+    """Accuracy, parity and latency of the deployed artifact on the runtime that ships it."""
+
+    runtime: Literal["auto", "onnxruntime-cpu", "onnxruntime-cuda", "tensorrt"] = Field(
+        "auto", description="auto: the TensorRT engine when one was built, else ONNX Runtime on CUDA when "
+        "runtime.device is cuda, else ONNX Runtime on CPU")
 
     warmup: int = Field(20, ge=0)
     runs: int = Field(100, ge=1, description="timed batch-1 runs per model")
@@ -204,6 +235,13 @@ class Config(Section):
             raise ValueError(f"data.root is required for data.kind={self.data.kind!r}; set it to the dataset folder")
         if self.model.weights is not None and self.model.pretrained:
             raise ValueError("model.weights and model.pretrained are exclusive; keep one")
+        if self.validate_.runtime == "tensorrt" and self.export.tensorrt.mode == "off":
+            raise ValueError("validate.runtime is 'tensorrt' but export.tensorrt.mode is 'off', so no engine is "
+                             "built; set export.tensorrt.mode: required (or validate.runtime: auto)")
+        if self.export.tensorrt.mode != "off" and self.export.tensorrt.max_batch > 1 and not self.export.dynamic_batch:
+            raise ValueError("export.dynamic_batch is false, so the ONNX model has batch 1 and its engine cannot "
+                             "take export.tensorrt.max_batch > 1; set export.tensorrt.max_batch: 1 and opt_batch: 1, "
+                             "or export.dynamic_batch: true")
         return self
 
     def section(self, name: str) -> BaseModel | None:

@@ -27,9 +27,17 @@ class PlanItem:
 def stage_hashes(config: Config, names: list[str]) -> list[str]:
     """Chained config hashes: a stage's own section plus everything upstream."""
     hashes, prev = [], ""
+    engine = "off"
+    if config.export.tensorrt.mode != "off":
+        from export.tensorrt import unavailable_reason
+
+        # an engine skipped because TensorRT was missing is rebuilt once it is there (and vice versa)
+        engine = "available" if unavailable_reason() is None else "unavailable"
     for name in names:
         own = {"load": [config.seed, config.model, config.data],
-               "filter_prune": [config.filter_prune, config.recovery]}.get(name, [config.section(name)])
+               "filter_prune": [config.filter_prune, config.recovery],
+               "export": [config.export, engine],
+               "validate": [config.validate_, config.runtime.device]}.get(name, [config.section(name)])
         prev = section_hash(prev, *own)
         hashes.append(prev)
     return hashes

@@ -32,3 +32,20 @@ def test_readme_commands_exist():
     for target in ("install", "demo", "test", "lint"):
         assert f"\n{target}:" in makefile
     assert "make test" in (REPO / ".ci" / "run").read_text()
+
+
+def test_examples_use_real_commands_and_config_keys():
+    import re
+
+    import yaml
+
+    keys = set(_keys(Config))
+    workflow = (REPO / "examples" / "nightly-compress.yml").read_text()
+    yaml.safe_load(workflow)
+    for name in ("nightly-compress.yml", "Makefile.deploy"):
+        text = (REPO / "examples" / name).read_text()
+        used = re.findall(r"--set ([\w.]+)=", text)
+        assert used and set(used) <= keys, f"{name} sets unknown keys {set(used) - keys}"
+        verbs = set(re.findall(r"(?:\$\(COMPRESS\)|/compress) (\w+) ", text))
+        assert verbs and verbs <= {"pipeline", "validate", "export"}, verbs
+    assert "gpu-check:" in (REPO / "Makefile").read_text()

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from export import tensorrt
 from pipeline.cli import main
 from pipeline.config import ModelConfig
 from pipeline.models import build_model
@@ -46,6 +47,13 @@ def test_finished_run_has_the_contract(finished):
     assert summary["compressed"]["params_m"] < summary["base"]["params_m"]
     assert summary["latency_ms"]["backend"] == "onnxruntime-cpu" and summary["latency_ms"]["batch"] == 1
     assert summary["gates"] == {"passed": True, "failures": []}
+    art = summary["artifacts"]
+    if tensorrt.unavailable_reason() is None:
+        assert art["tensorrt_status"] == "built" and (run / art["tensorrt"]).is_file()
+    else:  # export.tensorrt.mode defaults to auto: skipped, with the reason where CI keeps it
+        assert art["tensorrt"] is None and art["tensorrt_status"] == "skipped"
+        assert tensorrt.unavailable_reason() in art["tensorrt_reason"]
+        assert not (run / "model.engine").exists()
     manifest = json.loads((run / "manifest.json").read_text())
     assert [s["status"] for s in manifest["stages"].values()] == ["done"] * len(PIPELINE)
     dynamics = torch.load(run / "03_filter_prune" / "checkpoint.pt", weights_only=True)["state"]["dynamics"]
@@ -75,16 +83,63 @@ def test_config_change_invalidates_that_stage_and_later(finished, tmp_path: Path
         assert f"{stage}: running (" in err
 
 
-def test_failed_gate_exits_3_and_keeps_artifacts(finished, tmp_path: Path, capsys):
+@pytest.mark.parametrize("gate, value", [("min_speedup", "50"), ("max_latency_ms", "0.000001"),
+                                         ("max_parity_error", "1e-15")])
+def test_failed_gate_exits_3_and_keeps_artifacts(finished, tmp_path: Path, capsys, gate: str, value: str):
     config, run = finished
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
-    code = cli("pipeline", str(config), "--run-dir", str(copy), "--set", "validate.gates.min_speedup=50")
+    code = cli("pipeline", str(config), "--run-dir", str(copy), "--set", f"validate.gates.{gate}={value}")
     assert code == 3
     summary = json.loads((copy / "summary.json").read_text())
-    assert summary["gates"]["passed"] is False and "min_speedup 50" in summary["gates"]["failures"][0]
+    assert summary["gates"]["passed"] is False and len(summary["gates"]["failures"]) == 1
+    assert gate in summary["gates"]["failures"][0]
     assert (copy / "model.onnx").is_file()
-    assert "validation gates failed" in capsys.readouterr().err
+    err = " ".join(capsys.readouterr().err.split())
+    assert "validation gates failed" in err and gate in err
+    for stage in ("filter_prune", "export"):
+        assert f"{stage}: reused" in err, "a gate change re-runs validate only"
+
+
+def test_tensorrt_required_without_tensorrt_exits_2_with_the_install_hint(finished, capsys):
+    if tensorrt.unavailable_reason() is None:
+        pytest.skip("TensorRT and a GPU are available here")
+    config, run = finished
+    before = snapshot(run)
+    assert cli("pipeline", str(config), "--run-dir", str(run), "--set", "export.tensorrt.mode=required") == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "export.tensorrt.mode is 'required' but" in err and "pip install -e '.[gpu]'" in err
+    assert snapshot(run) == before
+
+
+def test_validate_verb_gates_and_input_checks(finished, tmp_path: Path, capsys):
+    config, run = finished
+    onnx_path, base = run / "model.onnx", run / "07_validate" / "base.onnx"
+    out = tmp_path / "v.json"
+    code = cli("validate", str(onnx_path), "--config", str(config), "--base", str(base), "--output", str(out),
+               "--set", "validate.gates.min_speedup=50")
+    assert code == 3
+    result = json.loads(out.read_text())
+    assert result["gates"]["passed"] is False and "min_speedup" in result["gates"]["failures"][0]
+    assert "max_parity_error: no PyTorch model to compare with" in result["gates"]["unchecked"]
+    capsys.readouterr()
+    assert cli("validate", str(onnx_path), "--config", str(config), "--set", "model.input_size=[64,64]") == 2
+    assert "takes inputs of shape 1x32x32 but the config's model gives 1x64x64" in capsys.readouterr().err
+    assert cli("validate", str(onnx_path), "--config", str(config), "--runtime", "tensorrt") == 2
+    assert "runs .engine files" in capsys.readouterr().err
+
+
+def test_export_verb_errors_leave_the_run_alone(finished, tmp_path: Path, capsys):
+    _, run = finished
+    before = snapshot(run)
+    assert cli("export", str(run), "--format", "tflite") == 2
+    assert "Choose one of: onnx, tensorrt" in capsys.readouterr().err
+    assert cli("export", str(tmp_path), "--format", "onnx") == 2
+    assert "is not a run directory" in capsys.readouterr().err
+    if tensorrt.unavailable_reason() is not None:
+        assert cli("export", str(run), "--format", "tensorrt") == 2
+        assert "pip install -e '.[gpu]'" in " ".join(capsys.readouterr().err.split())
+    assert snapshot(run) == before
 
 
 def test_until_stops_and_dry_run_plans(finished, tmp_path: Path, capsys):
@@ -125,6 +180,8 @@ BAD_INPUTS = {
     "unknown_model": (lambda tmp, cfg: cfg, ["--set", "model.name=resnet-18"], "Did you mean 'resnet18'"),
     "weights_of_other_arch": (lambda tmp, cfg: cfg, ["--set", "model.weights={weights}"], "does not fit timm:resnet18"),
     "from_unknown_stage": (lambda tmp, cfg: cfg, ["--from", "finetuning"], "Did you mean 'finetune'"),
+    "tensorrt_runtime_without_engine": (lambda tmp, cfg: cfg, ["--set", "validate.runtime=tensorrt", "--set",
+                                       "export.tensorrt.mode=off"], "no engine is built"),
     "unknown_criterion": (lambda tmp, cfg: cfg, ["--set", "filter_prune.criterion=tayler"], "Did you mean 'taylor'"),
 }
 

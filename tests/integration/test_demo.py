@@ -5,6 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
+from export.runtime import OrtModel
+from pipeline.rundir import sha256
 from tests.conftest import REPO, run_cli
 
 
@@ -21,3 +25,20 @@ def test_demo_meets_its_promises(tmp_path: Path):
     assert s["latency_ms"]["speedup"] > 1.0
     assert s["gates"]["passed"]
     assert s["removed_blocks"], "the demo removes at least one whole block within its budget"
+
+    # the standalone verbs on the finished demo run
+    before = {p: sha256(p) for p in run.rglob("*") if p.is_file() and p.name != "log.txt"}
+    out = tmp_path / "validate.json"
+    done = run_cli("validate", str(run / "model.onnx"), "--config", str(REPO / "configs" / "demo.yaml"),
+                   "--base", str(run / "07_validate" / "base.onnx"), "--output", str(out),
+                   "--set", "validate.runs=20")
+    assert done.returncode == 0, done.stderr[-3000:]
+    v = json.loads(out.read_text())
+    assert v["compressed"]["top1"] == s["compressed"]["top1"] and v["base"]["top1"] == s["base"]["top1"]
+    assert v["latency_ms"]["backend"] == "onnxruntime-cpu" and v["latency_ms"]["speedup"] > 1.0
+    done = run_cli("export", str(run), "--format", "onnx")
+    assert done.returncode == 0, done.stderr[-3000:]
+    x = np.random.default_rng(0).standard_normal((4, 1, 32, 32)).astype(np.float32)
+    again = OrtModel(run / "exports" / "model.onnx")(x)
+    assert np.abs(again - OrtModel(run / "model.onnx")(x)).max() <= 1e-5
+    assert {p: sha256(p) for p in before} == before, "the verbs leave the run's own files alone"

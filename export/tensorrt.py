@@ -1,0 +1,223 @@
+"""TensorRT 10: build a serialized engine from an ONNX file, and run one (buffers allocated once, CUDA timing).
+
+`tensorrt` and CUDA are imported lazily: nothing here is needed on a CPU machine unless a TensorRT engine is asked
+for. Only the name-based TensorRT 10 API is used (no bindings, no implicit batch, no `build_engine`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import UserInputError
+from pipeline.rundir import atomic_json, atomic_write, sha256
+
+INSTALL_HINT = ("install the gpu extra on a machine with an NVIDIA GPU and driver: pip install -e '.[gpu]' "
+                "(it brings tensorrt>=10 and onnxruntime-gpu)")
+
+
+def unavailable_reason() -> str | None:
+    """Why a TensorRT engine cannot be built or run here, or None when it can."""
+    if importlib.util.find_spec("tensorrt") is None:
+        return "the tensorrt Python package is not installed"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA device is visible (torch.cuda.is_available() is False)"
+    return None
+
+
+AUTO_HINT = "or set export.tensorrt.mode: auto (skip the engine where TensorRT is missing) or off"
+
+
+def require(alternative: str = AUTO_HINT) -> Any:
+    """The tensorrt module, or a clear error naming the gpu extra and `alternative`."""
+    reason = unavailable_reason()
+    if reason:
+        raise UserInputError(f"TensorRT is required but {reason}; {INSTALL_HINT}; {alternative}")
+    import tensorrt as trt
+
+    major = int(trt.__version__.split(".")[0])
+    if major < 10:
+        raise UserInputError(f"TensorRT {trt.__version__} is installed; this tool needs TensorRT 10 or newer "
+                             f"(pip install 'tensorrt>=10')")
+    return trt
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What the builder is asked for."""
+
+    precision: str = "fp32"  # fp32 | fp16
+    workspace_gb: float = 4.0
+    min_batch: int = 1
+    opt_batch: int = 1
+    max_batch: int = 32
+
+
+def _logger(trt: Any) -> Any:
+    return trt.Logger(trt.Logger.WARNING)
+
+
+def build_engine(onnx_path: Path, engine_path: Path, spec: EngineSpec) -> dict[str, Any]:
+    """Parse `onnx_path`, build a serialized TensorRT plan, write it and its `.engine.json` sidecar atomically.
+
+    The `.engine` file is the plan exactly as TensorRT serialized it (nothing prepended), so `trtexec
+    --loadEngine` and any TensorRT runtime read it. Returns the sidecar's content.
+    """
+    trt = require()
+    import torch
+
+    logger = _logger(trt)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [f"node {parser.get_error(i).node()}: {parser.get_error(i).desc()} ({parser.get_error(i).code()})"
+                  for i in range(parser.num_errors)]
+        raise UserInputError(f"TensorRT's ONNX parser rejected {onnx_path}:\n  - " + "\n  - ".join(errors) +
+                             "\nTry another export.opset or export.exporter, or check the operators against the "
+                             "TensorRT ONNX support matrix")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(spec.workspace_gb * (1 << 30)))
+    if spec.precision == "fp16":
+        config.set_flag(trt.BuilderFlag.FP16)
+    else:  # FP32 means FP32: TensorRT would otherwise use TF32 tensor cores on Ampere and newer
+        config.clear_flag(trt.BuilderFlag.TF32)
+    profile = builder.create_optimization_profile()
+    inputs, outputs = [], []
+    for i in range(network.num_inputs):
+        t = network.get_input(i)
+        shape = tuple(t.shape)
+        if shape[0] == -1:
+            rest = shape[1:]
+            profile.set_shape(t.name, (spec.min_batch, *rest), (spec.opt_batch, *rest), (spec.max_batch, *rest))
+        inputs.append({"name": t.name, "shape": list(shape), "dtype": str(t.dtype)})
+    for i in range(network.num_outputs):
+        t = network.get_output(i)
+        outputs.append({"name": t.name, "shape": list(t.shape), "dtype": str(t.dtype)})
+    config.add_optimization_profile(profile)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise RuntimeError(f"TensorRT could not build an engine from {onnx_path} (see the TensorRT log above)")
+    atomic_write(engine_path, bytes(memoryview(plan)))
+    sidecar = {
+        "engine": engine_path.name, "inputs": inputs, "outputs": outputs, "precision": spec.precision,
+        "profile": {"min_batch": spec.min_batch, "opt_batch": spec.opt_batch, "max_batch": spec.max_batch},
+        "workspace_gb": spec.workspace_gb, "tensorrt": trt.__version__, "cuda": torch.version.cuda,
+        "gpu": torch.cuda.get_device_name(), "host": platform.node(), "source_onnx": onnx_path.name,
+        "source_onnx_sha256": sha256(onnx_path), "engine_sha256": sha256(engine_path),
+    }
+    atomic_json(sidecar_of(engine_path), sidecar)
+    return sidecar
+
+
+def sidecar_of(engine_path: Path) -> Path:
+    return engine_path.with_name(engine_path.name + ".json")
+
+
+class TrtModel:
+    """A deserialized engine on the current CUDA device.
+
+    Device buffers are allocated once, for the profile's largest batch; a call with a smaller batch uses the
+    leading slice. Timing brackets one `execute_async_v3` with CUDA events on the engine's stream.
+    """
+
+    backend = "tensorrt"
+
+    def __init__(self, path: Path) -> None:
+        trt = require("or score the ONNX model instead (runtime onnxruntime-cpu)")
+        import torch
+
+        self.torch = torch
+        self.path = Path(path)
+        runtime = trt.Runtime(_logger(trt))
+        self.engine = runtime.deserialize_cuda_engine(self.path.read_bytes())
+        if self.engine is None:
+            raise UserInputError(f"{self.path} is not a TensorRT engine this TensorRT ({trt.__version__}) and GPU "
+                                 f"can load; engines are tied to the TensorRT version and GPU that built them: "
+                                 f"rebuild it with `compress export RUN_DIR --format tensorrt`")
+        self.context = self.engine.create_execution_context()
+        self.stream = torch.cuda.Stream()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        if len(self.inputs) != 1:
+            raise UserInputError(f"{self.path} has {len(self.inputs)} inputs; only single-input classifiers are "
+                                 f"supported")
+        self.input_name = self.inputs[0]
+        shape = tuple(self.engine.get_tensor_shape(self.input_name))
+        if shape[0] == -1:
+            _, _, max_shape = self.engine.get_tensor_profile_shape(self.input_name, 0)
+            self.max_batch = int(max_shape[0])
+        else:
+            self.max_batch = int(shape[0])
+        self.input_shape = shape[1:]
+        self.precision = _sidecar_precision(self.path)
+        dev = torch.device("cuda")
+        self.buffers: dict[str, Any] = {}
+        self.context.set_input_shape(self.input_name, (self.max_batch, *self.input_shape))
+        for n in names:
+            dtype = _torch_dtype(torch, trt.nptype(self.engine.get_tensor_dtype(n)))
+            self.buffers[n] = torch.empty(tuple(self.context.get_tensor_shape(n)), dtype=dtype, device=dev)
+        self._batch = -1
+
+    def _bind(self, batch: int) -> None:
+        if batch > self.max_batch:
+            raise ValueError(f"batch {batch} exceeds the engine profile's max batch {self.max_batch}")
+        if batch == self._batch:
+            return
+        self.context.set_input_shape(self.input_name, (batch, *self.input_shape))
+        for n, buf in self.buffers.items():
+            self.context.set_tensor_address(n, buf[:batch].data_ptr())
+        self._batch = batch
+
+    def _run(self, x: np.ndarray) -> None:
+        torch = self.torch
+        self._bind(len(x))
+        with torch.cuda.stream(self.stream):
+            self.buffers[self.input_name][: len(x)].copy_(torch.from_numpy(np.ascontiguousarray(x)), non_blocking=False)
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            raise RuntimeError(f"TensorRT execution of {self.path} failed")
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        outs = []
+        for i in range(0, len(x), self.max_batch):
+            chunk = x[i: i + self.max_batch].astype(np.float32)
+            self._run(chunk)
+            self.stream.synchronize()
+            outs.append(self.buffers[self.outputs[0]][: len(chunk)].float().cpu().numpy())
+        return np.concatenate(outs)
+
+    def time_once(self, x: np.ndarray) -> float:
+        """Device time of one inference in milliseconds (input copied beforehand, not timed)."""
+        torch = self.torch
+        self._bind(len(x))
+        with torch.cuda.stream(self.stream):
+            self.buffers[self.input_name][: len(x)].copy_(torch.from_numpy(np.ascontiguousarray(x,
+                                                                                              dtype=np.float32)))
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(self.stream)
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            raise RuntimeError(f"TensorRT execution of {self.path} failed")
+        end.record(self.stream)
+        end.synchronize()
+        return float(start.elapsed_time(end))
+
+
+def _sidecar_precision(path: Path) -> str:
+    side = sidecar_of(path)
+    if side.is_file():
+        return json.loads(side.read_text()).get("precision", "unknown")
+    return "unknown"
+
+
+def _torch_dtype(torch: Any, np_dtype: Any) -> Any:
+    return {np.float32: torch.float32, np.float16: torch.float16, np.int32: torch.int32, np.int64: torch.int64,
+            np.int8: torch.int8, np.bool_: torch.bool}[np.dtype(np_dtype).type]

@@ -1,0 +1,116 @@
+"""Gates, runtime selection and the errors of runtimes this machine may not have (no GPU needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from export import tensorrt
+from export.runtime import OrtModel, open_artifact, resolve_runtime
+from export.torch2onnx import torch2onnx
+from export.validation import accuracy, check_gates, latency
+from pipeline.config import ExportConfig, GatesConfig
+from pipeline.errors import UserInputError
+
+
+def summary(top1_base=90.0, top1=89.0, speedup=2.0, latency_ms=1.0, parity=1e-6, precision="fp32"):
+    return {"base": {"top1": top1_base}, "compressed": {"top1": top1},
+            "latency_ms": {"backend": "onnxruntime-cpu", "batch": 1, "precision": precision,
+                           "compressed": latency_ms, "speedup": speedup},
+            "parity": {"max_abs_diff": parity}}
+
+
+GATES = {  # gate: (value that passes, value that fails) against summary()
+    "max_top1_drop": (1.5, 0.5),
+    "min_speedup": (1.5, 2.5),
+    "max_latency_ms": (2.0, 0.5),
+    "max_parity_error": (1e-5, 1e-7),
+}
+
+
+@pytest.mark.parametrize("gate", list(GATES))
+def test_each_gate_passes_and_fails(gate: str):
+    ok, bad = GATES[gate]
+    assert check_gates(summary(), GatesConfig(**{gate: ok})) == ([], [])
+    fails, _ = check_gates(summary(), GatesConfig(**{gate: bad}))
+    assert len(fails) == 1 and gate in fails[0], fails
+
+
+def test_all_gates_fail_together_and_are_each_spelled_out():
+    fails, _ = check_gates(summary(), GatesConfig(**{g: v[1] for g, v in GATES.items()}))
+    assert len(fails) == 4
+    assert "top-1 dropped 1.00 points (base 90.00 -> 89.00) > max_top1_drop 0.5" in fails
+
+
+def test_fp16_artifacts_use_their_own_parity_limit():
+    s = summary(parity=1e-2, precision="fp16")
+    assert check_gates(s, GatesConfig(max_parity_error=1e-4, max_parity_error_fp16=5e-2)) == ([], [])
+    fails, _ = check_gates(s, GatesConfig(max_parity_error_fp16=1e-3))
+    assert "max_parity_error_fp16" in fails[0]
+
+
+def test_gates_without_their_figure_are_reported_unchecked_not_passed():
+    s = {**summary(), "base": None, "parity": None}
+    s["latency_ms"]["speedup"] = None
+    fails, unchecked = check_gates(s, GatesConfig(max_top1_drop=1.0, min_speedup=1.0, max_parity_error=1e-4))
+    assert fails == [] and len(unchecked) == 3
+
+
+@pytest.fixture(scope="module")
+def onnx_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("rt") / "m.onnx"
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(3))
+    model(torch.zeros(1, 1, 8, 8))
+    torch2onnx(model, torch.zeros(2, 1, 8, 8), path, ExportConfig(), {"role": "test"})
+    return path
+
+
+def test_onnxruntime_cpu_scores_and_times(onnx_file: Path):
+    rt = open_artifact(onnx_file, "onnxruntime-cpu", threads=1)
+    assert isinstance(rt, OrtModel) and rt.backend == "onnxruntime-cpu" and rt.input_shape == (1, 8, 8)
+    x = torch.randn(10, 1, 8, 8)
+    y = torch.from_numpy(rt(x.numpy()).argmax(1))
+    acc = accuracy(rt, [(x[:6], y[:6]), (x[6:], (y[6:] + 1) % 3)])
+    assert acc["top1"] == pytest.approx(60.0) and acc["samples"] == 10
+    lat = latency({"a": rt}, (1, 1, 8, 8), warmup=1, runs=5)["a"]
+    assert lat["runs"] == 5 and 0 < lat["median_ms"] <= lat["p90_ms"]
+
+
+@pytest.mark.parametrize("runtime, suffix, expected", [
+    ("tensorrt", ".onnx", "runs .engine files"),
+    ("onnxruntime-cpu", ".engine", "runs only in the tensorrt runtime"),
+    ("onnxruntime-cpu", ".pt", "unknown artifact type"),
+])
+def test_artifact_and_runtime_mismatch_is_a_clear_error(onnx_file: Path, tmp_path: Path, runtime, suffix, expected):
+    path = tmp_path / f"m{suffix}"
+    path.write_bytes(onnx_file.read_bytes())
+    with pytest.raises(UserInputError, match=expected):
+        open_artifact(path, runtime)
+    with pytest.raises(UserInputError, match="does not exist"):
+        open_artifact(tmp_path / "missing.onnx", "onnxruntime-cpu")
+
+
+def test_missing_cuda_provider_names_the_gpu_extra(onnx_file: Path):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this machine has the CUDA provider")
+    with pytest.raises(UserInputError, match=r"gpu extra.*onnxruntime-gpu"):
+        open_artifact(onnx_file, "onnxruntime-cuda")
+
+
+def test_missing_tensorrt_names_the_gpu_extra():
+    if tensorrt.unavailable_reason() is None:
+        pytest.skip("TensorRT and a GPU are available here")
+    with pytest.raises(UserInputError, match=r"pip install -e '\.\[gpu\]'"):
+        tensorrt.require()
+
+
+def test_auto_runtime_prefers_the_engine_then_the_device():
+    assert resolve_runtime("auto", True, "cpu") == "tensorrt"
+    assert resolve_runtime("auto", False, "cpu") == "onnxruntime-cpu"
+    assert resolve_runtime("onnxruntime-cpu", True, "cuda") == "onnxruntime-cpu"
+    assert resolve_runtime("auto", False, "cuda") in ("onnxruntime-cuda", "onnxruntime-cpu")
