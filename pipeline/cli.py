@@ -37,6 +37,12 @@ def _preflight(config) -> None:
         problems.append(f"data.root {str(root)!r} does not exist (data.kind={config.data.kind}); point it at the "
                         f"dataset folder, or set data.download: true for torchvision datasets")
     problems += _runtime_problems(config)
+    if config.logging.tensorboard:
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None:
+            problems.append("logging.tensorboard is true but the tensorboard package is not installed; "
+                            "pip install -e '.[tensorboard]', or set logging.tensorboard: false")
     if problems:
         raise UserInputError("the config cannot run:\n  - " + "\n  - ".join(problems))
 
@@ -59,6 +65,22 @@ def _runtime_problems(config) -> list[str]:
             problems.append("validate.runtime is 'onnxruntime-cuda' but this ONNX Runtime has no "
                             "CUDAExecutionProvider; install the gpu extra (onnxruntime-gpu) or use onnxruntime-cpu")
     return problems
+
+
+def _auto_report(rd, cfg) -> None:
+    """The report at the end of `compress pipeline` (rank 0); a failure to write it never changes the exit code."""
+    from pipeline import distributed as D
+
+    if not cfg.logging.report or not D.is_main() or not rd.manifest_path.is_file():
+        return
+    try:
+        from pipeline.report import write_report
+
+        paths = write_report(rd.root, cfg)
+        console.print(f"report: {paths[0]} and {paths[1].name}")
+    except Exception as exc:  # noqa: BLE001 - the run's own result matters more than its report
+        console.print(f"warning: the report could not be written ({type(exc).__name__}: {exc}); run "
+                      f"`compress report {rd.root}` to retry", style="yellow", markup=False)
 
 
 def _summary_table(summary: dict[str, Any]) -> Table:
@@ -105,7 +127,14 @@ def pipeline_cmd(
         console.print("[green]config is valid; the plan above would run.[/]")
         return
     _preflight(cfg)
-    summary = run_pipeline(cfg, rd, console, start, until, fresh)
+    try:
+        summary = run_pipeline(cfg, rd, console, start, until, fresh)
+    except UserInputError:
+        raise  # bad input alters nothing on disk, the report included
+    except BaseException:
+        _auto_report(rd, cfg)  # what finished and where it stopped
+        raise
+    _auto_report(rd, cfg)
     if summary is None:
         console.print(f"[green]stopped after --until {until}[/]; checkpoints in {rd.root}")
         return
@@ -282,6 +311,30 @@ def export_cmd(
     finally:
         rd.unlock()
     console.print(f"exported the model of stage {last!r}: " + ", ".join(str(p) for p in written))
+
+
+@app.command("report")
+def report_cmd(
+    run_dir: Path = typer.Argument(..., help="a run directory (finished, failed, interrupted or stopped)"),
+    config: Path | None = typer.Option(None, "--config", help="the run's config (default: RUN_DIR/config.json); "
+                                                             "needed for per-layer widths"),
+) -> None:
+    """Write report.md, report.html (self-contained) and figures/*.png into the run directory."""
+    from pipeline.config import load_config
+    from pipeline.report import write_report
+    from pipeline.rundir import RunDir
+
+    cfg = load_config(config) if config else None
+    rd = RunDir(run_dir)
+    if not rd.manifest_path.is_file():
+        raise UserInputError(f"{run_dir} is not a run directory (no manifest.json); pass the --run-dir of a "
+                             f"`compress pipeline` run")
+    rd.lock()
+    try:
+        paths = write_report(run_dir, cfg)
+    finally:
+        rd.unlock()
+    console.print("wrote " + ", ".join(str(p) for p in paths))
 
 
 @app.command()

@@ -209,6 +209,13 @@ class RuntimeConfig(Section):
     progress: bool = True
 
 
+class LoggingConfig(Section):
+    """What a run records besides its checkpoints; not part of any stage's config hash."""
+
+    tensorboard: bool = Field(False, description="also write TensorBoard scalars to <run_dir>/tensorboard")
+    report: bool = Field(True, description="write report.md/.html and figures/ at the end of `compress pipeline`")
+
+
 class Config(Section):
     """The whole pipeline config."""
 
@@ -226,6 +233,7 @@ class Config(Section):
     export: ExportConfig = Field(default_factory=ExportConfig)
     validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 

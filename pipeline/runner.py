@@ -20,6 +20,7 @@ from pipeline._progress import Tracker
 from pipeline.config import Config
 from pipeline.data import Splits, build_splits
 from pipeline.errors import UserInputError
+from pipeline.metrics import MetricsLog
 from pipeline.models import rebuild, structure_of
 from pipeline.plan import PlanItem, make_plan, upstream_fingerprint
 from pipeline.registry import Registry
@@ -73,7 +74,13 @@ class Context:
     manifest: dict[str, Any]
     resume_key: str = ""  # identifies this attempt's inputs: a mid-stage checkpoint with another key is stale
     ddp: bool = False  # every rank runs this stage (torchrun): train on shards, reduce metrics
+    sink: MetricsLog | None = None
     _splits: Splits | None = None
+
+    def metric(self, name: str, value: float, step: int | None = None) -> None:
+        """Record one scalar in metrics.jsonl (and TensorBoard when enabled); rank 0 only."""
+        if self.sink is not None:
+            self.sink.log(name, value, step)
 
     @property
     def splits(self) -> Splits:
@@ -177,9 +184,11 @@ def run_pipeline(config: Config, run_dir: RunDir, console: Console, start: str |
     main = D.is_main()
     if main:
         run_dir.lock()
+    sink = None
     try:
         manifest, plan = _on_main(main, lambda: _prepare(config, run_dir, PIPELINE, start, until, fresh))
         log = _logger(run_dir, console, main)
+        sink = MetricsLog(run_dir.root, config.logging.tensorboard, enabled=main)
         for item in plan:
             if item.action == "skip":
                 log.info(f"[{item.index}] {item.name}: reused ({item.reason})")
@@ -187,9 +196,9 @@ def run_pipeline(config: Config, run_dir: RunDir, console: Console, start: str |
                 continue
             elif main:
                 manifest = _on_main(True, lambda i=item, m=manifest: _run_stage(i, config, run_dir, m, device, log,
-                                                                                 console))
+                                                                                 console, sink))
             elif getattr(STAGES.get(item.name), "distributed", False):
-                _run_worker(item, config, run_dir, manifest, device, log, console)
+                _run_worker(item, config, run_dir, manifest, device, log, console, sink)
                 manifest = _on_main(False, None)
             else:
                 manifest = _on_main(False, None)  # wait while rank 0 runs it
@@ -199,6 +208,8 @@ def run_pipeline(config: Config, run_dir: RunDir, console: Console, start: str |
         summary = run_dir.root / SUMMARY
         return json.loads(summary.read_text()) if plan[-1].action != "stop" and summary.is_file() else None
     finally:
+        if sink is not None:
+            sink.close()
         if main:
             run_dir.unlock()
 
@@ -228,14 +239,14 @@ def _prepare(config: Config, run_dir: RunDir, names: list[str], start: str | Non
 
 
 def _context(item: PlanItem, config: Config, run_dir: RunDir, manifest: dict[str, Any], device: torch.device,
-             log: logging.Logger, console: Console) -> Context:
+             log: logging.Logger, console: Console, sink: MetricsLog | None = None) -> Context:
     from pipeline import distributed as D
     from stages import PIPELINE
 
     stage_dir = run_dir.stage_dir(item.index, item.name)
     tracker = Tracker(console, item.name, config.runtime.progress and D.is_main())
     ddp = getattr(STAGES.get(item.name), "distributed", False) and D.world_size() > 1
-    return Context(config, run_dir, stage_dir, device, log, tracker, manifest, ddp=ddp,
+    return Context(config, run_dir, stage_dir, device, log, tracker, manifest, ddp=ddp, sink=sink,
                    resume_key=item.config_hash + upstream_fingerprint(manifest, PIPELINE[: item.index]))
 
 
@@ -250,22 +261,23 @@ def _input_model(item: PlanItem, config: Config, run_dir: RunDir, manifest: dict
 
 
 def _run_worker(item: PlanItem, config: Config, run_dir: RunDir, manifest: dict[str, Any], device: torch.device,
-                log: logging.Logger, console: Console) -> None:
+                log: logging.Logger, console: Console, sink: MetricsLog) -> None:
     """A rank other than 0 takes its share of a distributed stage; it writes nothing."""
-    ctx = _context(item, config, run_dir, manifest, device, log, console)
+    ctx = _context(item, config, run_dir, manifest, device, log, console, sink)
     STAGES.get(item.name)().run(_input_model(item, config, run_dir, manifest, device), ctx)
 
 
 def _run_stage(item: PlanItem, config: Config, run_dir: RunDir, manifest: dict[str, Any],
-               device: torch.device, log: logging.Logger, console: Console) -> dict[str, Any]:
+               device: torch.device, log: logging.Logger, console: Console, sink: MetricsLog) -> dict[str, Any]:
     from stages import PIPELINE
 
     stage = STAGES.get(item.name)()
-    ctx = _context(item, config, run_dir, manifest, device, log, console)
+    ctx = _context(item, config, run_dir, manifest, device, log, console, sink)
     stage_dir = ctx.stage_dir
     stage_dir.mkdir(parents=True, exist_ok=True)
     previous = manifest["stages"].get(item.name)
     manifest["stages"][item.name] = {"status": "running", "config_hash": item.config_hash, "started": now()}
+    sink.begin(item.name, manifest["stages"][item.name]["started"])
     run_dir.write_manifest(manifest)
     log.info(f"[{item.index}] {item.name}: running ({item.reason})")
     t0 = time.perf_counter()
@@ -290,6 +302,7 @@ def _run_stage(item: PlanItem, config: Config, run_dir: RunDir, manifest: dict[s
     entry["seconds"] = round(time.perf_counter() - t0, 3)
     manifest["stages"][item.name] = entry
     run_dir.write_manifest(manifest)
+    sink.log_dict({**entry["metrics"], "seconds": entry["seconds"]}, prefix="stage/")
     shown = {k: v for k, v in entry["metrics"].items() if not isinstance(v, (dict, list))}
     log.info(f"[{item.index}] {item.name}: {entry['status']} in {entry['seconds']:.1f}s {shown}")
     return manifest

@@ -214,6 +214,10 @@ def recover(model: nn.Module, ctx: Context, budget: Budget, teacher: nn.Module |
                "images_per_s": images / (time.perf_counter() - tr)}
         reason = _stop_reason(rule, model, ctx, reference, eps, row, grads or None)
         out.history.append(row)
+        ctx.metric("recovery/loss", row["loss"])
+        ctx.metric("recovery/images_per_s", row["images_per_s"])
+        if "distance" in row:
+            ctx.metric(f"recovery/{rule}_distance", row["distance"])
         out.rounds = rnd + 1
         if resume is not None and ctx.world[0] == 0:
             atomic_torch_save(resume, {"key": ctx.resume_key, "round": rnd + 1, "history": out.history,

@@ -66,6 +66,8 @@ class FilterPrune:
         originals: dict[str, int] = {}
         dynamics = [{"step": 0, "fraction": 0.0, "units_removed": 0, "params_m": params0, "gflops": gflops0,
                      **start, "accepted": True}]
+        for key in ("params_m", "gflops", "top1", "top5"):
+            ctx.metric(f"prune/{key}", dynamics[0][key], step=0)
         stop, graph_builds, score_seconds = f"reached {cfg.steps} steps", 0, 0.0
         for t in ctx.track(range(cfg.steps), "pruning steps", total=cfg.steps):
             if gflops <= target * (1.0 + cfg.flops_tolerance):
@@ -97,6 +99,8 @@ class FilterPrune:
             row = {"step": t + 1, "fraction": p, "units_removed": removed, "params_m": params, "gflops": gflops,
                    **evaluate(model, ctx), "recovery_rounds": outcome.rounds, "recovery_stop": outcome.stopped_by}
             stats = None  # the model changed: later steps measure flows again
+            for key in ("params_m", "gflops", "top1", "top5", "fraction", "units_removed"):
+                ctx.metric(f"prune/{key}", row[key], step=t + 1)
             if start["top1"] - row["top1"] > cfg.max_accuracy_drop:
                 dynamics.append({**row, "accepted": False})
                 model = snapshot

@@ -66,9 +66,14 @@ class LayerTruncate:
             model, outcome = recover(model, ctx, budget, teacher, reference, f"recovery {t + 1}", seed=200 + t)
             after = evaluate(model, ctx)
             accepted = start["top1"] - after["top1"] <= cfg.max_accuracy_drop
+            g_after, p_after = count_macs(model, spec)
             decisions.append({**best.as_record(), "top1_before": current["top1"], "top1_after": after["top1"],
-                              "top5_after": after["top5"], "accepted": accepted, "recovery_rounds": outcome.rounds,
+                              "top5_after": after["top5"], "gflops_after": g_after, "params_m_after": p_after,
+                              "accepted": accepted, "recovery_rounds": outcome.rounds,
                               "recovery_stop": outcome.stopped_by})
+            for key, value in (("divergence", best.divergence), ("top1_after", after["top1"]),
+                               ("gflops_after", g_after), ("params_m_after", p_after), ("accepted", accepted)):
+                ctx.metric(f"truncate/{key}", float(value), step=t + 1)
             if accepted:
                 removed.append(best.name)
                 current = after

@@ -16,6 +16,7 @@ from pipeline.models import build_model
 from pipeline.rundir import sha256
 from stages import PIPELINE
 from tests.conftest import REPO, tiny_config, write_config
+from tests.report_checks import check_numbers
 
 
 def cli(*args: str) -> int:
@@ -25,9 +26,9 @@ def cli(*args: str) -> int:
 
 
 def snapshot(run_dir: Path) -> dict[str, str]:
-    """Hashes of every file of a run directory except the append-only log."""
+    """Hashes of every file of a run directory except the append-only logs."""
     return {str(p.relative_to(run_dir)): sha256(p) for p in sorted(run_dir.rglob("*"))
-            if p.is_file() and p.name != "log.txt"}
+            if p.is_file() and p.name not in ("log.txt", "metrics.jsonl")}
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +100,8 @@ def test_failed_gate_exits_3_and_keeps_artifacts(finished, tmp_path: Path, capsy
     assert "validation gates failed" in err and gate in err
     for stage in ("filter_prune", "export"):
         assert f"{stage}: reused" in err, "a gate change re-runs validate only"
+    report = (copy / "report.md").read_text()
+    assert "Status: **gates failed**" in report and summary["gates"]["failures"][0] in report
 
 
 def test_tensorrt_required_without_tensorrt_exits_2_with_the_install_hint(finished, capsys):
@@ -148,6 +151,8 @@ def test_until_stops_and_dry_run_plans(finished, tmp_path: Path, capsys):
     assert cli("pipeline", str(config), "--run-dir", str(run), "--until", "calibrate") == 0
     manifest = json.loads((run / "manifest.json").read_text())
     assert list(manifest["stages"]) == ["load", "train", "calibrate"]
+    assert "Status: **stopped**, stopped after stage `calibrate`; `filter_prune` and later have not run" in \
+        (run / "report.md").read_text()
     capsys.readouterr()
     assert cli("pipeline", str(config), "--run-dir", str(run), "--dry-run") == 0
     out = capsys.readouterr().err
@@ -235,3 +240,36 @@ def test_downstream_reruns_when_an_upstream_checkpoint_changed(finished, tmp_pat
     err = " ".join(capsys.readouterr().err.split())
     assert "finetune: reused" in err
     assert "export: running (an upstream checkpoint changed after it ran)" in err
+
+
+def test_metrics_jsonl_and_tensorboard_record_the_same_values(finished, tmp_path: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from pipeline.metrics import read_metrics
+
+    config, run = finished
+    rows = read_metrics(run)
+    assert {r["stage"] for r in rows} == set(PIPELINE)
+    names = {r["name"] for r in rows}
+    assert {"prune/gflops", "prune/top1", "recovery/loss", "truncate/divergence", "stage/seconds"} <= names
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    assert cli("pipeline", str(config), "--run-dir", str(copy), "--from", "finetune",
+               "--set", "logging.tensorboard=true") == 0
+    new = [r for r in read_metrics(copy)[len(rows):]]
+    assert {r["stage"] for r in new} == {"finetune", "export", "validate"}
+    events = EventAccumulator(str(copy / "tensorboard"))
+    events.Reload()
+    loss = [r["value"] for r in new if r["stage"] == "finetune" and r["name"] == "recovery/loss"]
+    assert [e.value for e in events.Scalars("finetune/recovery/loss")] == pytest.approx(loss, rel=1e-6)
+
+
+def test_report_verb_on_a_finished_run_and_on_a_non_run(finished, tmp_path: Path, capsys):
+    _, run = finished
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "report.md").unlink()
+    assert cli("report", str(copy)) == 0
+    check_numbers(copy)
+    assert cli("report", str(tmp_path / "nothing")) == 2
+    assert "is not a run directory" in capsys.readouterr().err

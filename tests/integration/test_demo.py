@@ -10,6 +10,7 @@ import numpy as np
 from export.runtime import OrtModel
 from pipeline.rundir import sha256
 from tests.conftest import REPO, run_cli
+from tests.report_checks import check_numbers
 
 
 def test_demo_meets_its_promises(tmp_path: Path):
@@ -25,6 +26,7 @@ def test_demo_meets_its_promises(tmp_path: Path):
     assert s["latency_ms"]["speedup"] > 1.0
     assert s["gates"]["passed"]
     assert s["removed_blocks"], "the demo removes at least one whole block within its budget"
+    check_numbers(run)  # the report, written by the pipeline, agrees with summary.json and the stage records
 
     # the standalone verbs on the finished demo run
     before = {p: sha256(p) for p in run.rglob("*") if p.is_file() and p.name != "log.txt"}

@@ -10,6 +10,7 @@ import torch
 
 from stages import PIPELINE
 from tests.conftest import run_cli, tiny_config, write_config
+from tests.report_checks import check_report
 
 # Where to kill: the n-th progress tick inside the stage's loop, or "commit" (work done, nothing saved yet).
 KILL_POINTS = {"load": "commit", "train": "2", "calibrate": "1", "filter_prune": "4", "layer_truncate": "2",
@@ -52,6 +53,14 @@ def test_sigkill_inside_stage_then_resume(setup, tmp_path: Path, stage: str):
     assert manifest["stages"][stage]["status"] == "running"
     finished_before = {n: e["finished"] for n, e in manifest["stages"].items() if e["status"] == "done"}
     assert list(finished_before) == PIPELINE[: PIPELINE.index(stage)]
+    if stage == "layer_truncate":  # a report of the killed run says what finished and where it stopped
+        reported = run_cli("report", str(run), "--config", str(config))
+        assert reported.returncode == 0, reported.stderr[-2000:]
+        tables = check_report(run, figures=("dynamics.png", "widths.png"))
+        text = (run / "report.md").read_text()
+        assert "Status: **interrupted**, interrupted in stage `layer_truncate`" in text
+        assert [r["stage"] for r in tables["Dynamics"][0]] == ["filter_prune"] * len(tables["Dynamics"][0])
+        assert {r["stage"]: r["status"] for r in tables["Stages"][0]}["layer_truncate"] == "running"
 
     resumed = run_cli("pipeline", str(config), "--run-dir", str(run))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
