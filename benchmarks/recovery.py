@@ -53,6 +53,7 @@ def run(out_dir: Path, seeds: list[int], quick: bool) -> dict[str, Any]:
     common = [f"filter_prune.recovery_rounds={2 if quick else 3}", f"filter_prune.recovery_steps={steps}",
               f"layer_truncate.recovery_rounds={2 if quick else 3}", f"layer_truncate.recovery_steps={steps}",
               f"finetune.max_epochs={2 if quick else 4}"]
+    seeds = seeds[:1] if quick else seeds
     raw: dict[str, list[dict[str, Any]]] = {r: [] for r in RULES}
     for seed in seeds:
         run_dir = out_dir / f"recovery_seed{seed}"

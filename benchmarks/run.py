@@ -8,6 +8,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -29,21 +30,44 @@ def _header(seeds: list[int], quick: bool) -> str:
         f"- machine: {platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
         f"- versions: python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}, "
         f"torch-pruning {torch_pruning.__version__}, onnxruntime {onnxruntime.__version__}",
-        f"- seeds: {seeds}", "", ""])
+        f"- seeds: {seeds}" + (" (the quick run uses fewer; each section states its own)" if quick else ""), "", ""])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="smaller budgets (about 10 minutes on 2 cores)")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench")
+    parser.add_argument("--only", default="", help="comma-separated sections to run, printed and not written "
+                                                   "to BENCHMARKS.md (for development)")
     args = parser.parse_args()
-    from benchmarks import recovery
+    from benchmarks import cost, criteria, latency, recovery
 
     seeds = [0, 1, 2]
     args.out.mkdir(parents=True, exist_ok=True)
-    results = {"recovery": recovery.run(args.out, seeds, args.quick)}
+    sections = [s for s in args.only.split(",") if s] if args.only else ["cost", "latency", "criteria", "recovery"]
+    results, timing = {}, {}
+    for name in sections:  # cost first: it reads the peak memory of its own child process
+        t0 = time.perf_counter()
+        if name == "cost":
+            results[name] = cost.run(args.out, args.quick)
+        elif name == "latency":
+            results[name] = latency.run(args.quick)
+        elif name == "criteria":
+            results[name] = criteria.run(args.out, seeds, args.quick)
+        elif name == "recovery":
+            results[name] = recovery.run(args.out, seeds, args.quick)
+        else:
+            raise SystemExit(f"unknown section {name!r}; choose from cost, latency, criteria, recovery")
+        timing[name] = time.perf_counter() - t0
+        print(f"== {name} done in {timing[name]:.0f}s", flush=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    text = _header(seeds, args.quick) + recovery.markdown(results["recovery"])
+    order = [("criteria", criteria), ("latency", latency), ("cost", cost), ("recovery", recovery)]
+    text = _header(seeds, args.quick) + "".join(mod.markdown(results[n]) for n, mod in order if n in results)
+    text += "\n## Benchmark run time\n\n" + ", ".join(f"{n} {t / 60:.1f} min" for n, t in timing.items()) + \
+        f"; total {sum(timing.values()) / 60:.1f} min.\n"
+    if args.only:
+        print(text)
+        return
     (REPO / "BENCHMARKS.md").write_text(text)
     print(text)
 

@@ -41,7 +41,7 @@ class ModelConfig(Section):
 class DataConfig(Section):
     """Dataset and splits (train / calibration slice of train / held-out validation)."""
 
-    kind: Literal["demo", "synthetic", "imagefolder", "cifar10", "cifar100", "mnist", "fashionmnist"] = "demo"
+    kind: Literal["demo", "digits", "synthetic", "imagefolder", "cifar10", "cifar100", "mnist", "fashionmnist"] = "demo"
     root: Path | None = Field(None, description="dataset root; required for imagefolder and torchvision sets")
     download: bool = Field(False, description="allow torchvision to download the dataset into root")
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="share of train held out for validation")
@@ -77,7 +77,7 @@ class FilterPruneConfig(Section):
     """IDAP++ divergence-aware filter pruning (METHOD.md section 3)."""
 
     enabled: bool = True
-    criterion: str = Field("divergence", description="importance criterion; `compress criteria` lists them")
+    criterion: str = Field("divergence_taylor", description="importance criterion; `compress criteria` lists them")
     target_flops_reduction: float = Field(0.5, gt=0.0, lt=1.0, description="fraction of MACs to remove")
     steps: int = Field(20, ge=1, description="T, the maximum number of pruning steps")
     p0: float = Field(0.05, gt=0.0, lt=1.0, description="first step's fraction of remaining units")

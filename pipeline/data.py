@@ -86,6 +86,23 @@ def _demo(cfg: DataConfig, spec: ModelConfig):
     return ds, ds, None
 
 
+@DATASETS.register("digits")
+def _digits(cfg: DataConfig, spec: ModelConfig):
+    """scikit-learn's 1,797 8x8 handwritten digits (installed with scikit-learn), upscaled to model.input_size."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = torch.from_numpy(d.images.astype(np.float32) / 16.0).view(-1, 1, 8, 8)
+    if tuple(spec.input_size) != (8, 8):
+        images = F.interpolate(images, size=tuple(spec.input_size), mode="bilinear", align_corners=False)
+    stats = (cfg.mean or (float(images.mean()),), cfg.std or (float(images.std()),))
+    mean, std = _match_channels(stats, spec.in_chans)
+    images = images.expand(-1, spec.in_chans, -1, -1)
+    images = (images - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+    ds = TensorDataset(images.contiguous(), torch.from_numpy(d.target.astype(np.int64)))
+    return ds, ds, None
+
+
 @DATASETS.register("synthetic")
 def _synthetic(cfg: DataConfig, spec: ModelConfig):
     """Random images with a learnable class pattern; for plumbing tests where realism does not matter."""

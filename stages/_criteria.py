@@ -129,6 +129,27 @@ class DivergenceFlow(_Divergence):
     flow_weighted = True
 
 
+@CRITERIA.register("divergence_taylor")
+class DivergenceTaylor(_Divergence):
+    """Divergence weighted by first-order Taylor importance (the loss change), both normalised per layer."""
+
+    needs_grad = True
+
+    def prepare(self, model: nn.Module, ctx: Context, stats: dict[str, Any] | None) -> None:
+        super().prepare(model, ctx, stats)
+        self.taylor = tp.importance.GroupTaylorImportance()
+
+    def __call__(self, group) -> torch.Tensor | None:
+        d = super().__call__(group)
+        if d is None:
+            return None
+        t = self.taylor(group)
+        if t is None:
+            return d
+        t = torch.nan_to_num(t.detach().float().cpu(), nan=0.0).abs()
+        return d * t / t.mean().clamp(min=1e-12)
+
+
 class _TorchPruning(Criterion):
     """Wraps a Torch-Pruning importance class."""
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from pipeline.config import Config
@@ -64,3 +65,15 @@ def test_every_dataset_kind_is_registered():
     from pipeline.config import DataConfig
 
     assert set(get_args(DataConfig.model_fields["kind"].annotation)) == set(DATASETS.names())
+
+
+def test_digits_ship_with_scikit_learn_and_are_upscaled():
+
+    cfg = Config.model_validate({"name": "d", "model": {"source": "timm", "name": "resnet18", "num_classes": 10,
+                                                         "in_chans": 1, "input_size": [32, 32]},
+                                 "data": {"kind": "digits", "val_fraction": 0.25}})
+    splits = build_splits(cfg)
+    assert len(splits.train) + len(splits.validation) == 1797
+    x, y = splits.validation[0]
+    assert x.shape == (1, 32, 32) and 0 <= int(y) < 10
+    assert abs(float(torch.stack([splits.train[i][0] for i in range(200)]).mean())) < 0.3  # normalised

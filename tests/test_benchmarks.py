@@ -1,0 +1,30 @@
+"""The benchmark's bookkeeping: ties are called by the noise, and the markdown comes from the results only."""
+
+from __future__ import annotations
+
+from benchmarks import criteria
+
+
+def test_a_difference_within_the_noise_is_a_tie():
+    cell = {"divergence": (90.0, 0.5), "taylor": (89.7, 0.2), "random": (60.0, 3.0)}
+    v = criteria.verdict(cell, ["divergence"], ["taylor", "random"])
+    assert v["theirs"] == "taylor" and v["word"] == "tie" and abs(v["diff"] - 0.3) < 1e-9
+    cell["divergence"] = (91.0, 0.5)
+    assert criteria.verdict(cell, ["divergence"], ["taylor", "random"])["word"] == "win"
+    cell["divergence"] = (88.0, 0.5)
+    assert criteria.verdict(cell, ["divergence"], ["taylor", "random"])["word"] == "loss"
+
+
+def _fake(top1: dict[str, float]) -> dict:
+    rows = {c: {b: [{"top1": t - i, "reduction": lv} for i, lv in enumerate(criteria.LEVELS)]
+                for b in criteria.BUDGETS} for c, t in top1.items()}
+    run = {"base": {"top1": 98.0}, "criteria": rows, "full_epochs": 1, "full_steps": 60}
+    return {"raw": {"demo": {0: run, 1: run}}, "criteria": list(top1), "datasets": ["demo"], "seeds": [0, 1],
+            "levels": list(criteria.LEVELS)}
+
+
+def test_markdown_states_the_winner_and_the_default():
+    text = criteria.markdown(_fake({"divergence": 95.0, "taylor": 96.0, "l2": 94.0}))
+    assert "| demo | -50% | none | divergence | taylor | -1.00 (noise 0.10) | loss |" in text
+    assert "Mean top-1 over every dataset, level and budget: taylor" in text
+    assert "0 wins, 0 ties, 9 losses" in text
