@@ -205,14 +205,15 @@ def figure_dynamics(rows: list[dict[str, Any]], path: Path) -> None:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(loc="best", fontsize=8)
-    prev = None
+    prev, n = None, 0
     for x, r in zip(xs, rows, strict=True):
         if r["stage"] != prev:
             for ax in axes:
                 ax.axvline(x - 0.5, color="grey", linestyle="--", linewidth=0.8)
-            axes[0].annotate(r["stage"], (x - 0.45, 1.0), xycoords=("data", "axes fraction"), fontsize=8,
-                             va="bottom", rotation=0)
-            prev = r["stage"]
+            # alternate heights so that the names of short stages do not overlap
+            axes[0].annotate(r["stage"], (x - 0.45, 1.01 + 0.09 * (n % 2)), xycoords=("data", "axes fraction"),
+                             fontsize=8, va="bottom")
+            prev, n = r["stage"], n + 1
     axes[-1].set_xticks(xs)
     axes[-1].set_xticklabels([r["what"] for r in rows], rotation=60, ha="right", fontsize=7)
     axes[-1].set_xlabel("pruning step / truncation decision / stage (dashed lines: stage boundaries)")
