@@ -58,47 +58,32 @@ def _context(cfg: Config, run_dir: RunDir, manifest: dict[str, Any]) -> Context:
 def trajectory(model, ctx: Context, criterion_name: str, recovery_steps: int, seed: int,
                teacher, reference) -> list[dict[str, Any]]:
     """Prune along the schedule to each milestone; returns one record (with a model snapshot) per level."""
-    from stages._criteria import CRITERIA, accumulate_gradients
-    from stages._flows import collect_unit_stats
-    from stages._pruning import apply_plan, build_graph, plan_step, score_groups
+    from stages._criteria import CRITERIA
     from stages._recovery import Budget, recover
     from stages._training import evaluate
-    from stages.filter_prune import capped_fraction, ignored_modules, step_fraction
+    from stages.filter_prune import Pruner, capped_fraction, step_fraction
 
     cfg, spec = ctx.config.filter_prune, ctx.config.model
     seed_everything(seed)
-    criterion = CRITERIA.get(criterion_name)()
-    example = torch.zeros(1, spec.in_chans, *spec.input_size)
+    pruner = Pruner(CRITERIA.get(criterion_name)(), ctx)
     g0, _ = count_macs(model, spec)
-    gflops, keep, originals = g0, 1.0, {}
+    gflops = g0
     budget = Budget(rounds=1, steps=recovery_steps, lr=cfg.recovery_lr)
-    out, t, builds = [], 0, 0
+    out, t = [], 0
     for level in LEVELS:
         target = g0 * (1.0 - level)
         while gflops > target * 1.01 and t < 40:
             p = capped_fraction(step_fraction(cfg.p0, cfg.alpha, min(t, cfg.steps - 1), cfg.steps), gflops, target)
-            stats = collect_unit_stats(model, ctx, "bench") if criterion.needs_stats else None
-            if criterion.needs_grad:
-                accumulate_gradients(model, ctx)
-            criterion.prepare(model, ctx, stats)
-            graph = build_graph(model, example)
-            builds += 1
-            records = score_groups(graph, model, criterion, ignored_modules(model, ctx))
-            for r in records:
-                originals.setdefault(r.name, r.width)
-            keep *= 1.0 - p
-            plan = plan_step(records, originals, p, cfg.round_to, cfg.max_layer_pruning_ratio, cfg.ranking, keep)
-            removed = apply_plan(graph, records, plan)
-            model.zero_grad(set_to_none=True)
+            removed = pruner.step(model, p, description="bench")
             t += 1
             if removed == 0:
                 break
             if recovery_steps:
                 model, _ = recover(model, ctx, budget, teacher, reference, "bench", seed=1000 * seed + t)
-            gflops, params = count_macs(model, spec)
+            gflops = count_macs(model, spec)[0]
         gflops, params = count_macs(model, spec)
         out.append({"level": level, "gflops": gflops, "reduction": 1.0 - gflops / g0, "params_m": params,
-                    "steps": t, "graph_builds": builds, **evaluate(model, ctx), "model": clone(model)})
+                    "steps": t, "graph_builds": pruner.graph_builds, **evaluate(model, ctx), "model": clone(model)})
     return out
 
 

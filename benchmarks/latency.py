@@ -58,26 +58,22 @@ def _truncate(model, spec: ModelConfig, n: int) -> list[str]:
 
 
 def _prune_to(model, spec: ModelConfig, reduction: float, round_to: int, g0: float) -> None:
-    """L2 group magnitude, the pipeline's aligned global plan, steps capped to land on the target."""
-    from stages._criteria import CRITERIA
-    from stages._pruning import apply_plan, build_graph, classifier_layers, plan_step, score_groups
-    from stages.filter_prune import capped_fraction
+    """L2 group magnitude through the pipeline's Pruner (aligned global plan), steps capped to land on the target."""
+    from types import SimpleNamespace
 
-    crit = CRITERIA.get("l2")()
-    example = torch.zeros(1, spec.in_chans, *spec.input_size)
-    target, originals, keep = g0 * (1 - reduction), {}, 1.0
+    from pipeline.config import Config
+    from stages._criteria import CRITERIA
+    from stages.filter_prune import Pruner, capped_fraction
+
+    cfg = Config.model_validate({"name": "latency", "model": spec.model_dump(mode="json"),
+                                 "filter_prune": {"criterion": "l2", "round_to": round_to}})
+    pruner = Pruner(CRITERIA.get("l2")(), SimpleNamespace(config=cfg, device=torch.device("cpu")))
+    target = g0 * (1 - reduction)
     gflops = count_macs(model, spec)[0]
     for _ in range(12):
         if gflops <= target * 1.01:
             break
-        p = capped_fraction(0.3, gflops, target)
-        crit.prepare(model, None, None)
-        graph = build_graph(model, example)
-        records = score_groups(graph, model, crit, classifier_layers(model, spec.num_classes))
-        for r in records:
-            originals.setdefault(r.name, r.width)
-        keep *= 1 - p
-        if apply_plan(graph, records, plan_step(records, originals, p, round_to, 0.9, "global", keep)) == 0:
+        if pruner.step(model, capped_fraction(0.3, gflops, target)) == 0:
             break
         gflops = count_macs(model, spec)[0]
 

@@ -105,7 +105,9 @@ def build_engine(onnx_path: Path, engine_path: Path, spec: EngineSpec) -> dict[s
     config.add_optimization_profile(profile)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
-        raise RuntimeError(f"TensorRT could not build an engine from {onnx_path} (see the TensorRT log above)")
+        raise RuntimeError(f"TensorRT could not build an engine from {onnx_path} (the reason is in the TensorRT log "
+                           f"above); out-of-memory builds pass with a larger export.tensorrt.workspace_gb or a "
+                           f"smaller export.tensorrt.max_batch")
     atomic_write(engine_path, bytes(memoryview(plan)))
     sidecar = {
         "engine": engine_path.name, "inputs": inputs, "outputs": outputs, "precision": spec.precision,

@@ -274,7 +274,7 @@ def figure_latency(summary: dict[str, Any], path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- sections
 
 
-def build_sections(rec: RunRecords) -> list[Section]:
+def build_sections(rec: RunRecords, rows: list[dict[str, Any]], widths: list[dict[str, Any]]) -> list[Section]:
     from stages import PIPELINE
 
     word, sentence = run_status(rec)
@@ -303,7 +303,6 @@ def build_sections(rec: RunRecords) -> list[Section]:
             f"model's input size (summary.json `gflops`). Parity with PyTorch: max |difference| "
             f"{s['parity']['max_abs_diff']:.2e} over {s['parity']['samples']} images."], [t])
         sections.append(sec)
-    rows = dynamics_rows(rec)
     if rows:
         base_top1 = rows[0]["top1"]
         t = Table(["stage", "step", "params (M)", "GMACs", "top-1 (%)", "top-5 (%)", "Δ top-1 (pts)", "kept"],
@@ -314,7 +313,6 @@ def build_sections(rec: RunRecords) -> list[Section]:
             "One row per pruning step and truncation decision (after its recovery), then fine-tuning and the "
             "deployed artifact; Δ top-1 is against the first row. Rolled-back rows were measured, then undone."],
             [t], [(f"{FIGURES}/dynamics.png", "GMACs, parameters and top-1 across the run")]))
-    widths = layer_widths(rec)
     if widths:
         changed = [w for w in widths if w["compressed"] != w["base"]]
         t = Table(["layer", "type", "base width", "compressed width", "retained"],
@@ -437,24 +435,20 @@ def render_html(sections: list[Section], root: Path) -> str:
 def write_report(run_dir: Path, config: Config | None = None) -> list[Path]:
     """Write report.md, report.html and figures/*.png into `run_dir`; returns the paths written."""
     rec = read_run(run_dir, config)
-    sections = build_sections(rec)
+    rows, widths = dynamics_rows(rec), layer_widths(rec)
+    sections = build_sections(rec, rows, widths)
     figs = rec.root / FIGURES
     figs.mkdir(exist_ok=True)
     written = []
-    rows = dynamics_rows(rec)
-    wanted = {"dynamics.png": (figure_dynamics, rows) if rows else None,
-              "widths.png": (figure_widths, layer_widths(rec)) if rec.config is not None and rec.structures
-              else None,
-              "latency.png": (figure_latency, rec.summary) if rec.summary is not None else None}
-    for name, job in wanted.items():
+    jobs = {"dynamics.png": (figure_dynamics, rows), "widths.png": (figure_widths, widths),
+            "latency.png": (figure_latency, rec.summary)}
+    for name, (draw, data) in jobs.items():
         path = figs / name
-        if job is None:
+        if not data:
             path.unlink(missing_ok=True)  # a figure of an earlier run would contradict this report
             continue
-        fn, data = job
-        if data:
-            fn(data, path)
-            written.append(path)
+        draw(data, path)
+        written.append(path)
     for sec in sections:
         sec.figures = [(p, c) for p, c in sec.figures if (rec.root / p).is_file()]
     atomic_write(rec.root / REPORT_MD, render_md(sections).encode())

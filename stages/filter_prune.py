@@ -43,6 +43,44 @@ def ignored_modules(model: nn.Module, ctx: Context) -> list[nn.Module]:
     return ignored
 
 
+class Pruner:
+    """One pruning step at a time: measure what the criterion needs, one dependency graph, aligned plan, apply.
+
+    Keeps what spans steps: every group's original width (for the per-layer cap), the kept share of units,
+    and the graph-build count and time. The stage and the benchmarks prune through it alike.
+    """
+
+    def __init__(self, criterion, ctx: Context) -> None:
+        spec = ctx.config.model
+        self.criterion, self.ctx = criterion, ctx
+        self.example = torch.zeros(1, spec.in_chans, *spec.input_size, device=ctx.device)
+        self.originals: dict[str, int] = {}
+        self.keep, self.graph_builds, self.score_seconds = 1.0, 0, 0.0
+
+    def step(self, model: nn.Module, p: float, stats: dict[str, Any] | None = None, description: str = "flows",
+             ) -> int:
+        """Remove the share `p` of the remaining units; returns how many were removed."""
+        cfg, ctx, criterion = self.ctx.config.filter_prune, self.ctx, self.criterion
+        if criterion.needs_stats and stats is None:
+            stats = collect_unit_stats(model, ctx, description)
+        if criterion.needs_grad:
+            accumulate_gradients(model, ctx)
+        criterion.prepare(model, ctx, stats)
+        t0 = time.perf_counter()
+        graph = build_graph(model, self.example)
+        self.graph_builds += 1
+        records = score_groups(graph, model, criterion, ignored_modules(model, ctx))
+        self.score_seconds += time.perf_counter() - t0
+        for r in records:
+            self.originals.setdefault(r.name, r.width)
+        self.keep *= 1.0 - p
+        plan = plan_step(records, self.originals, p, cfg.round_to, cfg.max_layer_pruning_ratio, cfg.ranking,
+                         self.keep)
+        removed = apply_plan(graph, records, plan)
+        model.zero_grad(set_to_none=True)
+        return removed
+
+
 @STAGES.register("filter_prune")
 class FilterPrune:
     name = "filter_prune"
@@ -55,42 +93,25 @@ class FilterPrune:
         spec = ctx.config.model
         calib = ctx.stage_state("calibrate")
         stats: dict[str, Any] | None = calib["unit_stats"]  # step 0 uses the calibration pass
-        criterion = CRITERIA.get(cfg.criterion)()
-        example = torch.zeros(1, spec.in_chans, *spec.input_size, device=ctx.device)
+        pruner = Pruner(CRITERIA.get(cfg.criterion)(), ctx)
         gflops0, params0 = count_macs(model, spec)
         start = evaluate(model, ctx)
         teacher, reference = teacher_and_reference(model, ctx)
         budget = Budget(rounds=cfg.recovery_rounds, steps=cfg.recovery_steps, lr=cfg.recovery_lr)
         target = gflops0 * (1.0 - cfg.target_flops_reduction)
-        gflops, keep = gflops0, 1.0
-        originals: dict[str, int] = {}
+        gflops = gflops0
         dynamics = [{"step": 0, "fraction": 0.0, "units_removed": 0, "params_m": params0, "gflops": gflops0,
                      **start, "accepted": True}]
         for key in ("params_m", "gflops", "top1", "top5"):
             ctx.metric(f"prune/{key}", dynamics[0][key], step=0)
-        stop, graph_builds, score_seconds = f"reached {cfg.steps} steps", 0, 0.0
+        stop = f"reached {cfg.steps} steps"
         for t in ctx.track(range(cfg.steps), "pruning steps", total=cfg.steps):
             if gflops <= target * (1.0 + cfg.flops_tolerance):
                 stop = "reached the FLOPs target"
                 break
             p = capped_fraction(step_fraction(cfg.p0, cfg.alpha, t, cfg.steps), gflops, target)
             snapshot = clone(model)
-            if criterion.needs_stats and stats is None:
-                stats = collect_unit_stats(model, ctx, f"flows, step {t + 1}")
-            if criterion.needs_grad:
-                accumulate_gradients(model, ctx)
-            criterion.prepare(model, ctx, stats)
-            t0 = time.perf_counter()
-            graph = build_graph(model, example)
-            graph_builds += 1
-            records = score_groups(graph, model, criterion, ignored_modules(model, ctx))
-            score_seconds += time.perf_counter() - t0
-            for r in records:
-                originals.setdefault(r.name, r.width)
-            keep *= 1.0 - p
-            plan = plan_step(records, originals, p, cfg.round_to, cfg.max_layer_pruning_ratio, cfg.ranking, keep)
-            removed = apply_plan(graph, records, plan)
-            model.zero_grad(set_to_none=True)
+            removed = pruner.step(model, p, stats, f"flows, step {t + 1}")
             if removed == 0:
                 stop = "no unit left to prune (every layer at its minimum width)"
                 break
@@ -114,6 +135,6 @@ class FilterPrune:
         metrics = {"criterion": cfg.criterion, "steps_taken": len(dynamics) - 1, "stop_reason": stop,
                    "gflops_before": gflops0, "gflops": final["gflops"], "params_m": final["params_m"],
                    "flops_reduction": 1.0 - final["gflops"] / gflops0, "top1_start": start["top1"],
-                   "top1": final["top1"], "top5": final["top5"], "graph_builds": graph_builds,
-                   "scoring_seconds": round(score_seconds, 3)}
+                   "top1": final["top1"], "top5": final["top5"], "graph_builds": pruner.graph_builds,
+                   "scoring_seconds": round(pruner.score_seconds, 3)}
         return StageResult(model=model, metrics=metrics, state={"dynamics": dynamics, "stop_reason": stop})

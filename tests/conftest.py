@@ -38,6 +38,20 @@ def tiny_config(**sections: Any) -> dict[str, Any]:
     return cfg
 
 
+def resnet50_config(**sections: Any) -> dict[str, Any]:
+    """The tiny config on torchvision ResNet-50 (random weights, synthetic 64x64 data, no base training)."""
+    base = {"name": "r50",
+            "model": {"source": "torchvision", "name": "resnet50", "num_classes": 10, "in_chans": 3,
+                      "input_size": [64, 64]},
+            "data": {"synthetic_samples": 96, "batch_size": 16, "eval_batch_size": 48},
+            "train": {"enabled": False},
+            "calibrate": {"batches": 1, "batch_size": 16},
+            "filter_prune": {"target_flops_reduction": 0.4, "steps": 3, "p0": 0.15, "recovery_steps": 2}}
+    for key, value in sections.items():
+        base[key] = {**base[key], **value} if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return tiny_config(**base)
+
+
 def write_config(path: Path, cfg: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path

@@ -18,7 +18,7 @@ from export.torch2onnx import torch2onnx
 from pipeline.config import ExportConfig, ModelConfig
 from pipeline.models import build_model
 from pipeline.rundir import sha256
-from tests.conftest import run_cli, tiny_config, write_config
+from tests.conftest import resnet50_config, run_cli, tiny_config, write_config
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(tensorrt.unavailable_reason() is not None,
@@ -80,13 +80,7 @@ def test_pipeline_validates_and_times_base_vs_compressed_engines(tmp_path: Path,
 
 
 def test_resnet50_pipeline_builds_an_engine(tmp_path: Path):
-    cfg = tiny_config(
-        name="r50",
-        model={"source": "torchvision", "name": "resnet50", "num_classes": 10, "in_chans": 3, "input_size": [64, 64]},
-        data={"synthetic_samples": 96, "batch_size": 16, "eval_batch_size": 48},
-        train={"enabled": False},
-        calibrate={"batches": 1, "batch_size": 16},
-        filter_prune={"target_flops_reduction": 0.4, "steps": 3, "p0": 0.15, "recovery_steps": 2},
+    cfg = resnet50_config(
         export={"tensorrt": {"mode": "required"}},
         validate={"runtime": "tensorrt", "warmup": 10, "runs": 50, "gates": {"max_parity_error": 1e-3}},
         runtime={"progress": False, "device": "cuda"})

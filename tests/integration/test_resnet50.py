@@ -10,19 +10,11 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from tests.conftest import run_cli, tiny_config, write_config
+from tests.conftest import resnet50_config, run_cli, write_config
 
 
 def test_resnet50_full_pipeline_exports_valid_onnx(tmp_path: Path):
-    cfg = tiny_config(
-        name="r50",
-        model={"source": "torchvision", "name": "resnet50", "num_classes": 10, "in_chans": 3, "input_size": [64, 64]},
-        data={"synthetic_samples": 96, "batch_size": 16, "eval_batch_size": 48},
-        train={"enabled": False},
-        calibrate={"batches": 1, "batch_size": 16},
-        filter_prune={"target_flops_reduction": 0.4, "steps": 3, "p0": 0.15, "recovery_steps": 2},
-        finetune={"max_epochs": 1, "lr": 0.001},
-    )
+    cfg = resnet50_config(finetune={"max_epochs": 1, "lr": 0.001})
     run = tmp_path / "run"
     done = run_cli("pipeline", str(write_config(tmp_path / "r50.yaml", cfg)), "--run-dir", str(run))
     assert done.returncode == 0, done.stderr[-3000:]
