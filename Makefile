@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: install demo test test-slow gpu-check lint bench bench-quick clean
+.PHONY: install demo test test-slow gpu-check lint bench bench-quick bench-arch clean
 
 install: $(STAMP)
 
@@ -35,6 +35,9 @@ bench: install
 
 bench-quick: install
 	$(BIN)/python -m benchmarks.run --quick
+
+bench-arch: install
+	$(BIN)/python -m benchmarks.run --arch
 
 lint: install
 	$(BIN)/ruff check .

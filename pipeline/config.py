@@ -19,6 +19,24 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def default_input_size(source: str, name: str) -> tuple[int, int] | None:
+    """The architecture's own input size (H, W), or None when the source does not know the name."""
+    try:
+        if source == "timm":
+            import timm
+
+            cfg = timm.models.get_pretrained_cfg(name)
+            return tuple(cfg.input_size[-2:]) if cfg is not None and cfg.input_size else None
+        if source == "torchvision":
+            import torchvision
+
+            crop = torchvision.models.get_model_weights(name).DEFAULT.transforms().crop_size
+            return (crop[0], crop[-1])
+    except (ValueError, KeyError, AttributeError, RuntimeError):
+        return None
+    return None
+
+
 class ModelConfig(Section):
     """What network to compress and where its weights come from."""
 
@@ -26,9 +44,19 @@ class ModelConfig(Section):
     name: str = Field(min_length=1, description="architecture name in the source's model registry")
     num_classes: int = Field(1000, ge=1)
     in_chans: int = Field(3, ge=1)
-    input_size: tuple[int, int] = Field((224, 224), description="H, W of one input image")
+    input_size: tuple[int, int] = Field((224, 224), description="H, W of one input image; when unset, the "
+                                        "model's own default (timm pretrained config, torchvision weights' crop "
+                                        "size: 299 for Inception-v3, 320 for timm EfficientNet-B4)")
     weights: Path | None = Field(None, description="local weights file (state dict or checkpoint wrapper)")
     pretrained: bool = Field(False, description="use the source's pretrained weights from the local cache only")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_input_size(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("input_size") is None and isinstance(data.get("name"), str):
+            size = default_input_size(data.get("source", "timm"), data["name"])
+            data = {**data, "input_size": size} if size else {k: v for k, v in data.items() if k != "input_size"}
+        return data
 
     @field_validator("input_size")
     @classmethod

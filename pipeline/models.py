@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from pipeline.config import ModelConfig
+from pipeline.config import ModelConfig, default_input_size
 from pipeline.errors import UserInputError, did_you_mean
 
 # Checkpoint wrappers seen in the wild: {"state_dict": ...}, {"model": ...}, EMA variants.
@@ -61,18 +62,30 @@ def build_model(spec: ModelConfig, with_weights: bool = True) -> nn.Module:
     return model
 
 
-def _build_timm(spec: ModelConfig, pretrained: bool) -> nn.Module:
+def _create_timm(spec: ModelConfig, pretrained: bool) -> nn.Module:
+    """timm's factory; models with a fixed token grid (ViT and kin) are built for model.input_size."""
     import timm
 
+    kwargs: dict[str, Any] = {"num_classes": spec.num_classes, "in_chans": spec.in_chans}
+    if tuple(spec.input_size) != default_input_size("timm", spec.name):
+        try:
+            return timm.create_model(spec.name, pretrained=pretrained, img_size=tuple(spec.input_size), **kwargs)
+        except TypeError as exc:
+            if "img_size" not in str(exc):
+                raise  # a convolutional model takes any input size and has no img_size argument
+    return timm.create_model(spec.name, pretrained=pretrained, **kwargs)
+
+
+def _build_timm(spec: ModelConfig, pretrained: bool) -> nn.Module:
     if not pretrained:
-        return timm.create_model(spec.name, pretrained=False, num_classes=spec.num_classes, in_chans=spec.in_chans)
+        return _create_timm(spec, False)
     import huggingface_hub.constants as hf
 
     # Pretrained weights come from the local cache only: never let the hub client reach the network.
     saved = hf.HF_HUB_OFFLINE
     hf.HF_HUB_OFFLINE = True
     try:
-        return timm.create_model(spec.name, pretrained=True, num_classes=spec.num_classes, in_chans=spec.in_chans)
+        return _create_timm(spec, True)
     finally:
         hf.HF_HUB_OFFLINE = saved
 
@@ -96,10 +109,10 @@ def _build_torchvision(spec: ModelConfig, pretrained: bool) -> nn.Module:
                 raise UserInputError(f"torchvision {spec.name} needs a square model.input_size, got "
                                      f"{list(spec.input_size)}")
             kwargs["image_size"] = spec.input_size[0]  # position embeddings are sized for the input
-        if spec.name.startswith("inception"):
-            kwargs["aux_logits"] = False
-            kwargs["init_weights"] = True
-        model = torchvision.models.get_model(spec.name, weights=None, **kwargs)
+        with warnings.catch_warnings():
+            # Inception/GoogLeNet warn that their default initialisation will change; the current one is used
+            warnings.filterwarnings("ignore", message=".*init_weights.*", category=FutureWarning)
+            model = torchvision.models.get_model(spec.name, weights=None, **kwargs)
     if spec.in_chans != 3:
         _adapt_first_conv(model, spec.in_chans)
     return model
@@ -182,7 +195,8 @@ def structure_of(model: nn.Module, spec: ModelConfig) -> dict[str, Any]:
     Holds the changed plain attributes of every module (widths, groups, head counts) and the
     modules replaced by identity; together with a state dict it rebuilds the model.
     """
-    fresh = dict(build_model(spec, with_weights=False).named_modules())
+    with torch.device("meta"):  # only attributes are compared: no memory, no weight initialisation
+        fresh = dict(build_model(spec, with_weights=False).named_modules())
     attrs: dict[str, dict[str, Any]] = {}
     replaced: dict[str, str] = {}
     for name, mod in model.named_modules():

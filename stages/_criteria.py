@@ -1,7 +1,8 @@
 """Importance criteria, selectable by name: IDAP++ divergence variants and Torch-Pruning's baselines.
 
 A criterion is a small object: `prepare(model, ctx, stats)` once per pruning step, then
-`__call__(group)` returns one score per unit of the group's root (low = pruned first).
+`__call__(group)` returns one score per unit of the group's root (low = pruned first), and
+`heads(name, attention, group)` one score per attention head (the group is the one rooted at its qkv).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import nn
 
 from pipeline.registry import Registry
 from pipeline.runner import Context
+from stages._attention import head_weight_norms, qkv_indices
 
 CRITERIA: Registry[type[Criterion]] = Registry("criterion")
 
@@ -34,6 +36,17 @@ class Criterion:
 
     def __call__(self, group: tp.Dependency) -> torch.Tensor | None:
         raise NotImplementedError
+
+    def heads(self, name: str, attention: nn.Module, group) -> torch.Tensor | None:
+        """Per-head scores; by default the mean of the unit scores over each head's q, k and v features."""
+        return _per_head(self(group), attention)
+
+
+def _per_head(units: torch.Tensor | None, attention: nn.Module) -> torch.Tensor | None:
+    if units is None:
+        return None
+    units = torch.nan_to_num(units.detach().float().cpu(), nan=0.0)
+    return torch.stack([units[qkv_indices(attention, [h])].mean() for h in range(attention.num_heads)])
 
 
 def _members(group, fns) -> list[tuple[nn.Module, list[int], list[int]]]:
@@ -109,6 +122,15 @@ class _Divergence(Criterion):
             return None
         return _scatter_mean(n, scores)[0]
 
+    @torch.no_grad()
+    def heads(self, name: str, attention: nn.Module, group) -> torch.Tensor | None:
+        """D_h = ||softmax(Q_h K_h^T / sqrt(d)) V_h||_F / n * sum of the head's Q, K, V weight norms."""
+        st = self.stats.get(name)
+        if st is None or "head_norm" not in st or len(st["head_norm"]) != attention.num_heads:
+            return None
+        d = st["head_norm"] * head_weight_norms(attention).cpu()
+        return d / d.mean().clamp(min=1e-12)
+
 
 @CRITERIA.register("divergence")
 class Divergence(_Divergence):
@@ -147,6 +169,14 @@ class DivergenceTaylor(_Divergence):
         if t is None:
             return d
         t = torch.nan_to_num(t.detach().float().cpu(), nan=0.0).abs()
+        return d * t / t.mean().clamp(min=1e-12)
+
+    def heads(self, name: str, attention: nn.Module, group) -> torch.Tensor | None:
+        d = super().heads(name, attention, group)
+        t = _per_head(self.taylor(group), attention)
+        if d is None or t is None:
+            return d
+        t = t.abs()
         return d * t / t.mean().clamp(min=1e-12)
 
 
@@ -209,7 +239,16 @@ class Taylor(_TorchPruning):
 
 def accumulate_gradients(model: nn.Module, ctx: Context) -> None:
     """Cross-entropy gradients summed over the calibration batches (for gradient-based criteria)."""
-    model.eval()
+    from stages._recovery import AUX_WEIGHT, split_outputs
+    from stages._training import tracing_mode
+
     model.zero_grad(set_to_none=True)
-    for x, y in ctx.loader("calibration"):
-        F.cross_entropy(model(x.to(ctx.device)), y.to(ctx.device)).backward()
+    with tracing_mode(model):  # auxiliary classifiers run (and get gradients) as in training, BN as in eval
+        for x, y in ctx.loader("calibration"):
+            logits, aux = split_outputs(model(x.to(ctx.device)))
+            y = y.to(ctx.device)
+            loss = F.cross_entropy(logits, y)
+            for a in aux:
+                loss = loss + AUX_WEIGHT * F.cross_entropy(a, y)
+            loss.backward()
+    model.eval()

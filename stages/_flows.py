@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from pipeline.runner import Context
+from stages._attention import HeadStats
 
 MEASURED = (nn.Conv2d, nn.Linear)
 
@@ -28,11 +29,13 @@ def _per_channel_norm(t: torch.Tensor, channel_dim: int) -> torch.Tensor:
 class UnitStats:
     """Per conv/linear layer: `in_norm`, the norm of each input channel as it arrives (the producing units'
     signal after their normalisation, activation and any residual add); `out_relu_norm`, ReLU of the raw
-    output per channel (the published form); `out_numel`, C*H*W of one output sample."""
+    output per channel (the published form); `out_numel`, C*H*W of one output sample. Per head-prunable
+    attention module: `head_norm`, the per-head attention output norm (stages/_attention.py)."""
 
     def __init__(self) -> None:
         self.sums: dict[str, dict[str, Any]] = {}
         self.batches = 0
+        self.heads = HeadStats()
 
     def attach(self, model: nn.Module) -> list:
         def hook(name: str):
@@ -45,12 +48,15 @@ class UnitStats:
 
             return fn
 
-        return [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, MEASURED)]
+        handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, MEASURED)]
+        return handles + self.heads.attach(model)
 
     def result(self) -> dict[str, Any]:
         n = max(self.batches, 1)
-        return {k: {"in_norm": e["in_norm"] / n, "out_relu_norm": e["out_relu_norm"] / n, "out_numel": e["out_numel"]}
-                for k, e in self.sums.items()}
+        self.heads.batches = self.batches
+        out = {k: {"in_norm": e["in_norm"] / n, "out_relu_norm": e["out_relu_norm"] / n, "out_numel": e["out_numel"]}
+               for k, e in self.sums.items()}
+        return {**out, **self.heads.result()}
 
 
 class BlockStats:

@@ -3,28 +3,44 @@
 from __future__ import annotations
 
 import math
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
+from stages._attention import attention_modules, qkv_indices, sync_attributes
 from stages._criteria import Criterion
+from stages._training import tracing_mode
 
 
 @dataclass
 class GroupRecord:
-    """A prunable group: its root layer (by name), pruning function, current width and unit scores."""
+    """A prunable group: its root layer (by name), pruning function, current width and unit scores.
+
+    For attention heads the root is the attention module's qkv, the width counts heads, `unit` is the
+    head dimension (features per head) and `attention` the module whose attributes follow the weights.
+    """
 
     name: str
     module: nn.Module
     handler: object
     width: int
     scores: torch.Tensor
+    unit: int = 1
+    attention: nn.Module | None = None
+
+    @property
+    def align(self) -> int:
+        """Width alignment for this record's chunks: whole heads need none beyond the head."""
+        return 1 if self.attention is not None else 0
 
 
-def classifier_layers(model: nn.Module, num_classes: int) -> list[nn.Module]:
-    """The output layer(s), whose outputs are never pruned."""
+def classifier_layers(model: nn.Module, num_classes: int, example: torch.Tensor | None = None) -> list[nn.Module]:
+    """The output layer(s), whose outputs are never pruned: the model's classifier and, given an example
+    input, every conv/linear whose output is one of the model's outputs in training mode (auxiliary heads)."""
     get = getattr(model, "get_classifier", None)
     head = get() if callable(get) else None
     found = [m for m in ([head] if isinstance(head, nn.Module) else []) if isinstance(m, (nn.Linear, nn.Conv2d))]
@@ -34,26 +50,163 @@ def classifier_layers(model: nn.Module, num_classes: int) -> list[nn.Module]:
     if not found:
         convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.out_channels == num_classes]
         found = convs[-1:]
+    if example is not None:
+        found += [m for m in output_producers(model, example) if m not in found]
     return found
+
+
+@torch.no_grad()
+def output_producers(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
+    """Conv/linear layers whose output tensor (or a view of it) the model returns, traced in training mode."""
+    produced: list[tuple[nn.Module, torch.Tensor]] = []
+
+    def hook(mod: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        produced.append((mod, output))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with tracing_mode(model):
+            out = model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    outs = [out] if isinstance(out, torch.Tensor) else [t for t in out if isinstance(t, torch.Tensor)]
+    ptrs = {(t.untyped_storage().data_ptr(), t.numel()) for t in outs}
+    return [m for m, t in produced if (t.untyped_storage().data_ptr(), t.numel()) in ptrs]
+
+
+_UNMAPPED = "_idap_unmapped"  # set on reshape ops whose channel index mapping Torch-Pruning cannot derive
+
+
+@contextmanager
+def _marking_unmapped_reshapes():
+    """Torch-Pruning derives channel index maps through reshapes by shape arithmetic, which fails on channel
+    shuffles (view to groups, transpose, view back). Such a reshape is marked instead of failing the build,
+    and every group that passes through it is left unpruned (`crosses_unmapped`)."""
+    from torch_pruning.dependency import index_mapping
+
+    original = index_mapping.update_reshape_index_mapping
+
+    def guarded(graph, node) -> None:
+        if _is_channel_shuffle(node):
+            setattr(node.module, _UNMAPPED, True)
+            return
+        try:
+            original(graph, node)
+        except ZeroDivisionError:
+            setattr(node.module, _UNMAPPED, True)
+
+    index_mapping.update_reshape_index_mapping = guarded
+    try:
+        yield
+    finally:
+        index_mapping.update_reshape_index_mapping = original
+
+
+def _kind(node) -> str:
+    return type(getattr(node, "grad_fn", None)).__name__
+
+
+def _is_channel_shuffle(node) -> bool:
+    """A reshape at either end of reshape -> transpose/permute (-> copies) -> reshape: the channels come out
+    interleaved, so no 1:1 index map exists through it."""
+    from torch_pruning import ops
+
+    if node.type != ops.OPTYPE.RESHAPE:
+        return False
+
+    def reaches(n, side: str, transposed: bool, depth: int) -> bool:
+        for nxt in getattr(n, side):
+            if nxt.type == ops.OPTYPE.RESHAPE:
+                if transposed:
+                    return True
+                continue
+            kind = _kind(nxt)
+            is_t = kind.startswith(("TransposeBackward", "PermuteBackward"))
+            if depth < 3 and (is_t or kind.startswith(("CloneBackward", "ContiguousBackward"))):
+                if reaches(nxt, side, transposed or is_t, depth + 1):
+                    return True
+        return False
+
+    return reaches(node, "outputs", False, 0) or reaches(node, "inputs", False, 0)
+
+
+def crosses_unmapped(group) -> bool:
+    """True when the group's channels pass a reshape whose index mapping is unknown (e.g. a channel shuffle)."""
+    return any(getattr(dep.target.module, _UNMAPPED, False) or getattr(dep.source.module, _UNMAPPED, False)
+               for dep, _ in group)
+
+
+def touches_grouped_conv(group) -> bool:
+    """True when a member is a grouped conv that is not depthwise: its channels may only shrink by the same
+    count in every group, which Torch-Pruning's graph does not do, so such groups keep their width."""
+    return any(isinstance(m, nn.Conv2d) and m.groups > 1 and not (m.groups == m.in_channels == m.out_channels)
+               for m in (dep.target.module for dep, _ in group))
+
+
+class _Graph(tp.DependencyGraph):
+    """Torch-Pruning's graph; index maps (re-derived on every group request) mark unmapped reshapes."""
+
+    def build_dependency(self, *args, **kwargs):
+        with _marking_unmapped_reshapes():
+            return super().build_dependency(*args, **kwargs)
+
+    def get_pruning_group(self, *args, **kwargs):
+        with _marking_unmapped_reshapes():
+            return super().get_pruning_group(*args, **kwargs)
+
+    def get_all_groups(self, ignored_layers=(), root_module_types=(nn.Conv2d, nn.Linear)):
+        """Every group with full indices, once each, rooted at its first producer. A root whose index maps
+        Torch-Pruning cannot derive (channels routed through chunk + shuffle) is skipped, not fatal."""
+        ignored = set(ignored_layers) | set(self.IGNORED_LAYERS_IN_TRACING)
+        covered: set[nn.Module] = set()
+        for module in list(self.module2node):
+            if module in ignored or module in covered or not isinstance(module, tuple(root_module_types)):
+                continue
+            pruner = self.get_pruner_of_module(module)
+            width = pruner.get_out_channels(module) if pruner is not None else None
+            if width is None:
+                continue
+            try:
+                group = self.get_pruning_group(module, pruner.prune_out_channels, list(range(width)))
+            except (IndexError, ZeroDivisionError):
+                covered.add(module)
+                continue
+            producers = [dep.target.module for dep, _ in group if self.is_out_channel_pruning_fn(dep.handler)]
+            covered.update(producers)
+            if not ignored.intersection(producers):
+                yield group
 
 
 def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
     """The step's single dependency graph."""
-    return tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    def forward(m: nn.Module, x: torch.Tensor):
+        with tracing_mode(m):  # Torch-Pruning switches the model to eval mode before calling this
+            return m(x)
+
+    with tracing_mode(model), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Uu]nwrapped parameters.*")
+        return _Graph().build_dependency(model, example_inputs=example, forward_fn=forward)
 
 
 def score_groups(dg: tp.DependencyGraph, model: nn.Module, criterion: Criterion,
                  ignored: list[nn.Module]) -> list[GroupRecord]:
     """Score every prunable group of the graph with the criterion."""
     names = {m: n for n, m in model.named_modules()}
+    heads = {m.qkv: (n, m) for n, m in attention_modules(model).items()}
     records = []
     for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=(nn.Conv2d, nn.Linear)):
         root = group[0].dep.target.module
         handler = group[0].dep.handler
-        if not dg.is_out_channel_pruning_fn(handler):
+        if not dg.is_out_channel_pruning_fn(handler) or crosses_unmapped(group) or touches_grouped_conv(group):
             continue
-        if isinstance(root, nn.Conv2d) and root.groups > 1 and root.groups != root.out_channels:
-            continue  # grouped (non-depthwise) convs need per-group alignment; left whole for now
+        if root in heads:
+            name, attention = heads[root]
+            scores = criterion.heads(name, attention, group)
+            if scores is not None and attention.num_heads > 1:
+                records.append(GroupRecord(name, root, handler, attention.num_heads, scores.detach().float().cpu(),
+                                           unit=attention.head_dim, attention=attention))
+            continue
         scores = criterion(group)
         if scores is None:
             continue
@@ -86,16 +239,18 @@ def plan_step(records: list[GroupRecord], originals: dict[str, int], fraction: f
               max_ratio: float, ranking: str, cumulative_keep: float) -> dict[str, list[int]]:
     """Choose unit indices to remove per root layer.
 
-    global: remove ceil(fraction * all units) in aligned chunks, lowest chunk score first across layers
-    (scores are normalised per layer, so they compare). per_layer: each layer goes to
-    round(original * cumulative_keep) units, aligned, lowest scores first.
+    global: remove ceil(fraction * all channels) in aligned chunks, lowest chunk score first across layers
+    (scores are normalised per layer, so they compare), and likewise ceil(fraction * all heads) across the
+    attention modules. per_layer: each layer (attention: its heads) goes to round(original * cumulative_keep)
+    units, aligned, lowest scores first.
     """
     plan: dict[str, list[int]] = {}
-    chunks = {r.name: _chunks(r, _min_keep(r.width, originals.get(r.name, r.width), round_to, max_ratio), round_to)
-              for r in records}
+    align = {r.name: r.align or round_to for r in records}
+    chunks = {r.name: _chunks(r, _min_keep(r.width, originals.get(r.name, r.width), align[r.name], max_ratio),
+                              align[r.name]) for r in records}
     if ranking == "per_layer":
         for r in records:
-            target = round(originals.get(r.name, r.width) * cumulative_keep / round_to) * round_to
+            target = round(originals.get(r.name, r.width) * cumulative_keep / align[r.name]) * align[r.name]
             removed: list[int] = []
             for _, idx in chunks[r.name]:
                 if r.width - len(removed) <= target:
@@ -104,15 +259,19 @@ def plan_step(records: list[GroupRecord], originals: dict[str, int], fraction: f
             if removed:
                 plan[r.name] = removed
         return plan
-    want = math.ceil(fraction * sum(r.width for r in records))
-    pool = sorted(((score, k, name, idx) for name, cs in chunks.items() for k, (score, idx) in enumerate(cs)),
-                  key=lambda c: (c[0], c[1], c[2]))
-    taken = 0
-    for _, _, name, idx in pool:
-        if taken >= want:
-            break
-        plan.setdefault(name, []).extend(idx)
-        taken += len(idx)
+    # Channels and heads are ranked in separate pools: a head is a block of head_dim features, and the lowest
+    # mean of 8 channels out of hundreds would always undercut the weakest of a dozen heads.
+    for kind in (False, True):
+        pool_records = [r for r in records if (r.attention is not None) == kind]
+        want = math.ceil(fraction * sum(r.width for r in pool_records))
+        pool = sorted(((score, k, r.name, idx) for r in pool_records for k, (score, idx) in enumerate(chunks[r.name])),
+                      key=lambda c: (c[0], c[1], c[2]))
+        taken = 0
+        for _, _, name, idx in pool:
+            if taken >= want:
+                break
+            plan.setdefault(name, []).extend(idx)
+            taken += len(idx)
     return plan
 
 
@@ -123,8 +282,11 @@ def apply_plan(dg: tp.DependencyGraph, records: list[GroupRecord], plan: dict[st
         idxs = plan.get(rec.name)
         if not idxs:
             continue
-        group = dg.get_pruning_group(rec.module, rec.handler, idxs=sorted(idxs))
+        features = qkv_indices(rec.attention, idxs) if rec.attention is not None else sorted(idxs)
+        group = dg.get_pruning_group(rec.module, rec.handler, idxs=features)
         if dg.check_pruning_group(group):
             group.prune()
-            removed += len(idxs)
+            removed += len(idxs) * rec.unit
+            if rec.attention is not None:
+                sync_attributes(rec.attention)
     return removed

@@ -47,10 +47,28 @@ class Outcome:
                 "history": self.history}
 
 
-def distill_loss(student: torch.Tensor, teacher: torch.Tensor | None, y: torch.Tensor, cfg: RecoveryConfig,
+AUX_WEIGHT = 0.4  # auxiliary classifiers' share of the loss, as Inception's authors train them
+
+
+def split_outputs(out: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A model's training output: the logits, plus the auxiliary classifiers' logits when it returns several
+    (e.g. a named tuple (logits, aux_logits)); in eval mode such models return the logits alone."""
+    if isinstance(out, torch.Tensor):
+        return out, []
+    parts = [t for t in out if isinstance(t, torch.Tensor)] if isinstance(out, (tuple, list)) else []
+    if not parts:
+        raise TypeError(f"the model returned {type(out).__name__}; expected logits or a tuple of logits")
+    return parts[0], parts[1:]
+
+
+def distill_loss(student: Any, teacher: torch.Tensor | None, y: torch.Tensor, cfg: RecoveryConfig,
                  ) -> torch.Tensor:
-    """(1 - lambda) CE(z_s, y) + lambda tau^2 KL(softmax(z_t / tau) || softmax(z_s / tau))."""
+    """(1 - lambda) CE(z_s, y) + lambda tau^2 KL(softmax(z_t / tau) || softmax(z_s / tau)), plus AUX_WEIGHT
+    times the cross-entropy of each auxiliary classifier (the teacher distils into the main logits only)."""
+    student, aux = split_outputs(student)
+    student = student.float()
     ce = F.cross_entropy(student, y, label_smoothing=cfg.label_smoothing)
+    ce = ce + sum((AUX_WEIGHT * F.cross_entropy(a.float(), y) for a in aux), torch.zeros((), device=ce.device))
     if teacher is None or cfg.distill_weight == 0:
         return ce
     tau = cfg.temperature
@@ -194,7 +212,7 @@ def recover(model: nn.Module, ctx: Context, budget: Budget, teacher: nn.Module |
                 logits = net(x)
                 with torch.no_grad():
                     t_logits = teacher(x) if teacher is not None else None
-                loss = distill_loss(logits.float(), None if t_logits is None else t_logits.float(), y, cfg)
+                loss = distill_loss(logits, None if t_logits is None else t_logits.float(), y, cfg)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if rule == "gradient_flow":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -49,3 +50,19 @@ def teacher_and_reference(model: nn.Module, ctx: Context) -> tuple[nn.Module | N
     reference = {"top1": calib["base"]["top1"], "information_flow": calib["information_flow"],
                  "gradient_flow": calib["gradient_flow"]}
     return teacher, reference
+
+
+@contextmanager
+def tracing_mode(model: nn.Module):
+    """Trace in training mode so branches that only run in training (auxiliary classifiers) join the graph,
+    with normalisation and dropout in eval mode (running statistics untouched, deterministic, any batch)."""
+    modes = {m: m.training for m in model.modules()}
+    model.train()
+    for m in model.modules():
+        if isinstance(m, (nn.modules.batchnorm._NormBase, nn.Dropout, nn.Dropout2d)):
+            m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes.items():
+            m.training = mode

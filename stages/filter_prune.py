@@ -31,9 +31,9 @@ def capped_fraction(p: float, gflops: float, target: float) -> float:
     return max(1.0 - math.sqrt(target / gflops), 1e-3)
 
 
-def ignored_modules(model: nn.Module, ctx: Context) -> list[nn.Module]:
+def ignored_modules(model: nn.Module, ctx: Context, example: torch.Tensor | None = None) -> list[nn.Module]:
     cfg = ctx.config.filter_prune
-    ignored = classifier_layers(model, ctx.config.model.num_classes)
+    ignored = classifier_layers(model, ctx.config.model.num_classes, example)
     names = dict(model.named_modules())
     for name in cfg.ignore:
         if name not in names:
@@ -69,7 +69,7 @@ class Pruner:
         t0 = time.perf_counter()
         graph = build_graph(model, self.example)
         self.graph_builds += 1
-        records = score_groups(graph, model, criterion, ignored_modules(model, ctx))
+        records = score_groups(graph, model, criterion, ignored_modules(model, ctx, self.example))
         self.score_seconds += time.perf_counter() - t0
         for r in records:
             self.originals.setdefault(r.name, r.width)
