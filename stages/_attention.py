@@ -5,7 +5,7 @@ A module is a multi-head attention this project can prune by heads when it has i
 and a child `proj` (nn.Linear from num_heads * head_dim). That is timm's `Attention` and the many models
 built from it; recognition never looks at a class or model name. torch.nn.MultiheadAttention ties its
 head space to the embedding width, so its heads cannot be removed without changing the residual width;
-Torch-Pruning prunes its embedding dimension instead, with the rest of the residual group.
+it is left whole.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from torch import nn
 from pipeline.errors import UserInputError, did_you_mean
 from pipeline.models import clone, count_macs
 from pipeline.runner import STAGES, Context, StageResult
+from stages._attention import attention_modules
 from stages._criteria import CRITERIA, accumulate_gradients
 from stages._flows import collect_unit_stats
 from stages._pruning import apply_plan, build_graph, classifier_layers, plan_step, score_groups
@@ -81,6 +82,11 @@ class Pruner:
         return removed
 
 
+def _heads(model: nn.Module) -> int:
+    """Attention heads the model has (prunable ones, see stages/_attention.py)."""
+    return sum(m.num_heads for m in attention_modules(model).values())
+
+
 @STAGES.register("filter_prune")
 class FilterPrune:
     name = "filter_prune"
@@ -95,6 +101,7 @@ class FilterPrune:
         stats: dict[str, Any] | None = calib["unit_stats"]  # step 0 uses the calibration pass
         pruner = Pruner(CRITERIA.get(cfg.criterion)(), ctx)
         gflops0, params0 = count_macs(model, spec)
+        heads0 = _heads(model)
         start = evaluate(model, ctx)
         teacher, reference = teacher_and_reference(model, ctx)
         budget = Budget(rounds=cfg.recovery_rounds, steps=cfg.recovery_steps, lr=cfg.recovery_lr)
@@ -137,4 +144,6 @@ class FilterPrune:
                    "flops_reduction": 1.0 - final["gflops"] / gflops0, "top1_start": start["top1"],
                    "top1": final["top1"], "top5": final["top5"], "graph_builds": pruner.graph_builds,
                    "scoring_seconds": round(pruner.score_seconds, 3)}
+        if heads0:
+            metrics.update({"heads_before": heads0, "heads": _heads(model)})
         return StageResult(model=model, metrics=metrics, state={"dynamics": dynamics, "stop_reason": stop})

@@ -1,0 +1,128 @@
+"""The parts behind architecture coverage: head divergence, shuffles, grouped convs, aux heads, input size."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torchvision
+from torch import nn
+
+from pipeline.config import ModelConfig
+from stages._attention import attention_modules, head_output_norms, head_weight_norms, qkv_indices
+from stages._criteria import CRITERIA
+from stages._pruning import (
+    apply_plan,
+    build_graph,
+    classifier_layers,
+    crosses_unmapped,
+    plan_step,
+    score_groups,
+    touches_grouped_conv,
+)
+
+
+def test_head_divergence_matches_the_attention_output_the_module_computes():
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=4, img_size=32).eval()
+    attn = model.blocks[3].attn
+    seen = {}
+    attn.proj.register_forward_hook(lambda m, i, o: seen.setdefault("x", i[0]))
+    attn.register_forward_hook(lambda m, i, o: seen.setdefault("in", i[0]))
+    with torch.no_grad():
+        model(torch.randn(5, 3, 32, 32))
+    b, n, _ = seen["x"].shape
+    # the module's own concatenated head outputs, split per head: ||softmax(QK^T/sqrt d) V||_F / n
+    per_head = seen["x"].reshape(b, n, attn.num_heads, attn.head_dim).permute(0, 2, 1, 3).flatten(2)
+    expected = (per_head.norm(dim=2) / n).mean(0)
+    torch.testing.assert_close(head_output_norms(attn, seen["in"]), expected, rtol=1e-5, atol=1e-6)
+    w = attn.qkv.weight.detach()
+    h = 1
+    manual = sum(w[qkv_indices(attn, [h])[k * attn.head_dim:(k + 1) * attn.head_dim]].norm() for k in range(3))
+    torch.testing.assert_close(head_weight_norms(attn)[h], manual)
+
+
+def test_every_criterion_scores_heads_and_divergence_prefers_the_silenced_head():
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=4, img_size=32).eval()
+    attn = model.blocks[0].attn
+    with torch.no_grad():  # head 2's value projection silenced: its output carries nothing
+        attn.qkv.weight[qkv_indices(attn, [2])[2 * attn.head_dim:]] *= 1e-3
+    from stages._flows import UnitStats
+
+    units = UnitStats()
+    handles = units.attach(model)
+    with torch.no_grad():
+        model(torch.randn(8, 3, 32, 32))
+    units.batches = 1
+    for h in handles:
+        h.remove()
+    stats = units.result()
+    model.zero_grad()
+    nn.functional.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 2, 3])).backward()
+    dg = build_graph(model, torch.zeros(1, 3, 32, 32))
+    for name in CRITERIA.names():
+        crit = CRITERIA.get(name)()
+        crit.prepare(model, None, stats)
+        heads = [r for r in score_groups(dg, model, crit, classifier_layers(model, 4)) if r.attention is not None]
+        assert len(heads) == 12 and all(r.width == 3 and r.unit == 64 for r in heads), name
+        if name in ("divergence", "divergence_published", "divergence_flow", "divergence_taylor"):
+            first = next(r for r in heads if r.name == "blocks.0.attn")
+            assert int(first.scores.argmin()) == 2, (name, first.scores)
+
+
+def test_channel_shuffle_and_grouped_conv_groups_are_left_whole():
+    shuffle = torchvision.models.shufflenet_v2_x0_5(num_classes=4).eval()
+    dg = build_graph(shuffle, torch.zeros(1, 3, 64, 64))
+    names = {m: n for n, m in shuffle.named_modules()}
+    groups = list(dg.get_all_groups(root_module_types=(nn.Conv2d, nn.Linear)))
+    kept = {names[g[0].dep.target.module] for g in groups if not crosses_unmapped(g)}
+    # branch outputs feed the concatenation + shuffle; the branches' inner widths and the head are prunable
+    assert not any(k.endswith(("branch2.5", "branch1.2")) for k in kept), kept
+    assert {"conv1.0", "conv5.0", "stage2.1.branch2.3"} <= kept
+    regnet = timm.create_model("regnety_002", num_classes=4).eval()
+    grouped = {n: (m.in_channels, m.out_channels) for n, m in regnet.named_modules()
+               if isinstance(m, nn.Conv2d) and 1 < m.groups < m.in_channels}
+    assert grouped
+    dg = build_graph(regnet, torch.zeros(1, 3, 64, 64))
+    assert any(touches_grouped_conv(g) for g in dg.get_all_groups(root_module_types=(nn.Conv2d, nn.Linear)))
+    crit = CRITERIA.get("l1")()
+    crit.prepare(regnet, None, None)
+    records = score_groups(dg, regnet, crit, classifier_layers(regnet, 4))
+    plan = plan_step(records, {}, 0.5, 8, 0.9, "per_layer", 0.5)
+    assert apply_plan(dg, records, plan) > 0
+    after = dict(regnet.named_modules())
+    assert {n: (after[n].in_channels, after[n].out_channels) for n in grouped} == grouped
+    assert regnet(torch.zeros(1, 3, 64, 64)).shape == (1, 4)
+
+
+def test_auxiliary_classifier_is_an_output_layer():
+    model = torchvision.models.inception_v3(num_classes=7, init_weights=True).eval()
+    found = classifier_layers(model, 7, torch.zeros(1, 3, 299, 299))
+    assert model.fc in found and model.AuxLogits.fc in found
+    assert not model.training  # the trace restores eval mode
+
+
+@pytest.mark.parametrize("source,name,size", [("timm", "efficientnet_b4", (320, 320)),
+                                              ("timm", "vit_base_patch16_224", (224, 224)),
+                                              ("torchvision", "inception_v3", (299, 299)),
+                                              ("torchvision", "shufflenet_v2_x2_0", (224, 224))])
+def test_input_size_defaults_to_the_models_own(source: str, name: str, size: tuple[int, int]):
+    assert ModelConfig(source=source, name=name).input_size == size
+    assert ModelConfig(source=source, name=name, input_size=(96, 96)).input_size == (96, 96)
+
+
+def test_attention_recognised_by_structure_not_by_class():
+    class Heads(nn.Module):  # not timm's class: same attributes and children
+        def __init__(self) -> None:
+            super().__init__()
+            self.num_heads, self.head_dim = 4, 8
+            self.qkv, self.proj = nn.Linear(32, 96), nn.Linear(32, 32)
+
+    class Odd(Heads):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(24, 32)  # proj does not read num_heads * head_dim features
+
+    model = nn.Sequential(Heads(), Odd())
+    assert list(attention_modules(model)) == ["0"]
