@@ -148,7 +148,8 @@ def markdown(res: dict[str, Any]) -> str:
         out += ["", f"Median efficiency {statistics.median(eff):.2f} over {len(rows)} architectures; lowest "
                 f"{worst['arch']} ({worst['efficiency']:.2f}), highest {best['arch']} ({best['efficiency']:.2f}). "
                 f"Every row at least {min(-r['gflops_delta_pct'] for r in rows):.1f}% fewer MACs. ONNX parity "
-                f"(max |difference| / max |output|) at most "
-                f"{max(max(r['parity_rel'].values()) for r in rows):.1e}. Time per model (prune + export + timing): "
+                f"(max |difference| / max |output|, 2 images) of the pruned models at most "
+                f"{max(r['parity_rel']['model'] for r in rows):.1e}, of the random-weight base models at most "
+                f"{max(r['parity_rel']['base'] for r in rows):.1e}. Time per model (prune + export + timing): "
                 + ", ".join(f"{r['arch']} {r['seconds']:.0f}s" for r in rows) + "."]
     return "\n".join(out) + "\n\n"

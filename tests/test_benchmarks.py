@@ -28,3 +28,24 @@ def test_markdown_states_the_winner_and_the_default():
     assert "| demo | -50% | none | divergence | taylor | -1.00 (noise 0.10) | loss |" in text
     assert "Mean top-1 over every dataset, level and budget: taylor" in text
     assert "0 wins, 0 ties, 9 losses" in text
+
+
+def test_bench_arch_rewrites_only_its_own_section(tmp_path):
+    from benchmarks import arch, run
+
+    row = {"arch": "Net", "model": "timm:net", "input": [224, 224], "params_m": [10.0, 4.0], "gflops": [4.0, 1.4],
+           "params_delta_pct": -60.0, "gflops_delta_pct": -65.0, "latency_ms": [40.0, 20.0], "speedup": 2.0,
+           "efficiency": 2.0 / (4.0 / 1.4), "heads": [12, 6], "steps": 3, "prune_seconds": 1.0, "seconds": 2.0,
+           "parity_rel": {"base": 1e-6, "model": 2e-6}}
+    body = arch.markdown({"rows": [row, {**row, "arch": "Other", "efficiency": 0.9}], "warmup": 1, "runs": 3,
+                          "target": 0.65})
+    assert "| Net | `timm:net` | 224x224 | 10.0 → 4.0 (-60.0%) | 4.00 → 1.40 (-65.0%) | 12 → 6 |" in body
+    assert "Median efficiency 0.80 over 2 architectures; lowest Net (0.70)" in body
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text("# Benchmarks\n\n## Criteria\n\nkept\n")
+    run._write_arch(path, body)
+    run._write_arch(path, body.replace("Net", "Net2"))  # a second run replaces, never appends
+    text = path.read_text()
+    assert text.startswith("# Benchmarks\n\n## Criteria\n\nkept\n") and text.count(run.ARCH_START) == 1
+    assert "Net2" in text and "| Net |" not in text
+    assert run._arch_block(path).startswith(run.ARCH_START)

@@ -29,7 +29,7 @@ def test_every_config_key_is_in_the_reference():
 
 def test_readme_commands_exist():
     makefile = (REPO / "Makefile").read_text()
-    for target in ("install", "demo", "test", "lint"):
+    for target in ("install", "demo", "test", "lint", "bench", "bench-quick", "bench-arch"):
         assert f"\n{target}:" in makefile
     assert "make test" in (REPO / ".ci" / "run").read_text()
 
