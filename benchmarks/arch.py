@@ -48,17 +48,16 @@ def _context(cfg, images: int, batch: int, seed: int) -> SimpleNamespace:
 
 def prune_to_target(cfg, target: float, images: int = 8, batch: int = 4, max_steps: int = 16) -> dict[str, Any]:
     """Build cfg.model with random weights and prune it with the Pruner until MACs fall by `target`."""
-    from pipeline.models import build_model, count_macs
-    from stages._attention import attention_modules
+    from pipeline.models import build_model, clone, count_macs
+    from stages._attention import count_heads
     from stages._criteria import CRITERIA
     from stages.filter_prune import Pruner, capped_fraction
 
     torch.manual_seed(0)
     spec = cfg.model
     model = build_model(spec, with_weights=False).eval()
-    base = build_model(spec, with_weights=False).eval()
-    base.load_state_dict(model.state_dict())
-    heads0 = sum(m.num_heads for m in attention_modules(model).values())
+    base = clone(model)
+    heads0 = count_heads(model)
     g0, p0 = count_macs(model, spec)
     pruner = Pruner(CRITERIA.get(cfg.filter_prune.criterion)(), _context(cfg, images, batch, 0))
     gflops, steps, t0 = g0, 0, time.perf_counter()
@@ -69,7 +68,7 @@ def prune_to_target(cfg, target: float, images: int = 8, batch: int = 4, max_ste
         steps += 1
         gflops = count_macs(model, spec)[0]
     g1, p1 = count_macs(model, spec)
-    heads1 = sum(m.num_heads for m in attention_modules(model).values())
+    heads1 = count_heads(model)
     return {"base": base, "model": model.eval(), "gflops": [g0, g1], "params_m": [p0, p1], "steps": steps,
             "heads": [heads0, heads1], "prune_seconds": time.perf_counter() - t0}
 

@@ -31,6 +31,11 @@ def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if is_head_attention(m)}
 
 
+def count_heads(model: nn.Module) -> int:
+    """Heads over every head-prunable attention of the model."""
+    return sum(m.num_heads for m in attention_modules(model).values())
+
+
 def qkv_indices(mod: nn.Module, heads: list[int]) -> list[int]:
     """The qkv output features of the given heads (q, k and v parts)."""
     width, d = mod.num_heads * mod.head_dim, mod.head_dim
@@ -49,16 +54,13 @@ def sync_attributes(mod: nn.Module) -> None:
 
 
 @torch.no_grad()
-def head_output_norms(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Per head h: mean over samples of ||softmax(Q_h K_h^T / sqrt(d)) V_h||_F / n (METHOD.md section 3)."""
-    b, n, _ = x.shape
-    qkv = mod.qkv(x).reshape(b, n, 3, mod.num_heads, mod.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q_norm, k_norm = getattr(mod, "q_norm", None), getattr(mod, "k_norm", None)
-    if isinstance(q_norm, nn.Module) and isinstance(k_norm, nn.Module):
-        q, k = q_norm(q), k_norm(k)
-    out = torch.softmax(q @ k.transpose(-2, -1) * mod.head_dim ** -0.5, dim=-1) @ v  # B, H, n, d
-    return (out.flatten(2).norm(dim=2) / n).mean(0)
+def head_output_norms(mod: nn.Module, heads_out: torch.Tensor) -> torch.Tensor:
+    """Per head h: mean over samples of ||softmax(Q_h K_h^T / sqrt(d)) V_h||_F / n (METHOD.md section 3),
+    from the module's own concatenated head outputs (proj's input, B x n x H*d): no attention is recomputed,
+    and it is the signal as it leaves the heads (after any output norm or gate the module applies)."""
+    b, n, _ = heads_out.shape
+    per_head = heads_out.reshape(b, n, mod.num_heads, mod.head_dim).transpose(1, 2).flatten(2)
+    return (per_head.norm(dim=2) / n).mean(0)
 
 
 def head_weight_norms(mod: nn.Module) -> torch.Tensor:
@@ -75,16 +77,15 @@ class HeadStats:
         self.batches = 0
 
     def attach(self, model: nn.Module) -> list:
-        def hook(name: str):
-            def fn(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-                x = args[0] if args else kwargs.get("x")
-                if isinstance(x, torch.Tensor) and x.dim() == 3:
-                    norms = head_output_norms(mod, x.float()).cpu()
+        def hook(name: str, attention: nn.Module):
+            def fn(proj: nn.Module, args: tuple) -> None:
+                if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 3:
+                    norms = head_output_norms(attention, args[0].float()).cpu()
                     self.sums[name] = self.sums.get(name, 0.0) + norms
 
             return fn
 
-        return [m.register_forward_hook(hook(n), with_kwargs=True) for n, m in attention_modules(model).items()]
+        return [m.proj.register_forward_pre_hook(hook(n, m)) for n, m in attention_modules(model).items()]
 
     def result(self) -> dict[str, dict[str, Any]]:
         n = max(self.batches, 1)

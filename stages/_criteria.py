@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
@@ -239,16 +238,11 @@ class Taylor(_TorchPruning):
 
 def accumulate_gradients(model: nn.Module, ctx: Context) -> None:
     """Cross-entropy gradients summed over the calibration batches (for gradient-based criteria)."""
-    from stages._recovery import AUX_WEIGHT, split_outputs
+    from stages._recovery import task_loss
     from stages._training import tracing_mode
 
     model.zero_grad(set_to_none=True)
     with tracing_mode(model):  # auxiliary classifiers run (and get gradients) as in training, BN as in eval
         for x, y in ctx.loader("calibration"):
-            logits, aux = split_outputs(model(x.to(ctx.device)))
-            y = y.to(ctx.device)
-            loss = F.cross_entropy(logits, y)
-            for a in aux:
-                loss = loss + AUX_WEIGHT * F.cross_entropy(a, y)
-            loss.backward()
+            task_loss(model(x.to(ctx.device)), y.to(ctx.device))[0].backward()
     model.eval()

@@ -32,15 +32,14 @@ class GroupRecord:
     unit: int = 1
     attention: nn.Module | None = None
 
-    @property
-    def align(self) -> int:
-        """Width alignment for this record's chunks: whole heads need none beyond the head."""
-        return 1 if self.attention is not None else 0
+    def align(self, round_to: int) -> int:
+        """Width alignment of this record's chunks: round_to channels, or one whole head."""
+        return 1 if self.attention is not None else round_to
 
 
-def classifier_layers(model: nn.Module, num_classes: int, example: torch.Tensor | None = None) -> list[nn.Module]:
-    """The output layer(s), whose outputs are never pruned: the model's classifier and, given an example
-    input, every conv/linear whose output is one of the model's outputs in training mode (auxiliary heads)."""
+def classifier_layers(model: nn.Module, num_classes: int, outputs: list[nn.Module] = ()) -> list[nn.Module]:
+    """The output layer(s), whose outputs are never pruned: the model's classifier plus `outputs`, the layers
+    whose output the model returns in training mode (auxiliary heads; `build_graph` records them)."""
     get = getattr(model, "get_classifier", None)
     head = get() if callable(get) else None
     found = [m for m in ([head] if isinstance(head, nn.Module) else []) if isinstance(m, (nn.Linear, nn.Conv2d))]
@@ -50,29 +49,23 @@ def classifier_layers(model: nn.Module, num_classes: int, example: torch.Tensor 
     if not found:
         convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.out_channels == num_classes]
         found = convs[-1:]
-    if example is not None:
-        found += [m for m in output_producers(model, example) if m not in found]
-    return found
+    return found + [m for m in outputs if m not in found]
 
 
-@torch.no_grad()
-def output_producers(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
-    """Conv/linear layers whose output tensor (or a view of it) the model returns, traced in training mode."""
+@contextmanager
+def _recording_output_layers(model: nn.Module, found: list[nn.Module]):
+    """Collect into `found` the conv/linear layers whose output tensor (or a view of it) the forward returns."""
     produced: list[tuple[nn.Module, torch.Tensor]] = []
-
-    def hook(mod: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        produced.append((mod, output))
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    handles = [m.register_forward_hook(lambda mod, i, out: produced.append((mod, out)))
+               for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    returned: list[torch.Tensor] = []
     try:
-        with tracing_mode(model):
-            out = model(example)
+        yield returned
     finally:
         for h in handles:
             h.remove()
-    outs = [out] if isinstance(out, torch.Tensor) else [t for t in out if isinstance(t, torch.Tensor)]
-    ptrs = {(t.untyped_storage().data_ptr(), t.numel()) for t in outs}
-    return [m for m, t in produced if (t.untyped_storage().data_ptr(), t.numel()) in ptrs]
+    ptrs = {(t.untyped_storage().data_ptr(), t.numel()) for t in returned}
+    found += [m for m, t in produced if (t.untyped_storage().data_ptr(), t.numel()) in ptrs]
 
 
 _UNMAPPED = "_idap_unmapped"  # set on reshape ops whose channel index mapping Torch-Pruning cannot derive
@@ -179,14 +172,21 @@ class _Graph(tp.DependencyGraph):
 
 
 def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
-    """The step's single dependency graph."""
+    """The step's single dependency graph, traced in training mode (auxiliary heads included). Its
+    `output_layers` are the layers whose output the model returns, found in the same forward pass."""
+    graph = _Graph()
+    graph.output_layers = []
+
     def forward(m: nn.Module, x: torch.Tensor):
-        with tracing_mode(m):  # Torch-Pruning switches the model to eval mode before calling this
-            return m(x)
+        # Torch-Pruning switches the model to eval mode before calling this
+        with tracing_mode(m), _recording_output_layers(m, graph.output_layers) as returned:
+            out = m(x)
+            returned += [out] if isinstance(out, torch.Tensor) else [t for t in out if isinstance(t, torch.Tensor)]
+        return out
 
     with tracing_mode(model), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Uu]nwrapped parameters.*")
-        return _Graph().build_dependency(model, example_inputs=example, forward_fn=forward)
+        return graph.build_dependency(model, example_inputs=example, forward_fn=forward)
 
 
 def score_groups(dg: tp.DependencyGraph, model: nn.Module, criterion: Criterion,
@@ -245,7 +245,7 @@ def plan_step(records: list[GroupRecord], originals: dict[str, int], fraction: f
     units, aligned, lowest scores first.
     """
     plan: dict[str, list[int]] = {}
-    align = {r.name: r.align or round_to for r in records}
+    align = {r.name: r.align(round_to) for r in records}
     chunks = {r.name: _chunks(r, _min_keep(r.width, originals.get(r.name, r.width), align[r.name], max_ratio),
                               align[r.name]) for r in records}
     if ranking == "per_layer":

@@ -61,14 +61,21 @@ def split_outputs(out: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
     return parts[0], parts[1:]
 
 
+def task_loss(out: Any, y: torch.Tensor, label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of the logits plus AUX_WEIGHT times each auxiliary classifier's; returns (loss, logits)."""
+    logits, aux = split_outputs(out)
+    logits = logits.float()
+    loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+    for a in aux:
+        loss = loss + AUX_WEIGHT * F.cross_entropy(a.float(), y)
+    return loss, logits
+
+
 def distill_loss(student: Any, teacher: torch.Tensor | None, y: torch.Tensor, cfg: RecoveryConfig,
                  ) -> torch.Tensor:
-    """(1 - lambda) CE(z_s, y) + lambda tau^2 KL(softmax(z_t / tau) || softmax(z_s / tau)), plus AUX_WEIGHT
-    times the cross-entropy of each auxiliary classifier (the teacher distils into the main logits only)."""
-    student, aux = split_outputs(student)
-    student = student.float()
-    ce = F.cross_entropy(student, y, label_smoothing=cfg.label_smoothing)
-    ce = ce + sum((AUX_WEIGHT * F.cross_entropy(a.float(), y) for a in aux), torch.zeros((), device=ce.device))
+    """(1 - lambda) CE(z_s, y) + lambda tau^2 KL(softmax(z_t / tau) || softmax(z_s / tau)), the CE term as in
+    `task_loss` (auxiliary classifiers included; the teacher distils into the main logits only)."""
+    ce, student = task_loss(student, y, cfg.label_smoothing)
     if teacher is None or cfg.distill_weight == 0:
         return ce
     tau = cfg.temperature

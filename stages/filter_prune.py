@@ -12,7 +12,7 @@ from torch import nn
 from pipeline.errors import UserInputError, did_you_mean
 from pipeline.models import clone, count_macs
 from pipeline.runner import STAGES, Context, StageResult
-from stages._attention import attention_modules
+from stages._attention import count_heads
 from stages._criteria import CRITERIA, accumulate_gradients
 from stages._flows import collect_unit_stats
 from stages._pruning import apply_plan, build_graph, classifier_layers, plan_step, score_groups
@@ -32,9 +32,9 @@ def capped_fraction(p: float, gflops: float, target: float) -> float:
     return max(1.0 - math.sqrt(target / gflops), 1e-3)
 
 
-def ignored_modules(model: nn.Module, ctx: Context, example: torch.Tensor | None = None) -> list[nn.Module]:
+def ignored_modules(model: nn.Module, ctx: Context, outputs: list[nn.Module] = ()) -> list[nn.Module]:
     cfg = ctx.config.filter_prune
-    ignored = classifier_layers(model, ctx.config.model.num_classes, example)
+    ignored = classifier_layers(model, ctx.config.model.num_classes, outputs)
     names = dict(model.named_modules())
     for name in cfg.ignore:
         if name not in names:
@@ -70,7 +70,7 @@ class Pruner:
         t0 = time.perf_counter()
         graph = build_graph(model, self.example)
         self.graph_builds += 1
-        records = score_groups(graph, model, criterion, ignored_modules(model, ctx, self.example))
+        records = score_groups(graph, model, criterion, ignored_modules(model, ctx, graph.output_layers))
         self.score_seconds += time.perf_counter() - t0
         for r in records:
             self.originals.setdefault(r.name, r.width)
@@ -80,11 +80,6 @@ class Pruner:
         removed = apply_plan(graph, records, plan)
         model.zero_grad(set_to_none=True)
         return removed
-
-
-def _heads(model: nn.Module) -> int:
-    """Attention heads the model has (prunable ones, see stages/_attention.py)."""
-    return sum(m.num_heads for m in attention_modules(model).values())
 
 
 @STAGES.register("filter_prune")
@@ -101,7 +96,7 @@ class FilterPrune:
         stats: dict[str, Any] | None = calib["unit_stats"]  # step 0 uses the calibration pass
         pruner = Pruner(CRITERIA.get(cfg.criterion)(), ctx)
         gflops0, params0 = count_macs(model, spec)
-        heads0 = _heads(model)
+        heads0 = count_heads(model)
         start = evaluate(model, ctx)
         teacher, reference = teacher_and_reference(model, ctx)
         budget = Budget(rounds=cfg.recovery_rounds, steps=cfg.recovery_steps, lr=cfg.recovery_lr)
@@ -145,5 +140,5 @@ class FilterPrune:
                    "top1": final["top1"], "top5": final["top5"], "graph_builds": pruner.graph_builds,
                    "scoring_seconds": round(pruner.score_seconds, 3)}
         if heads0:
-            metrics.update({"heads_before": heads0, "heads": _heads(model)})
+            metrics.update({"heads_before": heads0, "heads": count_heads(model)})
         return StageResult(model=model, metrics=metrics, state={"dynamics": dynamics, "stop_reason": stop})

@@ -9,7 +9,7 @@ import torchvision
 from torch import nn
 
 from pipeline.config import ModelConfig
-from stages._attention import attention_modules, head_output_norms, head_weight_norms, qkv_indices
+from stages._attention import HeadStats, attention_modules, head_weight_norms, qkv_indices
 from stages._criteria import CRITERIA
 from stages._pruning import (
     apply_plan,
@@ -29,13 +29,24 @@ def test_head_divergence_matches_the_attention_output_the_module_computes():
     seen = {}
     attn.proj.register_forward_hook(lambda m, i, o: seen.setdefault("x", i[0]))
     attn.register_forward_hook(lambda m, i, o: seen.setdefault("in", i[0]))
+    stats = HeadStats()
+    handles = stats.attach(model)
     with torch.no_grad():
         model(torch.randn(5, 3, 32, 32))
+    stats.batches = 1
+    for hd in handles:
+        hd.remove()
+    measured = stats.result()["blocks.3.attn"]["head_norm"]
     b, n, _ = seen["x"].shape
     # the module's own concatenated head outputs, split per head: ||softmax(QK^T/sqrt d) V||_F / n
     per_head = seen["x"].reshape(b, n, attn.num_heads, attn.head_dim).permute(0, 2, 1, 3).flatten(2)
     expected = (per_head.norm(dim=2) / n).mean(0)
-    torch.testing.assert_close(head_output_norms(attn, seen["in"]), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(measured, expected, rtol=1e-5, atol=1e-6)
+    # and METHOD.md's formula, computed here from the block's input and the qkv weights
+    with torch.no_grad():
+        q, k, v = attn.qkv(seen["in"]).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        out = torch.softmax(q @ k.transpose(-2, -1) / attn.head_dim ** 0.5, dim=-1) @ v
+    torch.testing.assert_close(measured, (out.flatten(2).norm(dim=2) / n).mean(0), rtol=1e-4, atol=1e-6)
     w = attn.qkv.weight.detach()
     h = 1
     manual = sum(w[qkv_indices(attn, [h])[k * attn.head_dim:(k + 1) * attn.head_dim]].norm() for k in range(3))
@@ -98,7 +109,7 @@ def test_channel_shuffle_and_grouped_conv_groups_are_left_whole():
 
 def test_auxiliary_classifier_is_an_output_layer():
     model = torchvision.models.inception_v3(num_classes=7, init_weights=True).eval()
-    found = classifier_layers(model, 7, torch.zeros(1, 3, 299, 299))
+    found = classifier_layers(model, 7, build_graph(model, torch.zeros(1, 3, 299, 299)).output_layers)
     assert model.fc in found and model.AuxLogits.fc in found
     assert not model.training  # the trace restores eval mode
 
