@@ -1,5 +1,4 @@
-"""The pipeline's stages, registered in pipeline.runner.STAGES; PIPELINE is their order."""
+"""The pipeline's stages, each registering itself in pipeline.context.STAGES; PIPELINE is their order."""
 
+from pipeline.context import PIPELINE  # noqa: F401
 from stages import calibrate, export, filter_prune, finetune, layer_truncate, load, train, validate  # noqa: F401
-
-PIPELINE: list[str] = ["load", "train", "calibrate", "filter_prune", "layer_truncate", "finetune", "export", "validate"]

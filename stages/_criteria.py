@@ -13,8 +13,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from pipeline.context import Context
 from pipeline.registry import Registry
-from pipeline.runner import Context
 from stages._attention import head_weight_norms, qkv_indices
 
 CRITERIA: Registry[type[Criterion]] = Registry("criterion")

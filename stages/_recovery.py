@@ -17,8 +17,8 @@ from torch.utils.data import DataLoader
 
 from pipeline import distributed as D
 from pipeline.config import RecoveryConfig
+from pipeline.context import Context
 from pipeline.rundir import atomic_torch_save, load_checkpoint
-from pipeline.runner import Context
 from stages._flows import calibration_pass
 from stages._incop import InformationFlow, flow_distance, gradient_flow
 from stages._training import evaluate

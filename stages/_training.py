@@ -10,8 +10,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from pipeline import distributed as D
+from pipeline.context import Context
 from pipeline.models import clone
-from pipeline.runner import Context
 
 
 @torch.no_grad()

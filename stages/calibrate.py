@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from pipeline.context import STAGES, Context, StageResult
 from pipeline.models import count_macs
-from pipeline.runner import STAGES, Context, StageResult
 from stages._blocks import measure_blocks
 from stages._flows import UnitStats, calibration_pass
 from stages._incop import InformationFlow, reference_gradient_flow

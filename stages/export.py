@@ -12,9 +12,9 @@ from torch import nn
 import pipeline
 from export.torch2onnx import torch2onnx
 from pipeline.config import Config
+from pipeline.context import STAGES, Context, StageResult
 from pipeline.models import count_macs
 from pipeline.rundir import now
-from pipeline.runner import STAGES, Context, StageResult
 
 ENGINE = "model.engine"
 

@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.context import STAGES, Context, StageResult
 from pipeline.errors import UserInputError, did_you_mean
 from pipeline.models import clone, count_macs
-from pipeline.runner import STAGES, Context, StageResult
 from stages._attention import count_heads
 from stages._criteria import CRITERIA, accumulate_gradients
 from stages._flows import collect_unit_stats

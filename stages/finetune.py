@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from pipeline.runner import STAGES, Context, StageResult
+from pipeline.context import STAGES, Context, StageResult
 from stages._recovery import Budget, recover
 from stages._training import evaluate, steps_per_epoch, teacher_and_reference
 

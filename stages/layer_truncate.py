@@ -7,8 +7,8 @@ from typing import Any
 
 from torch import nn
 
+from pipeline.context import STAGES, Context, StageResult
 from pipeline.models import clone, count_macs
-from pipeline.runner import STAGES, Context, StageResult
 from stages._blocks import find_candidates, measure_blocks, replace_with_identity
 from stages._flows import calibration_pass
 from stages._recovery import Budget, recover

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from pipeline.context import STAGES, Context, StageResult
 from pipeline.models import build_model, count_macs
-from pipeline.runner import STAGES, Context, StageResult
 
 
 @STAGES.register("load")

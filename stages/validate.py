@@ -10,9 +10,9 @@ from torch import nn
 
 from export.runtime import open_artifact, resolve_runtime
 from export.validation import accuracy, check_gates, latency
+from pipeline.context import STAGES, SUMMARY, Context, StageResult
 from pipeline.models import count_macs
 from pipeline.rundir import atomic_json
-from pipeline.runner import STAGES, SUMMARY, Context, StageResult
 from stages.export import ENGINE, export_onnx
 
 

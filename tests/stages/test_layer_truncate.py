@@ -13,9 +13,9 @@ from torch.utils.data import TensorDataset
 import stages.layer_truncate as lt
 from pipeline._progress import Tracker
 from pipeline.config import Config
+from pipeline.context import Context
 from pipeline.data import Splits
 from pipeline.rundir import RunDir
-from pipeline.runner import Context
 from stages._blocks import find_candidates, measure_blocks
 from stages._flows import calibration_pass
 from tests.conftest import tiny_config

@@ -13,9 +13,9 @@ from rich.console import Console
 import stages._recovery as R
 from pipeline._progress import Tracker
 from pipeline.config import Config, RecoveryConfig
+from pipeline.context import Context
 from pipeline.models import build_model, clone
 from pipeline.rundir import RunDir
-from pipeline.runner import Context
 from stages._flows import calibration_pass
 from stages._incop import InformationFlow, gradient_flow, reference_gradient_flow
 from tests.conftest import tiny_config

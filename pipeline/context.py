@@ -1,0 +1,140 @@
+"""What stages share: the stage protocol and registry, the stage order, StageResult and the Context they run in.
+
+Stages import this module (never the runner); the runner imports the stages. The arrows run one way:
+cli/api -> runner -> stages -> context, config, errors, run directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from pipeline._progress import Tracker
+from pipeline.config import Config
+from pipeline.data import Splits, build_splits
+from pipeline.errors import UserInputError
+from pipeline.metrics import MetricsLog
+from pipeline.models import rebuild
+from pipeline.registry import Registry
+from pipeline.rundir import RunDir, load_checkpoint
+
+# The stages in the order they run; each is registered in STAGES by its module in stages/.
+PIPELINE: list[str] = ["load", "train", "calibrate", "filter_prune", "layer_truncate", "finetune", "export", "validate"]
+SUMMARY = "summary.json"
+
+
+@dataclass
+class StageResult:
+    """What a stage hands back to the runner.
+
+    Attributes:
+        model: the model after the stage, or None when the stage did not change it.
+        metrics: small JSON-able figures recorded in the manifest.
+        state: tensors and plain data the runner saves in the stage's checkpoint.
+        files: artifacts the stage wrote (atomically); their sha256 go into the manifest.
+        status: "done", or "skipped" for a stage the config switched off.
+    """
+
+    model: nn.Module | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    state: dict[str, Any] = field(default_factory=dict)
+    files: list[Path] = field(default_factory=list)
+    status: str = "done"
+
+
+class Stage(Protocol):
+    """A pipeline stage: registry name == config key == module name."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+
+    def run(self, model: nn.Module | None, ctx: Context) -> StageResult: ...
+
+
+STAGES: Registry[type] = Registry("stage")
+
+
+@dataclass
+class Context:
+    """Everything a stage may use: config, run directory, data, device, logging, progress."""
+
+    config: Config
+    run_dir: RunDir
+    stage_dir: Path
+    device: torch.device
+    log: logging.Logger
+    tracker: Tracker
+    manifest: dict[str, Any]
+    resume_key: str = ""  # identifies this attempt's inputs: a mid-stage checkpoint with another key is stale
+    ddp: bool = False  # every rank runs this stage (torchrun): train on shards, reduce metrics
+    sink: MetricsLog | None = None
+    _splits: Splits | None = None
+
+    def metric(self, name: str, value: float, step: int | None = None) -> None:
+        """Record one scalar in metrics.jsonl (and TensorBoard when enabled); rank 0 only."""
+        if self.sink is not None:
+            self.sink.log(name, value, step)
+
+    @property
+    def splits(self) -> Splits:
+        if self._splits is None:
+            self._splits = build_splits(self.config)
+        return self._splits
+
+    @property
+    def world(self) -> tuple[int, int]:
+        """(rank, world size) of the processes sharing this stage's work."""
+        from pipeline import distributed as D
+
+        return (D.rank(), D.world_size()) if self.ddp else (0, 1)
+
+    def loader(self, split: str) -> DataLoader:
+        """An ordered loader over a split: calibrate.batch_size for calibration, data.eval_batch_size otherwise.
+
+        Training batches do not come from here: the recovery engine cuts seeded global batches itself.
+        """
+        bs = self.config.calibrate.batch_size if split == "calibration" else self.config.data.eval_batch_size
+        return DataLoader(getattr(self.splits, split), batch_size=bs, num_workers=self.config.data.num_workers)
+
+    def track(self, items, description: str, total: int | None = None):
+        return self.tracker.track(items, description, total)
+
+    def stage_state(self, name: str) -> dict[str, Any]:
+        """The saved state of a finished stage (loaded with weights_only=True)."""
+        entry = self.manifest["stages"].get(name)
+        if not entry or entry.get("status") != "done":
+            raise UserInputError(f"stage {name!r} has not finished in {self.run_dir.root}; run the pipeline "
+                                 f"without --from, or with --from {name}")
+        path = self.run_dir.root / entry["checkpoint"] if entry.get("checkpoint") else None
+        return load_checkpoint(path)["state"] if path else {}
+
+    def model_of(self, name: str) -> nn.Module:
+        """Rebuild the model as the named stage (or the last earlier one that had a model) left it."""
+        return load_model_upto(self.config, self.run_dir, self.manifest, name)
+
+
+def load_model_upto(config: Config, run_dir: RunDir, manifest: dict[str, Any], stage: str) -> nn.Module:
+    """Rebuild the latest model checkpoint at or before `stage` from spec + structure + weights."""
+    names = PIPELINE[: PIPELINE.index(stage) + 1]
+    for name in reversed(names):
+        entry = manifest["stages"].get(name, {})
+        if entry.get("status") == "done" and entry.get("has_model"):
+            ckpt = load_checkpoint(run_dir.root / entry["checkpoint"])
+            return rebuild(config.model, ckpt["structure"], ckpt["model"])
+    raise UserInputError(f"no finished stage up to {stage!r} has saved a model in {run_dir.root}; "
+                         f"run the pipeline from the start (without --from)")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch so that a stage re-run gives the same result."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
