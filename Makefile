@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: install demo test test-slow gpu-check lint bench bench-quick bench-arch clean
+.PHONY: install demo test test-slow gpu-check lint bench bench-quick bench-arch readme-demo clean
 
 install: $(STAMP)
 
@@ -44,3 +44,8 @@ lint: install
 
 clean:
 	rm -rf runs .pytest_cache
+
+# Re-run the demo and rewrite the README's demo figures and example summary.json from it.
+readme-demo: install
+	$(BIN)/compress pipeline configs/demo.yaml --fresh
+	$(BIN)/python -m benchmarks.readme runs/demo

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Protocol
@@ -38,9 +39,11 @@ class OrtModel:
                 "uninstall the CPU-only onnxruntime first), or set validate.runtime: onnxruntime-cpu")
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            opts.intra_op_num_threads = threads
+        # Pinned, so that the same artifact is timed with the same threads in the pipeline and in `validate`.
+        self.threads = threads or default_threads()
+        opts.intra_op_num_threads = self.threads
         self.backend = f"onnxruntime-{provider}"
+        self.device = cpu_name() if provider == "cpu" else _gpu_name()
         self.session = ort.InferenceSession(str(path), opts, providers=[name])
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
@@ -56,6 +59,12 @@ class OrtModel:
         t0 = time.perf_counter()
         self.session.run(None, feed)
         return (time.perf_counter() - t0) * 1e3
+
+
+def _gpu_name() -> str | None:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else None
 
 
 def open_artifact(path: Path, runtime: str, threads: int | None = None) -> Runtime:
@@ -96,7 +105,28 @@ def resolve_runtime(wanted: str, engine_built: bool, device: str) -> str:
 
 
 def latency_stats(samples_ms: list[float]) -> dict[str, float]:
-    """Median, p90 and mean of timed runs."""
+    """Median, p10, p90 and mean of timed runs."""
     a = np.asarray(samples_ms)
-    return {"median_ms": float(np.median(a)), "p90_ms": float(np.percentile(a, 90)), "mean_ms": float(a.mean()),
-            "runs": int(a.size)}
+    return {"median_ms": float(np.median(a)), "p10_ms": float(np.percentile(a, 10)),
+            "p90_ms": float(np.percentile(a, 90)), "mean_ms": float(a.mean()), "runs": int(a.size)}
+
+
+def default_threads() -> int:
+    """Intra-op threads for timing on CPU: every core this process may run on (its affinity mask)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def cpu_name() -> str:
+    """The CPU model, as /proc/cpuinfo names it (or the platform's processor string)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()

@@ -40,10 +40,10 @@ def default_input_size(source: str, name: str) -> tuple[int, int] | None:
 class ModelConfig(Section):
     """What network to compress and where its weights come from."""
 
-    source: Literal["timm", "torchvision"] = "timm"
+    source: Literal["timm", "torchvision"] = Field("timm", description="where model.name is looked up")
     name: str = Field(min_length=1, description="architecture name in the source's model registry")
-    num_classes: int = Field(1000, ge=1)
-    in_chans: int = Field(3, ge=1)
+    num_classes: int = Field(1000, ge=1, description="classifier outputs (never pruned)")
+    in_chans: int = Field(3, ge=1, description="input channels (never pruned)")
     input_size: tuple[int, int] = Field((224, 224), description="H, W of one input image; when unset, the "
                                         "model's own default (timm pretrained config, torchvision weights' crop "
                                         "size: 299 for Inception-v3, 320 for timm EfficientNet-B4)")
@@ -69,54 +69,56 @@ class ModelConfig(Section):
 class DataConfig(Section):
     """Dataset and splits (train / calibration slice of train / held-out validation)."""
 
-    kind: Literal["demo", "digits", "synthetic", "imagefolder", "cifar10", "cifar100", "mnist", "fashionmnist"] = "demo"
+    kind: Literal["demo", "digits", "synthetic", "imagefolder", "cifar10", "cifar100", "mnist", "fashionmnist"] = \
+        Field("demo", description="the dataset")
     root: Path | None = Field(None, description="dataset root; required for imagefolder and torchvision sets")
     download: bool = Field(False, description="allow torchvision to download the dataset into root")
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="share of train held out for validation")
-    max_train_samples: int | None = Field(None, ge=1)
-    max_val_samples: int | None = Field(None, ge=1)
-    batch_size: int = Field(64, ge=1)
-    eval_batch_size: int = Field(256, ge=1)
-    num_workers: int = Field(0, ge=0)
+    max_train_samples: int | None = Field(None, ge=1, description="cap the training split")
+    max_val_samples: int | None = Field(None, ge=1, description="cap the validation split")
+    batch_size: int = Field(64, ge=1, description="training batch")
+    eval_batch_size: int = Field(256, ge=1, description="evaluation batch")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
     augment: bool = Field(False, description="random crop/flip on train images (not for the demo digits)")
     synthetic_samples: int = Field(512, ge=16, description="size of the synthetic dataset")
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
+    mean: tuple[float, ...] | None = Field(None, description="normalisation mean (default: the dataset's usual)")
+    std: tuple[float, ...] | None = Field(None, description="normalisation std (default: the dataset's usual)")
 
 
 class TrainConfig(Section):
     """Train the base model (only when no trained weights exist, e.g. the offline demo)."""
 
-    enabled: bool = False
-    epochs: int = Field(5, ge=1)
-    lr: float = Field(0.05, gt=0.0)
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)
-    weight_decay: float = Field(5e-4, ge=0.0)
+    enabled: bool = Field(False, description="train the base model before compressing it")
+    epochs: int = Field(5, ge=1, description="SGD epochs, cosine schedule")
+    lr: float = Field(0.05, gt=0.0, description="peak learning rate")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum")
+    weight_decay: float = Field(5e-4, ge=0.0, description="L2 weight decay (not on norms and biases)")
 
 
 class CalibrateConfig(Section):
     """Flow calibration: forward hooks over a slice of train, no gradients."""
 
     batches: int = Field(4, ge=1, description="calibration batches")
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, description="images per calibration batch")
 
 
 class FilterPruneConfig(Section):
     """IDAP++ divergence-aware filter pruning (METHOD.md section 3)."""
 
-    enabled: bool = True
+    enabled: bool = Field(True, description="run filter pruning")
     criterion: str = Field("divergence_taylor", description="importance criterion; `compress criteria` lists them")
     target_flops_reduction: float = Field(0.5, gt=0.0, lt=1.0, description="fraction of MACs to remove")
     steps: int = Field(20, ge=1, description="T, the maximum number of pruning steps")
     p0: float = Field(0.05, gt=0.0, lt=1.0, description="first step's fraction of remaining units")
-    alpha: float = Field(1.5, ge=0.0)
+    alpha: float = Field(1.5, ge=0.0, description="growth of the step fraction: p_t = p0 (1 + t/T)^alpha")
     round_to: int = Field(8, ge=1, description="channel counts are kept at multiples of this")
-    ranking: Literal["global", "per_layer"] = "global"
+    ranking: Literal["global", "per_layer"] = Field("global", description="one ranking over all layers, or the "
+                                                   "same share from each layer")
     max_layer_pruning_ratio: float = Field(0.9, gt=0.0, lt=1.0, description="cap per layer vs original width")
     max_accuracy_drop: float = Field(5.0, ge=0.0, le=100.0, description="top-1 points below the stage start")
     recovery_steps: int = Field(30, ge=0, description="training steps per recovery round after each step")
     recovery_rounds: int = Field(1, ge=1, description="most recovery rounds after each step (recovery.stopping)")
-    recovery_lr: float = Field(0.01, gt=0.0)
+    recovery_lr: float = Field(0.01, gt=0.0, description="peak learning rate of those recoveries")
     ignore: list[str] = Field(default_factory=list, description="module names never pruned")
     flops_tolerance: float = Field(0.005, ge=0.0, lt=0.1, description="stop when this close to the target")
 
@@ -124,32 +126,34 @@ class FilterPruneConfig(Section):
 class LayerTruncateConfig(Section):
     """IDAP++ flow-guided layer truncation (METHOD.md section 4): whole blocks become the identity."""
 
-    enabled: bool = True
+    enabled: bool = Field(True, description="run layer truncation")
     max_layers: int = Field(2, ge=0, description="most blocks removed")
     max_accuracy_drop: float = Field(1.0, ge=0.0, le=100.0, description="top-1 points below the stage start")
     recovery_steps: int = Field(30, ge=0, description="training steps per recovery round after each removal")
     recovery_rounds: int = Field(1, ge=1, description="most recovery rounds after each removal")
-    recovery_lr: float = Field(0.01, gt=0.0)
+    recovery_lr: float = Field(0.01, gt=0.0, description="peak learning rate of those recoveries")
     min_flops_share: float = Field(0.005, ge=0.0, lt=1.0, description="ignore blocks with a smaller share of MACs")
 
 
 class RecoveryConfig(Section):
     """Loss, optimiser and stopping rule of every recovery: fine-tuning and the short ones between steps."""
 
-    optimizer: Literal["sgd", "adamw"] = "sgd"
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)
-    weight_decay: float = Field(5e-4, ge=0.0)
-    schedule: Literal["cosine", "step"] = "cosine"
+    optimizer: Literal["sgd", "adamw"] = Field("sgd", description="SGD with Nesterov momentum, or AdamW")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum")
+    weight_decay: float = Field(5e-4, ge=0.0, description="not on norms and biases")
+    schedule: Literal["cosine", "step"] = Field("cosine", description="learning-rate schedule over the budget")
     warmup_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="share of the budget spent warming up")
     step_every: int = Field(1, ge=1, description="step schedule: rounds between decays")
-    step_gamma: float = Field(0.1, gt=0.0, le=1.0)
+    step_gamma: float = Field(0.1, gt=0.0, le=1.0, description="step schedule: factor at each decay")
     grad_clip: float | None = Field(None, gt=0.0, description="max gradient norm")
-    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="of the cross-entropy term")
     distill_weight: float = Field(0.5, ge=0.0, le=1.0, description="lambda of the distillation term")
-    temperature: float = Field(4.0, gt=0.0)
+    temperature: float = Field(4.0, gt=0.0, description="distillation temperature tau")
     teacher: Literal["stage_input", "base"] = Field("base", description="distil from the base model or the "
                                                                        "model entering the stage")
-    stopping: Literal["fixed", "accuracy", "information_flow", "gradient_flow"] = "fixed"
+    stopping: Literal["fixed", "accuracy", "information_flow", "gradient_flow"] = Field(
+        "fixed", description="when a recovery stops early: never (fixed), at the base top-1, or InCoP flow "
+        "consistency")
     epsilon: float | None = Field(None, gt=0.0, description="flow distance that stops (default IF 0.11, GF 0.5)")
     amp: bool = Field(True, description="mixed precision on CUDA")
     channels_last: bool = Field(True, description="channels-last memory format on CUDA")
@@ -162,9 +166,9 @@ class RecoveryConfig(Section):
 class FinetuneConfig(Section):
     """Recovery fine-tuning: up to max_epochs, stopped by recovery.stopping."""
 
-    enabled: bool = True
-    max_epochs: int = Field(3, ge=0)
-    lr: float = Field(0.01, gt=0.0)
+    enabled: bool = Field(True, description="run recovery fine-tuning")
+    max_epochs: int = Field(3, ge=0, description="most epochs; recovery.stopping may end it sooner")
+    lr: float = Field(0.01, gt=0.0, description="peak learning rate")
 
 
 class TensorRTConfig(Section):
@@ -173,11 +177,11 @@ class TensorRTConfig(Section):
     mode: Literal["off", "auto", "required"] = Field(
         "auto", description="auto: build when TensorRT and a GPU are present, else skip and say why; "
         "required: missing TensorRT/GPU is an error (exit 2)")
-    precision: Literal["fp32", "fp16"] = "fp32"
+    precision: Literal["fp32", "fp16"] = Field("fp32", description="engine precision (fp32 is strict: no TF32)")
     workspace_gb: float = Field(4.0, gt=0.0, description="builder workspace memory limit")
     min_batch: int = Field(1, ge=1, description="optimization profile of the dynamic batch axis")
-    opt_batch: int = Field(1, ge=1)
-    max_batch: int = Field(32, ge=1)
+    opt_batch: int = Field(1, ge=1, description="the batch the engine is tuned for")
+    max_batch: int = Field(32, ge=1, description="largest batch the engine takes (larger ones run in chunks)")
 
     @field_validator("mode", mode="before")
     @classmethod
@@ -195,12 +199,12 @@ class TensorRTConfig(Section):
 class ExportConfig(Section):
     """ONNX export of the compressed model, and optionally a TensorRT engine."""
 
-    opset: int = Field(17, ge=11, le=23)
+    opset: int = Field(17, ge=11, le=23, description="ONNX opset")
     exporter: Literal["auto", "torchscript", "dynamo"] = Field(
         "auto", description="auto: torchscript, falling back to the torch.export-based exporter when it fails")
-    input_name: str = "input"
-    output_name: str = "logits"
-    dynamic_batch: bool = True
+    input_name: str = Field("input", description="graph input name")
+    output_name: str = Field("logits", description="graph output name")
+    dynamic_batch: bool = Field(True, description="dynamic batch axis")
     tensorrt: TensorRTConfig = Field(default_factory=TensorRTConfig)
 
 
@@ -208,8 +212,11 @@ class GatesConfig(Section):
     """Thresholds that fail the run with exit code 3; unset gates are not checked."""
 
     max_top1_drop: float | None = Field(None, ge=0.0, description="points of top-1 lost vs base")
-    min_speedup: float | None = Field(None, gt=0.0)
-    max_latency_ms: float | None = Field(None, gt=0.0)
+    min_speedup: float | None = Field(None, gt=0.0, description="measured speedup vs base: the low end of its "
+                                      "spread across timing blocks must reach this")
+    min_flops_reduction: float | None = Field(None, ge=0.0, lt=1.0, description="fraction of the base's MACs "
+                                              "removed, e.g. 0.7")
+    max_latency_ms: float | None = Field(None, gt=0.0, description="compressed median latency, milliseconds")
     max_parity_error: float | None = Field(1e-4, gt=0.0, description="max |artifact - PyTorch| of FP32 artifacts")
     max_parity_error_fp16: float | None = Field(5e-2, gt=0.0, description="the same for FP16 TensorRT engines")
 
@@ -221,20 +228,26 @@ class ValidateConfig(Section):
         "auto", description="auto: the TensorRT engine when one was built, else ONNX Runtime on CUDA when "
         "runtime.device is cuda, else ONNX Runtime on CPU")
 
-    warmup: int = Field(20, ge=0)
+    warmup: int = Field(20, ge=0, description="untimed runs per model before timing")
     runs: int = Field(100, ge=1, description="timed batch-1 runs per model")
-    batch: int = Field(1, ge=1)
-    threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads (default: runtime's)")
-    parity_samples: int = Field(16, ge=1)
+    blocks: int = Field(10, ge=1, description="the runs are timed in this many interleaved blocks; the speedup's "
+                        "spread is taken across blocks")
+    batch: int = Field(1, ge=1, description="latency batch")
+    threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads (default: every core of "
+                                "the process's CPU affinity)")
+    parity_samples: int = Field(16, ge=1, description="validation images compared between PyTorch and the "
+                                "artifact")
     gates: GatesConfig = Field(default_factory=GatesConfig)
 
 
 class RuntimeConfig(Section):
     """Where and how the run executes; not part of any stage's config hash."""
 
-    device: Literal["auto", "cpu", "cuda"] = "cpu"
+    device: Literal["auto", "cpu", "cuda"] = Field("cpu", description="where stages run; auto takes CUDA when "
+                                                   "visible")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads")
-    progress: bool = True
+    progress: bool = Field(True, description="progress display: bars on a terminal, plain lines otherwise")
+    progress_interval: float = Field(30.0, gt=0.0, description="off a terminal: seconds between progress lines")
 
 
 class LoggingConfig(Section):
@@ -247,8 +260,8 @@ class LoggingConfig(Section):
 class Config(Section):
     """The whole pipeline config."""
 
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    seed: int = 0
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$", description="the run's name (runs/<name>)")
+    seed: int = Field(0, description="seeds splits, training and pruning: equal seeds give equal runs")
     run_dir: Path | None = Field(None, description="default runs/<name>")
     model: ModelConfig
     data: DataConfig = Field(default_factory=DataConfig)

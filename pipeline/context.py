@@ -107,6 +107,12 @@ class Context:
     def track(self, items, description: str, total: int | None = None):
         return self.tracker.track(items, description, total)
 
+    def milestone(self, message: str) -> None:
+        """One INFO line for a unit of progress a user waits for (a pruning step, a decision, an epoch):
+        in log.txt and on the console, on a terminal or not."""
+        self.log.info(message)
+        self.tracker.milestone()
+
     def stage_state(self, name: str) -> dict[str, Any]:
         """The saved state of a finished stage (loaded with weights_only=True)."""
         entry = self.manifest["stages"].get(name)

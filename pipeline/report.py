@@ -6,32 +6,17 @@ state), so a report can be made for any run: finished, failed, interrupted or st
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline._report_figures import figure_dynamics, figure_latency, figure_widths
+from pipeline._report_render import Section, Table, render_html, render_md
 from pipeline.config import Config
 from pipeline.rundir import RunDir, atomic_write, load_checkpoint, sha256
 
 REPORT_MD, REPORT_HTML, FIGURES = "report.md", "report.html", "figures"
-
-
-@dataclass
-class Table:
-    headers: list[str]
-    rows: list[list[str]]
-
-
-@dataclass
-class Section:
-    title: str
-    text: list[str] = field(default_factory=list)
-    tables: list[Table] = field(default_factory=list)
-    figures: list[tuple[str, str]] = field(default_factory=list)  # (relative path, caption)
 
 
 def f2(x: float | None) -> str:
@@ -99,27 +84,31 @@ def read_run(run_dir: Path, config: Config | None = None) -> RunRecords:
 
 
 def run_status(rec: RunRecords) -> tuple[str, str]:
-    """(one word, one sentence) on how far the run got."""
+    """(one word, the rest of the sentence) on how far the run got: "Status: **word** rest."."""
     from stages import PIPELINE
 
     stages = rec.manifest["stages"]
     for name in PIPELINE:
-        st = stages.get(name, {}).get("status")
+        entry = stages.get(name, {})
+        st = entry.get("status")
         if st == "failed":
-            return "failed", f"failed in stage `{name}`: {stages[name].get('error', 'no error recorded')}"
+            return "failed", f"in stage `{name}`: {entry.get('error', 'no error recorded')}"
+        if st == "interrupted":
+            return "interrupted", (f"in stage `{name}` by {entry.get('signal', 'a signal')}; re-run the same command "
+                                   f"to resume from it")
         if st == "running":
-            return "interrupted", (f"interrupted in stage `{name}` (the process was killed or crashed while it ran); "
-                                   f"re-run the same command to resume from it")
+            return "interrupted", (f"in stage `{name}` (the process was killed or crashed while it ran); re-run the "
+                                   f"same command to resume from it")
     if rec.summary is not None:
         gates = rec.summary.get("gates", {})
         if gates.get("passed", True):
-            return "finished", "finished: every stage done, validation gates passed"
-        return "gates failed", "finished, but validation gates failed: " + "; ".join(gates.get("failures", []))
+            return "finished", "with every stage done and the validation gates passed"
+        return "gates failed", "with every stage done; failed: " + "; ".join(gates.get("failures", []))
     done = [n for n in PIPELINE if stages.get(n, {}).get("status") in ("done", "skipped")]
     if not done:
-        return "not started", "no stage has finished"
+        return "not started", "(no stage has finished)"
     nxt = PIPELINE[PIPELINE.index(done[-1]) + 1] if done[-1] != PIPELINE[-1] else None
-    return "stopped", f"stopped after stage `{done[-1]}`" + (f"; `{nxt}` and later have not run" if nxt else "")
+    return "stopped", f"after stage `{done[-1]}`" + (f"; `{nxt}` and later have not run" if nxt else "")
 
 
 def dynamics_rows(rec: RunRecords) -> list[dict[str, Any]]:
@@ -177,100 +166,6 @@ def layer_widths(rec: RunRecords) -> list[dict[str, Any]]:
     return rows
 
 
-# ---------------------------------------------------------------------------------------------- figures
-
-
-def _save(fig: Any, path: Path) -> None:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
-    atomic_write(path, buf.getvalue())
-
-
-def figure_dynamics(rows: list[dict[str, Any]], path: Path) -> None:
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(9, 7.5))
-    axes = fig.subplots(3, 1, sharex=True)
-    xs = list(range(len(rows)))
-    series = [("gflops", "GMACs (multiply-accumulates, 1e9)", "tab:blue"), ("params_m", "parameters (M)",
-                                                                             "tab:green"),
-              ("top1", "top-1 (%)", "tab:red")]
-    for ax, (key, label, color) in zip(axes, series, strict=True):
-        ok = [(x, r[key]) for x, r in zip(xs, rows, strict=True) if r[key] is not None and r["accepted"]]
-        bad = [(x, r[key]) for x, r in zip(xs, rows, strict=True) if r[key] is not None and not r["accepted"]]
-        if ok:
-            ax.plot(*zip(*ok, strict=True), marker="o", color=color, label="kept")
-        if bad:
-            ax.scatter(*zip(*bad, strict=True), marker="x", s=60, color="black", label="rolled back", zorder=3)
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-        ax.legend(loc="best", fontsize=8)
-    prev, n = None, 0
-    for x, r in zip(xs, rows, strict=True):
-        if r["stage"] != prev:
-            for ax in axes:
-                ax.axvline(x - 0.5, color="grey", linestyle="--", linewidth=0.8)
-            # alternate heights so that the names of short stages do not overlap
-            axes[0].annotate(r["stage"], (x - 0.45, 1.01 + 0.09 * (n % 2)), xycoords=("data", "axes fraction"),
-                             fontsize=8, va="bottom")
-            prev, n = r["stage"], n + 1
-    axes[-1].set_xticks(xs)
-    axes[-1].set_xticklabels([r["what"] for r in rows], rotation=60, ha="right", fontsize=7)
-    axes[-1].set_xlabel("pruning step / truncation decision / stage (dashed lines: stage boundaries)")
-    fig.suptitle("Compression dynamics")
-    _save(fig, path)
-
-
-def figure_widths(widths: list[dict[str, Any]], path: Path) -> None:
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(max(8.0, 0.18 * len(widths) + 2), 4.5))
-    ax = fig.subplots()
-    kept = [100.0 * w["compressed"] / w["base"] for w in widths]
-    colors = ["lightgrey" if w["removed"] else "tab:blue" for w in widths]
-    ax.bar(range(len(widths)), kept, color=colors)
-    for i, w in enumerate(widths):
-        if w["removed"]:
-            ax.bar(i, 100.0, color="none", edgecolor="tab:red", hatch="//", linewidth=0.5)
-    ax.set_ylim(0, 125)
-    ax.set_yticks(range(0, 101, 20))
-    ax.set_ylabel("retained output width (%)")
-    ax.set_xlabel("layer (conv / linear, in model order)")
-    step = max(1, len(widths) // 40)
-    ax.set_xticks(range(0, len(widths), step))
-    ax.set_xticklabels([widths[i]["layer"] for i in range(0, len(widths), step)], rotation=90, fontsize=6)
-    from matplotlib.patches import Patch
-
-    ax.legend(handles=[Patch(color="tab:blue", label="pruned layer (share of base width)"),
-                       Patch(facecolor="none", edgecolor="tab:red", hatch="//", label="in a removed block")],
-              loc="upper center", ncol=2, fontsize=8)
-    ax.set_title("Per-layer retained width")
-    ax.grid(axis="y", alpha=0.3)
-    _save(fig, path)
-
-
-def figure_latency(summary: dict[str, Any], path: Path) -> None:
-    from matplotlib.figure import Figure
-
-    lat = summary["latency_ms"]
-    fig = Figure(figsize=(5.5, 4))
-    ax = fig.subplots()
-    med = [lat["base"], lat["compressed"]]
-    p90 = [lat.get("base_p90", lat["base"]), lat.get("compressed_p90", lat["compressed"])]
-    bars = ax.bar(["base", "compressed"], med, color=["tab:grey", "tab:blue"], label="median")
-    ax.errorbar([0, 1], med, yerr=[[0, 0], [p - m for p, m in zip(p90, med, strict=True)]], fmt="none",
-                ecolor="black", capsize=6, label="p90")
-    for b, m in zip(bars, med, strict=True):
-        ax.annotate(f"{m:.3f} ms", (b.get_x() + b.get_width() / 2, m / 2), ha="center", va="center", fontsize=10,
-                    color="white", fontweight="bold")
-    ax.set_ylabel("latency per batch (ms)")
-    ax.set_title(f"{lat['backend']}, batch {lat['batch']}, {lat.get('precision', 'fp32')}: "
-                 f"{lat['speedup']:.2f}x faster")
-    ax.legend(fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
-    _save(fig, path)
-
-
 # ---------------------------------------------------------------------------------------------- sections
 
 
@@ -281,10 +176,18 @@ def build_sections(rec: RunRecords, rows: list[dict[str, Any]], widths: list[dic
     name = rec.manifest.get("name", rec.root.name)
     intro = Section(f"Compression report: {name}", [
         f"Model `{rec.manifest.get('model', '?')}`, run directory `{rec.root}`.",
-        f"Status: **{word}**, {sentence}."])
+        f"Status: **{word}** {sentence}."])
     if rec.summary_note:
         intro.text.append(rec.summary_note)
+    for tname, t in ((rec.summary or {}).get("targets") or {}).items():
+        intro.text.append(f"Target {tname} {t['requested']:g}: " + (
+            f"met (achieved {t['achieved']:.3f})." if t["met"] else
+            f"**MISSED** (achieved {t['achieved']:.3f}; {t.get('stop_reason', 'no stop reason recorded')})."))
     sections = [intro]
+    settings = settings_rows(rec)
+    if settings:
+        sections.append(Section("Settings", ["What this run was asked to do (from its config.json)."],
+                                [Table(["setting", "value"], settings)]))
     s = rec.summary
     if s is not None:
         b, c, lat = s["base"], s["compressed"], s["latency_ms"]
@@ -296,7 +199,9 @@ def build_sections(rec: RunRecords, rows: list[dict[str, Any]], widths: list[dic
             [f"latency, median (ms; {lat['backend']}, batch {lat['batch']}, {lat.get('precision', 'fp32')})",
              f"{lat['base']:.3f}", f"{lat['compressed']:.3f}", f"{lat['speedup']:.2f}x faster "
              f"({pct(lat['compressed'], lat['base'])})"],
-            ["latency, p90 (ms)", f"{lat.get('base_p90', 0):.3f}", f"{lat.get('compressed_p90', 0):.3f}", ""],
+            ["latency, p10-p90 (ms)", f"{lat.get('base_p10', 0):.3f}-{lat.get('base_p90', 0):.3f}",
+             f"{lat.get('compressed_p10', 0):.3f}-{lat.get('compressed_p90', 0):.3f}",
+             f"speedup {lat.get('speedup_low', 0):.2f}-{lat.get('speedup_high', 0):.2f}x across blocks"],
         ])
         sec = Section("Base vs compressed", [
             f"Accuracy: {s.get('accuracy_source', 'validation split')}. GMACs are multiply-accumulates at the "
@@ -355,8 +260,11 @@ def build_sections(rec: RunRecords, rows: list[dict[str, Any]], widths: list[dic
                                                         gc.items()]))
         sections.append(Section("Gates", text, tables))
         sections.append(Section("Latency", [
-            f"{lat['runs']} timed runs after {lat['warmup']} warm-up runs per model, base and compressed "
-            f"interleaved."], [], [(f"{FIGURES}/latency.png", "median latency with p90")]))
+            f"{lat['runs']} timed runs per model after {lat['warmup']} warm-up runs, in {lat.get('blocks', 1)} "
+            f"interleaved blocks (base and compressed alternate block by block); the speedup's spread is the "
+            f"10th-90th percentile of the per-block speedups, and `min_speedup` gates on its low end. "
+            f"{lat.get('threads') or '?'} threads on {lat.get('device') or 'an unrecorded device'}."], [],
+            [(f"{FIGURES}/latency.png", "median latency, p10-p90 whiskers")]))
     st = rec.manifest["stages"]
     sections.append(Section("Stages", [], [Table(["#", "stage", "status", "seconds", "finished"], [
         [str(i), n, st.get(n, {}).get("status", "not run"), f"{st[n]['seconds']:.1f}" if "seconds" in st.get(n, {})
@@ -364,6 +272,52 @@ def build_sections(rec: RunRecords, rows: list[dict[str, Any]], widths: list[dic
     sections.append(Section("Artifacts", ["Files of the run (report files excluded), with their size and sha256."],
                             [Table(["file", "bytes", "sha256"], artifact_rows(rec))]))
     return sections
+
+
+def settings_rows(rec: RunRecords) -> list[list[str]]:
+    """The settings that decide what a run does: criterion, targets, budgets, recovery, runtime."""
+    cfg = rec.config
+    if cfg is None:
+        return []
+    fp, lt, rc, ft, v = cfg.filter_prune, cfg.layer_truncate, cfg.recovery, cfg.finetune, cfg.validate_
+    lat = (rec.summary or {}).get("latency_ms", {})
+    fp_stop = rec.manifest["stages"].get("filter_prune", {}).get("metrics", {}).get("stop_reason")
+    rows = [["model", f"{cfg.model.source}:{cfg.model.name}, input {cfg.model.in_chans}x{cfg.model.input_size[0]}x"
+                      f"{cfg.model.input_size[1]}, {cfg.model.num_classes} classes"],
+            ["data", f"{cfg.data.kind}" + (f" at {cfg.data.root}" if cfg.data.root else "")]]
+    if fp.enabled:
+        rows += [["filter_prune", f"criterion {fp.criterion}, {fp.ranking} ranking, widths in multiples of "
+                                  f"{fp.round_to}, at most {fp.steps} steps"],
+                 ["target", f"-{fp.target_flops_reduction:.0%} MACs"],
+                 ["filter_prune budget", f"top-1 at most {fp.max_accuracy_drop:g} points below its start; "
+                                         f"recovery {fp.recovery_rounds} x {fp.recovery_steps} steps per step"],
+                 ["filter_prune stopped", fp_stop or "-"]]
+    else:
+        rows.append(["filter_prune", "off"])
+    rows.append(["layer_truncate", f"up to {lt.max_layers} blocks, top-1 at most {lt.max_accuracy_drop:g} points "
+                                   f"below its start" if lt.enabled and lt.max_layers else "off"])
+    rows.append(["recovery", f"stopping {rc.stopping}, distillation weight {rc.distill_weight:g} from the "
+                             f"{rc.teacher} model, {rc.optimizer}"])
+    rows.append(["finetune", f"up to {ft.max_epochs} epochs at lr {ft.lr:g}" if ft.enabled else "off"])
+    rows.append(["validation runtime", f"{lat.get('backend', v.runtime)}, batch {v.batch}, {v.runs} runs in "
+                                       f"{v.blocks} blocks, {lat.get('threads') or v.threads or 'all'} threads"
+                                       + (f" on {lat['device']}" if lat.get("device") else "")])
+    rows.append(["export", f"ONNX opset {cfg.export.opset} ({cfg.export.exporter}); TensorRT "
+                           f"{cfg.export.tensorrt.mode} ({cfg.export.tensorrt.precision})"])
+    return rows
+
+
+def budget_lines(rec: RunRecords) -> dict[str, tuple[float, float]]:
+    """Each pruning stage's starting top-1 and accuracy budget, for the dynamics figure."""
+    if rec.config is None:
+        return {}
+    out = {}
+    for stage, drop in (("filter_prune", rec.config.filter_prune.max_accuracy_drop),
+                        ("layer_truncate", rec.config.layer_truncate.max_accuracy_drop)):
+        start = rec.manifest["stages"].get(stage, {}).get("metrics", {}).get("top1_start")
+        if start is not None:
+            out[stage] = (start, drop)
+    return out
 
 
 def artifact_rows(rec: RunRecords) -> list[list[str]]:
@@ -377,61 +331,6 @@ def artifact_rows(rec: RunRecords) -> list[list[str]]:
     return rows
 
 
-# ---------------------------------------------------------------------------------------------- rendering
-
-
-def _md_cell(text: str) -> str:
-    return text.replace("|", "\\|")
-
-
-def render_md(sections: list[Section]) -> str:
-    out = []
-    for i, sec in enumerate(sections):
-        out.append(("# " if i == 0 else "## ") + sec.title + "\n")
-        out += [t + "\n" for t in sec.text]
-        for t in sec.tables:
-            out.append("| " + " | ".join(map(_md_cell, t.headers)) + " |")
-            out.append("|" + "|".join("---" for _ in t.headers) + "|")
-            out += ["| " + " | ".join(map(_md_cell, r)) + " |" for r in t.rows]
-            out.append("")
-        out += [f"![{cap}]({path})\n" for path, cap in sec.figures]
-    return "\n".join(out).rstrip() + "\n"
-
-
-def _inline_md(text: str) -> str:
-    """The little markdown the report's prose uses (`code`, **bold**) as HTML."""
-    import re
-
-    t = html.escape(text)
-    t = re.sub(r"`([^`]+)`", r"<code>\1</code>", t)
-    return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", t)
-
-
-CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
-       "table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px solid #ccc;padding:3px 8px;"
-       "text-align:right}th{background:#f3f3f3}td:first-child,td:nth-child(2){text-align:left}"
-       "img{max-width:100%;border:1px solid #eee}code{background:#f6f6f6;padding:0 3px}")
-
-
-def render_html(sections: list[Section], root: Path) -> str:
-    out = ["<!DOCTYPE html>", "<html><head><meta charset='utf-8'>",
-           f"<title>{html.escape(sections[0].title)}</title><style>{CSS}</style></head><body>"]
-    for i, sec in enumerate(sections):
-        tag = "h1" if i == 0 else "h2"
-        out.append(f"<{tag}>{html.escape(sec.title)}</{tag}>")
-        out += [f"<p>{_inline_md(t)}</p>" for t in sec.text]
-        for t in sec.tables:
-            out.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in t.headers) + "</tr>")
-            out += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in t.rows]
-            out.append("</table>")
-        for path, cap in sec.figures:
-            data = base64.b64encode((root / path).read_bytes()).decode()
-            out.append(f"<figure><img alt='{html.escape(cap)}' src='data:image/png;base64,{data}'>"
-                       f"<figcaption>{html.escape(cap)}</figcaption></figure>")
-    out.append("</body></html>")
-    return "\n".join(out) + "\n"
-
-
 def write_report(run_dir: Path, config: Config | None = None) -> list[Path]:
     """Write report.md, report.html and figures/*.png into `run_dir`; returns the paths written."""
     rec = read_run(run_dir, config)
@@ -440,8 +339,8 @@ def write_report(run_dir: Path, config: Config | None = None) -> list[Path]:
     figs = rec.root / FIGURES
     figs.mkdir(exist_ok=True)
     written = []
-    jobs = {"dynamics.png": (figure_dynamics, rows), "widths.png": (figure_widths, widths),
-            "latency.png": (figure_latency, rec.summary)}
+    jobs = {"dynamics.png": (lambda d, p: figure_dynamics(d, p, budget_lines(rec)), rows),
+            "widths.png": (figure_widths, widths), "latency.png": (figure_latency, rec.summary)}
     for name, (draw, data) in jobs.items():
         path = figs / name
         if not data:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import io
 import json
 import os
+import re
+import shutil
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,6 +20,11 @@ import torch
 from pipeline.errors import UserInputError
 
 MANIFEST = "manifest.json"
+# Everything the pipeline writes at the top of a run directory; it never writes, replaces or deletes anything else.
+OWNED = frozenset({MANIFEST, "config.json", "summary.json", "model.onnx", "model.engine", "model.engine.json",
+                   "model.int8.onnx", "model.int8.onnx.json", "log.txt", "metrics.jsonl", "report.md",
+                   "report.html", "figures", "tensorboard", "exports", ".lock"})
+STAGE_DIR = re.compile(r"^\d\d_[a-z_]+$")
 
 
 def now() -> str:
@@ -34,7 +42,28 @@ def sha256(path: Path) -> str:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write bytes so that a crash leaves either the old file or the new one, never a torn one."""
+    """Write bytes so that a crash leaves either the old file or the new one, never a torn one.
+
+    A full disk or a file system that refuses the write is bad environment, not a bug: UserInputError (exit 2)
+    with the path and the size needed; the temporary file is removed and the old file stays as it was.
+    """
+    try:
+        _atomic_write(path, data)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            try:
+                free = f"{shutil.disk_usage(nearest_existing(path.parent)).free / 1e6:,.1f} MB free"
+            except OSError:
+                free = "free space unknown"
+            raise UserInputError(f"no space left on the device while writing {path} ({len(data) / 1e6:,.1f} MB "
+                                 f"needed, {free}); earlier files are intact. Free some space and re-run the same "
+                                 f"command to resume") from exc
+        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise UserInputError(f"cannot write {path}: {exc.strerror}; choose a writable location") from exc
+        raise
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -57,6 +86,40 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
+def nearest_existing(path: Path) -> Path:
+    """`path` itself or its closest ancestor that exists."""
+    p = Path(os.path.abspath(path))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_writable(path: Path, what: str) -> None:
+    """Raise UserInputError unless a file can be created at `path`; leaves nothing behind.
+
+    Catches a read-only file system, missing permission, pseudo file systems (/proc, /sys), a regular file where
+    a folder is needed, and a folder where the file would go, before any work is done.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise UserInputError(f"{what} {str(path)!r} is a folder; give a file path")
+    parent = nearest_existing(path.parent)
+    if not parent.is_dir():
+        raise UserInputError(f"{what} {str(path)!r} cannot be created: {str(parent)!r} is a file, not a folder")
+    probe_dir(parent, f"{what} {str(path)!r}")
+
+
+def probe_dir(folder: Path, what: str) -> None:
+    """Create and remove a temporary file in `folder`: the one reliable test that it can be written."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".compress-probe-")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        raise UserInputError(f"{what} cannot be written: {str(folder)!r} is not writable ({exc.strerror or exc}); "
+                             f"choose a folder on a writable file system") from exc
+
+
 def atomic_json(path: Path, obj: Any) -> None:
     """Atomically write pretty JSON."""
     atomic_write(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
@@ -70,8 +133,60 @@ def atomic_torch_save(path: Path, obj: Any) -> None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint with weights_only=True (tensors and plain data only)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Load a checkpoint with weights_only=True (tensors and plain data only).
+
+    A file that holds anything else (or is damaged) is refused with a message of ours: torch's own text
+    suggests weights_only=False, which would run whatever code the file carries.
+    """
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as exc:
+        raise UserInputError(f"checkpoint {path} is missing; re-run the stage that writes it (--from), or "
+                             f"start over with --fresh") from exc
+    except Exception as exc:  # noqa: BLE001 - unpickling errors, truncation, foreign formats: all bad input
+        raise UserInputError(f"{path} is not a checkpoint this tool wrote: it is damaged or holds objects other "
+                             f"than tensors and plain data ({type(exc).__name__}), and nothing was loaded from it. "
+                             f"Re-run the stage that writes it with --from, or start over with --fresh") from None
+    if not isinstance(data, dict):
+        raise UserInputError(f"{path} is not a checkpoint this tool wrote (it holds a {type(data).__name__}); "
+                             f"re-run the stage that writes it with --from, or start over with --fresh")
+    return data
+
+
+def _refusal(root: Path) -> str | None:
+    """Why `root` can never be a run directory (the current folder, home, a system folder), or None."""
+    resolved = Path(os.path.abspath(root))
+    if str(root) in ("", ".") or resolved == Path.cwd():
+        return "is the current folder; a run directory is a folder of its own, e.g. --run-dir runs/mine"
+    if resolved == resolved.parent or resolved == Path.home():
+        return "is the file-system root or your home folder"
+    top = resolved.parts[1] if len(resolved.parts) > 1 else ""
+    if top in ("proc", "sys", "dev"):
+        return f"is inside /{top}, a kernel pseudo file system"
+    return None
+
+
+def _manifest_problem(data: Any) -> str | None:
+    if not isinstance(data, dict):
+        return f"the top level is a {type(data).__name__}, not an object"
+    stages = data.get("stages", {})
+    if not isinstance(stages, dict):
+        return "`stages` is not an object"
+    for name, entry in stages.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("status"), str):
+            return f"stage {name!r} has no status"
+        files = entry.get("files", {})
+        if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) and _inside(k)
+                                                  for k, v in files.items()):
+            return f"stage {name!r}: `files` is not a map of paths inside the run directory to sha256"
+        ckpt = entry.get("checkpoint")
+        if ckpt is not None and not (isinstance(ckpt, str) and _inside(ckpt)):
+            return f"stage {name!r}: `checkpoint` is not a path inside the run directory"
+    return None
+
+
+def _inside(rel: str) -> bool:
+    return bool(rel) and not Path(rel).is_absolute() and ".." not in Path(rel).parts
 
 
 class RunDir:
@@ -104,16 +219,51 @@ class RunDir:
             self._lock_fd = None
 
     def read_manifest(self) -> dict[str, Any]:
-        """The manifest, or an empty one for a new run."""
+        """The manifest, or an empty one for a new run; a manifest of the wrong shape is refused."""
         if not self.manifest_path.is_file():
             return {"stages": {}}
+        fix = "it was edited or damaged outside the tool. Restore it, or run with --fresh to start this run over"
         try:
-            data = json.loads(self.manifest_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise UserInputError(f"{self.manifest_path} is not valid JSON ({exc}); it was edited or damaged "
-                                 f"outside the tool. Restore it, or run with --fresh to start this run over") from exc
+            data = json.loads(self.manifest_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UserInputError(f"{self.manifest_path} is not valid JSON ({exc}); {fix}") from exc
+        problem = _manifest_problem(data)
+        if problem:
+            raise UserInputError(f"{self.manifest_path} is not a manifest of this tool ({problem}); {fix}")
         data.setdefault("stages", {})
         return data
+
+    def check_usable(self, fresh: bool = False, need_bytes: int = 0) -> None:
+        """Before any work (also for --dry-run): the folder is a run directory or can become one without
+        touching anything of the user's, it can be written, and it has room for the run's files."""
+        root = self.root
+        why = _refusal(root)
+        if why:
+            raise UserInputError(f"run directory {str(root)!r} {why}")
+        if root.exists() and not root.is_dir():
+            raise UserInputError(f"run directory {str(root)!r} is a file, not a folder; pass another --run-dir")
+        if root.is_dir() and not self.manifest_path.is_file():
+            foreign = sorted(p.name for p in root.iterdir())
+            if foreign and not fresh:
+                shown = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
+                raise UserInputError(f"{str(root)!r} is not empty and is not a run directory (no {MANIFEST}): it "
+                                     f"holds {shown}. Nothing was changed. Pass a new or empty --run-dir, or "
+                                     f"--fresh to add a run beside these files (never replacing them)")
+            clash = [n for n in foreign if n in OWNED or STAGE_DIR.match(n)]
+            if clash:
+                raise UserInputError(f"{str(root)!r} is not a run directory but holds {', '.join(clash)}, which a "
+                                     f"run would write; they are not the pipeline's, so even --fresh will not "
+                                     f"replace them. Move them, or pass another --run-dir")
+        base = nearest_existing(root)
+        if not base.is_dir():
+            raise UserInputError(f"run directory {str(root)!r} cannot be created: {str(base)!r} is a file")
+        probe_dir(base, f"run directory {str(root)!r}")
+        if need_bytes:
+            free = shutil.disk_usage(base).free
+            if free < need_bytes:
+                raise UserInputError(f"run directory {str(root)!r}: about {need_bytes / 1e6:,.0f} MB is needed "
+                                     f"for checkpoints and artifacts but {free / 1e6:,.0f} MB is free on its file "
+                                     f"system; free some space or pass a --run-dir elsewhere")
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         atomic_json(self.manifest_path, manifest)

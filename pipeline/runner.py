@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from rich.console import Console
 from torch import nn
 
 import stages  # noqa: F401 - registers every stage in STAGES
-from pipeline._progress import Tracker
+from pipeline._progress import RunClock, Tracker
 from pipeline.config import Config
 from pipeline.context import (  # noqa: F401 - re-exported for callers of the runner
     PIPELINE,
@@ -29,19 +30,35 @@ from pipeline.metrics import MetricsLog
 from pipeline.models import structure_of
 from pipeline.plan import PlanItem, make_plan, upstream_fingerprint
 from pipeline.rundir import RunDir, atomic_json, atomic_torch_save, now
+from pipeline.signals import Interrupted, critical
 
 CHECKPOINT = "checkpoint.pt"
 
 
+class _PlainFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+
+
 def _logger(run_dir: RunDir, console: Console, main: bool = True) -> logging.Logger:
-    """Console and log.txt on rank 0; other ranks report warnings only, to the console."""
+    """Console and log.txt on rank 0; other ranks report warnings only, to the console.
+
+    On a terminal the console gets Rich's log lines; off one (CI, nohup) plain timestamped lines.
+    """
     from rich.logging import RichHandler
 
     log = logging.getLogger(f"compress.{run_dir.root}")
+    for h in log.handlers:
+        h.close()
     log.handlers.clear()
     log.setLevel(logging.INFO if main else logging.WARNING)
     log.propagate = False
-    log.addHandler(RichHandler(console=console, show_path=False, show_time=False))
+    if console.is_terminal:
+        log.addHandler(RichHandler(console=console, show_path=False, show_time=False, markup=False))
+    else:
+        plain = logging.StreamHandler(console.file)
+        plain.setFormatter(_PlainFormatter())
+        log.addHandler(plain)
     if main:
         fh = logging.FileHandler(run_dir.root / "log.txt")
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -57,6 +74,26 @@ def resolve_device(config: Config) -> torch.device:
     if want == "auto":
         want = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(want)
+
+
+def human(value: Any) -> Any:
+    """A metric rounded for a log line: 4 significant digits for floats."""
+    if isinstance(value, float):
+        return float(f"{value:.4g}")
+    return value
+
+
+@dataclass
+class _Session:
+    """One invocation of the runner: what every stage of it shares."""
+
+    config: Config
+    run_dir: RunDir
+    device: torch.device
+    log: logging.Logger
+    console: Console
+    sink: MetricsLog
+    clock: RunClock
 
 
 def run_pipeline(config: Config, run_dir: RunDir, console: Console, start: str | None = None,
@@ -78,21 +115,23 @@ def run_pipeline(config: Config, run_dir: RunDir, console: Console, start: str |
     sink = None
     try:
         manifest, plan = _on_main(main, lambda: _prepare(config, run_dir, PIPELINE, start, until, fresh))
-        log = _logger(run_dir, console, main)
         sink = MetricsLog(run_dir.root, config.logging.tensorboard, enabled=main)
+        session = _Session(config, run_dir, device, _logger(run_dir, console, main), console, sink,
+                           RunClock(total=sum(item.action == "run" for item in plan)))
         for item in plan:
             if item.action == "skip":
-                log.info(f"[{item.index}] {item.name}: reused ({item.reason})")
+                session.log.info(f"[{item.index}] {item.name}: reused ({item.reason})")
             elif item.action != "run":
                 continue
-            elif main:
-                manifest = _on_main(True, lambda i=item, m=manifest: _run_stage(i, config, run_dir, m, device, log,
-                                                                                 console, sink))
-            elif getattr(STAGES.get(item.name), "distributed", False):
-                _run_worker(item, config, run_dir, manifest, device, log, console, sink)
-                manifest = _on_main(False, None)
             else:
-                manifest = _on_main(False, None)  # wait while rank 0 runs it
+                session.clock.index += 1
+                if main:
+                    manifest = _on_main(True, lambda i=item, m=manifest: _run_stage(i, session, m))
+                elif getattr(STAGES.get(item.name), "distributed", False):
+                    _run_worker(item, session, manifest)
+                    manifest = _on_main(False, None)
+                else:
+                    manifest = _on_main(False, None)  # wait while rank 0 runs it
         if not main:
             return None
         atomic_json(run_dir.root / "config.json", config.model_dump(mode="json", by_alias=True))
@@ -129,69 +168,77 @@ def _prepare(config: Config, run_dir: RunDir, names: list[str], start: str | Non
     return manifest, make_plan(config, run_dir, manifest, names, start, until)
 
 
-def _context(item: PlanItem, config: Config, run_dir: RunDir, manifest: dict[str, Any], device: torch.device,
-             log: logging.Logger, console: Console, sink: MetricsLog | None = None) -> Context:
+def _context(item: PlanItem, s: _Session, manifest: dict[str, Any]) -> Context:
     from pipeline import distributed as D
 
-    stage_dir = run_dir.stage_dir(item.index, item.name)
-    tracker = Tracker(console, item.name, config.runtime.progress and D.is_main())
+    stage_dir = s.run_dir.stage_dir(item.index, item.name)
+    rt = s.config.runtime
+    tracker = Tracker(s.console, item.name, rt.progress and D.is_main(), rt.progress_interval, s.clock)
     ddp = getattr(STAGES.get(item.name), "distributed", False) and D.world_size() > 1
-    return Context(config, run_dir, stage_dir, device, log, tracker, manifest, ddp=ddp, sink=sink,
+    return Context(s.config, s.run_dir, stage_dir, s.device, s.log, tracker, manifest, ddp=ddp, sink=s.sink,
                    resume_key=item.config_hash + upstream_fingerprint(manifest, PIPELINE[: item.index]))
 
 
-def _input_model(item: PlanItem, config: Config, run_dir: RunDir, manifest: dict[str, Any],
-                 device: torch.device) -> nn.Module | None:
-
-    seed_everything(config.seed + item.index)
+def _input_model(item: PlanItem, s: _Session, manifest: dict[str, Any]) -> nn.Module | None:
+    seed_everything(s.config.seed + item.index)
     if item.index == 0:
         return None
-    return load_model_upto(config, run_dir, manifest, PIPELINE[item.index - 1]).to(device)
+    return load_model_upto(s.config, s.run_dir, manifest, PIPELINE[item.index - 1]).to(s.device)
 
 
-def _run_worker(item: PlanItem, config: Config, run_dir: RunDir, manifest: dict[str, Any], device: torch.device,
-                log: logging.Logger, console: Console, sink: MetricsLog) -> None:
+def _run_worker(item: PlanItem, s: _Session, manifest: dict[str, Any]) -> None:
     """A rank other than 0 takes its share of a distributed stage; it writes nothing."""
-    ctx = _context(item, config, run_dir, manifest, device, log, console, sink)
-    STAGES.get(item.name)().run(_input_model(item, config, run_dir, manifest, device), ctx)
+    ctx = _context(item, s, manifest)
+    STAGES.get(item.name)().run(_input_model(item, s, manifest), ctx)
 
 
-def _run_stage(item: PlanItem, config: Config, run_dir: RunDir, manifest: dict[str, Any],
-               device: torch.device, log: logging.Logger, console: Console, sink: MetricsLog) -> dict[str, Any]:
-
+def _run_stage(item: PlanItem, s: _Session, manifest: dict[str, Any]) -> dict[str, Any]:
     stage = STAGES.get(item.name)()
-    ctx = _context(item, config, run_dir, manifest, device, log, console, sink)
+    ctx = _context(item, s, manifest)
+    run_dir, log = s.run_dir, s.log
     stage_dir = ctx.stage_dir
-    stage_dir.mkdir(parents=True, exist_ok=True)
     previous = manifest["stages"].get(item.name)
-    manifest["stages"][item.name] = {"status": "running", "config_hash": item.config_hash, "started": now()}
-    sink.begin(item.name, manifest["stages"][item.name]["started"])
-    run_dir.write_manifest(manifest)
+    with critical():
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        manifest["stages"][item.name] = {"status": "running", "config_hash": item.config_hash, "started": now()}
+        s.sink.begin(item.name, manifest["stages"][item.name]["started"])
+        run_dir.write_manifest(manifest)
     log.info(f"[{item.index}] {item.name}: running ({item.reason})")
     t0 = time.perf_counter()
     try:
-        result = stage.run(_input_model(item, config, run_dir, manifest, device), ctx)
+        result = stage.run(_input_model(item, s, manifest), ctx)
         ctx.tracker.before_commit()
-        entry = _commit(item, config, run_dir, stage_dir, result, manifest["stages"][item.name])
-        entry["upstream"] = upstream_fingerprint(manifest, PIPELINE[: item.index])
+        with critical():  # the checkpoint and its manifest entry change together, or neither does
+            entry = _commit(item, s.config, run_dir, stage_dir, result, manifest["stages"][item.name])
+            entry["upstream"] = upstream_fingerprint(manifest, PIPELINE[: item.index])
+            entry["seconds"] = round(time.perf_counter() - t0, 3)
+            manifest["stages"][item.name] = entry
+            run_dir.write_manifest(manifest)
     except UserInputError:
         # Bad input loses nothing: the stage's previous record (and its files) stay as they were.
-        if previous is None:
-            manifest["stages"].pop(item.name, None)
-        else:
-            manifest["stages"][item.name] = previous
-        run_dir.write_manifest(manifest)
+        with critical():
+            if previous is None:
+                manifest["stages"].pop(item.name, None)
+            else:
+                manifest["stages"][item.name] = previous
+            run_dir.write_manifest(manifest)
+        raise
+    except Interrupted as exc:
+        with critical():
+            manifest["stages"][item.name].update(status="interrupted", signal=exc.name, finished=now())
+            run_dir.write_manifest(manifest)
+        log.warning(f"[{item.index}] {item.name}: interrupted by {exc.name} after "
+                    f"{time.perf_counter() - t0:.1f}s; every earlier checkpoint is intact. Run the same command "
+                    f"again to resume from {item.name}.")
         raise
     except BaseException as exc:
-        manifest["stages"][item.name].update(status="failed", error=f"{type(exc).__name__}: {exc}",
-                                             finished=now())
-        run_dir.write_manifest(manifest)
+        with critical():
+            manifest["stages"][item.name].update(status="failed", error=f"{type(exc).__name__}: {exc}",
+                                                 finished=now())
+            run_dir.write_manifest(manifest)
         raise
-    entry["seconds"] = round(time.perf_counter() - t0, 3)
-    manifest["stages"][item.name] = entry
-    run_dir.write_manifest(manifest)
-    sink.log_dict({**entry["metrics"], "seconds": entry["seconds"]}, prefix="stage/")
-    shown = {k: v for k, v in entry["metrics"].items() if not isinstance(v, (dict, list))}
+    s.sink.log_dict({**entry["metrics"], "seconds": entry["seconds"]}, prefix="stage/")
+    shown = {k: human(v) for k, v in entry["metrics"].items() if not isinstance(v, (dict, list))}
     log.info(f"[{item.index}] {item.name}: {entry['status']} in {entry['seconds']:.1f}s {shown}")
     return manifest
 

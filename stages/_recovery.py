@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from pipeline import distributed as D
+from pipeline._progress import eta
 from pipeline.config import RecoveryConfig
 from pipeline.context import Context
 from pipeline.rundir import atomic_torch_save, load_checkpoint
@@ -168,7 +169,7 @@ def _stop_reason(rule: str, model: nn.Module, ctx: Context, reference: dict[str,
 
 def recover(model: nn.Module, ctx: Context, budget: Budget, teacher: nn.Module | None, reference: dict[str, Any],
             description: str, seed: int, resume: Path | None = None, cfg: RecoveryConfig | None = None,
-            ) -> tuple[nn.Module, Outcome]:
+            milestone: str | None = None) -> tuple[nn.Module, Outcome]:
     """Train `model` to recover, up to the budget, stopping early by `recovery.stopping`.
 
     The rule is checked after each round, as InCoP does after each epoch: a pruned model whose flows still
@@ -181,7 +182,7 @@ def recover(model: nn.Module, ctx: Context, budget: Budget, teacher: nn.Module |
     cfg, device = cfg or ctx.config.recovery, ctx.device
     rule, eps = cfg.stopping, cfg.threshold()
     out = Outcome()
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.monotonic()
     if budget.rounds == 0 or budget.steps == 0:
         out.stopped_by = "no recovery budget"
         return model, out
@@ -238,6 +239,14 @@ def recover(model: nn.Module, ctx: Context, budget: Budget, teacher: nn.Module |
         row = {"round": rnd + 1, "loss": D.all_reduce_sum([loss_sum], device, ctx.ddp)[0] / (budget.steps * world),
                "images_per_s": images / (time.perf_counter() - tr)}
         reason = _stop_reason(rule, model, ctx, reference, eps, row, grads or None)
+        if milestone is not None:
+            if "top1" not in row:
+                row.update(evaluate(model, ctx))
+            ctx.milestone(f"{milestone} {rnd + 1}/{budget.rounds}: loss {row['loss']:.4f}, top-1 {row['top1']:.2f}, "
+                          f"top-5 {row['top5']:.2f}, {row['images_per_s']:.0f} img/s"
+                          + (f", flow distance {row['distance']:.4f}" if "distance" in row else "")
+                          + (f"; stopping: {reason}" if reason else "")
+                          + f" (ETA {eta(started, rnd + 1 - start_round, budget.rounds - start_round)})")
         out.history.append(row)
         ctx.metric("recovery/loss", row["loss"])
         ctx.metric("recovery/images_per_s", row["images_per_s"])

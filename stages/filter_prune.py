@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline._progress import eta
 from pipeline.context import STAGES, Context, StageResult
 from pipeline.errors import UserInputError, did_you_mean
 from pipeline.models import clone, count_macs
@@ -107,6 +108,7 @@ class FilterPrune:
         for key in ("params_m", "gflops", "top1", "top5"):
             ctx.metric(f"prune/{key}", dynamics[0][key], step=0)
         stop = f"reached {cfg.steps} steps"
+        started = time.monotonic()
         for t in ctx.track(range(cfg.steps), "pruning steps", total=cfg.steps):
             if gflops <= target * (1.0 + cfg.flops_tolerance):
                 stop = "reached the FLOPs target"
@@ -124,7 +126,14 @@ class FilterPrune:
             stats = None  # the model changed: later steps measure flows again
             for key in ("params_m", "gflops", "top1", "top5", "fraction", "units_removed"):
                 ctx.metric(f"prune/{key}", row[key], step=t + 1)
-            if start["top1"] - row["top1"] > cfg.max_accuracy_drop:
+            rejected = start["top1"] - row["top1"] > cfg.max_accuracy_drop
+            done = max((t + 1) / cfg.steps, (1.0 - gflops / gflops0) / cfg.target_flops_reduction)
+            ctx.milestone(f"filter_prune step {t + 1}/{cfg.steps}: GMACs {gflops:.4g} ({gflops / gflops0 - 1:+.1%}, "
+                          f"target -{cfg.target_flops_reduction:.0%}), params {params:.3g}M, top-1 {row['top1']:.2f} "
+                          f"(start {start['top1']:.2f}), {removed} units removed, "
+                          + ("ROLLED BACK (top-1 budget)" if rejected else
+                             f"kept (ETA {eta(started, done, 1.0)})"))
+            if rejected:
                 dynamics.append({**row, "accepted": False})
                 model = snapshot
                 gflops = dynamics[-2]["gflops"]

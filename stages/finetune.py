@@ -25,7 +25,7 @@ class Finetune:
         teacher, reference = teacher_and_reference(model, ctx)
         budget = Budget(rounds=cfg.max_epochs, steps=steps_per_epoch(ctx), lr=cfg.lr)
         model, outcome = recover(model, ctx, budget, teacher, reference, "epoch", seed=17,
-                                 resume=ctx.stage_dir / PROGRESS)
+                                 resume=ctx.stage_dir / PROGRESS, milestone="finetune epoch")
         (ctx.stage_dir / PROGRESS).unlink(missing_ok=True)  # only a killed attempt resumes; --from trains anew
         after = evaluate(model, ctx)
         metrics = {"epochs": outcome.rounds, "steps_per_epoch": budget.steps, "stopped_by": outcome.stopped_by,

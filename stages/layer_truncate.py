@@ -81,8 +81,11 @@ class LayerTruncate:
             else:
                 model = snapshot  # exact block and weights back; the measured flows are valid again
                 essential.add(best.name)
-            ctx.log.info(f"layer_truncate: {best.name} (D={best.divergence:.4f}) top-1 {after['top1']:.2f} "
-                         f"-> {'removed' if accepted else 'rolled back, essential'}")
+            ctx.milestone(f"layer_truncate decision {t + 1}: {best.name} (D={best.divergence:.4f}, "
+                          f"{best.macs_share:.1%} of MACs): top-1 {decisions[-1]['top1_before']:.2f} -> "
+                          f"{after['top1']:.2f} (start {start['top1']:.2f}), GMACs {g_after:.4g}: "
+                          + ("removed" if accepted else "ROLLED BACK, marked essential (top-1 budget)")
+                          + f" [{len(removed)}/{cfg.max_layers} removed]")
         gflops, params = count_macs(model, spec)
         ctx.log.info(f"layer_truncate stopped: {stop}")
         metrics = {"removed_blocks": removed, "decisions": len(decisions), "candidates": len(candidates or []),

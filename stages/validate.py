@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from export.runtime import open_artifact, resolve_runtime
-from export.validation import accuracy, check_gates, latency
+from export.validation import accuracy, check_gates, latency, latency_record
 from pipeline.context import STAGES, SUMMARY, Context, StageResult
 from pipeline.models import count_macs
 from pipeline.rundir import atomic_json
@@ -60,7 +60,7 @@ class Validate:
         acc = accuracy(compressed, ctx.loader("validation"), ctx.track)
         base_acc = accuracy(base_rt, ctx.loader("validation"), ctx.track)  # both measured the same way
         lat = latency({"base": base_rt, "compressed": compressed}, (cfg.batch, spec.in_chans, *spec.input_size),
-                      cfg.warmup, cfg.runs, ctx.track)
+                      cfg.warmup, cfg.runs, ctx.track, blocks=cfg.blocks)
         base = ctx.stage_state("calibrate")["base"]
         gflops, params = count_macs(model, spec)
         comp = {"top1": acc["top1"], "top5": acc["top5"], "gflops": gflops, "params_m": params}
@@ -73,16 +73,13 @@ class Validate:
                           "params_m": _pct(params, base["params_m"])},
             "accuracy_source": f"{base_art.name} and {comp_art.name} on {runtime}, {acc['samples']} validation "
                                f"images",
-            "latency_ms": {"backend": compressed.backend, "batch": cfg.batch, "precision": compressed.precision,
-                           "base": lat["base"]["median_ms"], "compressed": lat["compressed"]["median_ms"],
-                           "speedup": lat["base"]["median_ms"] / lat["compressed"]["median_ms"],
-                           "base_p90": lat["base"]["p90_ms"], "compressed_p90": lat["compressed"]["p90_ms"],
-                           "runs": cfg.runs, "warmup": cfg.warmup},
+            "latency_ms": latency_record(lat, compressed, cfg.batch, cfg.runs, cfg.warmup),
             "parity": {"max_abs_diff": parity, "samples": len(xs), "artifact": comp_art.name},
             "artifacts": {"onnx": "model.onnx", "tensorrt": ENGINE if engine.get("status") == "built" else None,
                           "tensorrt_status": engine.get("status"), "tensorrt_reason": engine.get("reason")},
             "removed_blocks": ctx.manifest["stages"].get("layer_truncate", {}).get("metrics", {})
             .get("removed_blocks", []),
+            "targets": targets(ctx, base["gflops"], gflops),
         }
         fails, unchecked = check_gates(summary, cfg.gates)
         summary["gates"] = {"passed": not fails, "failures": fails}
@@ -90,9 +87,28 @@ class Validate:
             summary["gates"]["unchecked"] = unchecked
         path = root / SUMMARY
         atomic_json(path, summary)
+        for name, t in summary["targets"].items():
+            if not t["met"]:
+                ctx.log.warning(f"target {name} {t['requested']:g} was NOT met: achieved {t['achieved']:.3f} "
+                                f"({t['stop_reason']})")
         metrics = {"top1": acc["top1"], "parity": parity, "speedup": summary["latency_ms"]["speedup"],
-                   "runtime": runtime, "gates_passed": not fails}
+                   "runtime": runtime, "gates_passed": not fails,
+                   "targets_met": all(t["met"] for t in summary["targets"].values())}
         return StageResult(metrics=metrics, files=[path, *files])
+
+
+def targets(ctx: Context, base_gflops: float, gflops: float) -> dict[str, dict[str, Any]]:
+    """Each requested target: requested, achieved, met, and why the stage that pursued it stopped."""
+    fp = ctx.config.filter_prune
+    out: dict[str, dict[str, Any]] = {}
+    if fp.enabled:
+        stop = ctx.manifest["stages"].get("filter_prune", {}).get("metrics", {}).get("stop_reason", "not recorded")
+        achieved = 1.0 - gflops / base_gflops if base_gflops else 0.0
+        # the stage's own rule: MACs within flops_tolerance of the target count as reaching it
+        met = gflops <= base_gflops * (1.0 - fp.target_flops_reduction) * (1.0 + fp.flops_tolerance)
+        out["flops_reduction"] = {"requested": fp.target_flops_reduction, "achieved": round(achieved, 4),
+                                  "met": bool(met), "tolerance": fp.flops_tolerance, "stop_reason": stop}
+    return out
 
 
 def raise_no_engine(engine: dict[str, Any]) -> None:

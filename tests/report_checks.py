@@ -116,3 +116,14 @@ def check_numbers(run: Path) -> None:
     for rel, digest in manifest["stages"]["validate"]["files"].items():
         assert by_file[rel]["sha256"] == digest
     assert ("Gates passed." if s["gates"]["passed"] else "Gates **failed**.") in (run / "report.md").read_text()
+    text = (run / "report.md").read_text()
+    assert text.count("Status: **") == 1, "the status is stated once"
+    for name, t in s["targets"].items():
+        assert f"Target {name} {t['requested']:g}: " + ("met" if t["met"] else "**MISSED**") in text
+    (settings,) = tables["Settings"]
+    by_setting = {r["setting"]: r["value"] for r in settings}
+    assert f"criterion {json.loads((run / 'config.json').read_text())['filter_prune']['criterion']}" \
+        in by_setting["filter_prune"]
+    assert by_setting["validation runtime"].startswith(s["latency_ms"]["backend"])
+    spread = next(r for k, r in rows.items() if k.startswith("latency, p10-p90"))
+    assert f"{s['latency_ms']['speedup_low']:.2f}-{s['latency_ms']['speedup_high']:.2f}x" in spread["change"]

@@ -114,3 +114,45 @@ def test_auto_runtime_prefers_the_engine_then_the_device():
     assert resolve_runtime("auto", False, "cpu") == "onnxruntime-cpu"
     assert resolve_runtime("onnxruntime-cpu", True, "cuda") == "onnxruntime-cpu"
     assert resolve_runtime("auto", False, "cuda") in ("onnxruntime-cuda", "onnxruntime-cpu")
+
+
+class _Clock:
+    """A runtime whose timings are scripted: `fast` ms, except `slow_blocks` calls slowed by `factor`."""
+
+    backend, precision, threads, device = "fake", "fp32", 1, "test"
+
+    def __init__(self, ms: float) -> None:
+        self.ms, self.calls, self.factor = ms, 0, 1.0
+
+    def time_once(self, x) -> float:
+        self.calls += 1
+        return self.ms * self.factor
+
+
+def test_latency_runs_in_interleaved_blocks_and_reports_the_speedup_spread():
+    from export.validation import latency_record, speedup
+
+    base, comp = _Clock(4.0), _Clock(2.0)
+    lat = latency({"base": base, "compressed": comp}, (1, 1, 8, 8), warmup=2, runs=20, blocks=4)
+    # warm-up, then per block one untimed wake-up run and its share of the timed runs
+    assert base.calls == comp.calls == 2 + 4 * (1 + 5)
+    assert lat["base"]["runs"] == 20 and len(lat["base"]["block_medians"]) == 4
+    sp = speedup(lat)
+    assert sp["speedup"] == pytest.approx(2.0) and sp["speedup_low"] == pytest.approx(2.0) and sp["blocks"] == 4
+    rec = latency_record(lat, comp, 1, 20, 2)
+    assert rec["base_p10"] == 4.0 and rec["compressed_p90"] == 2.0 and rec["threads"] == 1
+
+
+def test_speedup_gate_holds_only_if_the_low_end_of_the_spread_clears_it():
+    s = summary(speedup=2.0)
+    s["latency_ms"]["speedup_low"] = 1.4
+    fails, _ = check_gates(s, GatesConfig(min_speedup=1.5))
+    assert len(fails) == 1 and "low end of its spread 1.40x" in fails[0]
+    assert check_gates(s, GatesConfig(min_speedup=1.3)) == ([], [])
+
+
+def test_min_flops_reduction_gate():
+    s = {**summary(), "delta_pct": {"gflops": -42.0}}
+    fails, _ = check_gates(s, GatesConfig(min_flops_reduction=0.7))
+    assert len(fails) == 1 and "42.0% < min_flops_reduction 70.0%" in fails[0]
+    assert check_gates(s, GatesConfig(min_flops_reduction=0.4)) == ([], [])

@@ -48,6 +48,10 @@ def test_finished_run_has_the_contract(finished):
     assert summary["compressed"]["params_m"] < summary["base"]["params_m"]
     assert summary["latency_ms"]["backend"] == "onnxruntime-cpu" and summary["latency_ms"]["batch"] == 1
     assert summary["gates"] == {"passed": True, "failures": []}
+    lat = summary["latency_ms"]
+    assert lat["speedup_low"] <= lat["speedup"] <= lat["speedup_high"] and lat["blocks"] == 5
+    assert lat["threads"] >= 1 and lat["device"]
+    assert summary["targets"]["flops_reduction"]["met"] is True
     art = summary["artifacts"]
     if tensorrt.unavailable_reason() is None:
         assert art["tensorrt_status"] == "built" and (run / art["tensorrt"]).is_file()
@@ -60,6 +64,41 @@ def test_finished_run_has_the_contract(finished):
     dynamics = torch.load(run / "03_filter_prune" / "checkpoint.pt", weights_only=True)["state"]["dynamics"]
     assert dynamics[0]["step"] == 0 and all({"params_m", "gflops", "top1", "top5"} <= d.keys() for d in dynamics)
     assert manifest["stages"]["filter_prune"]["metrics"]["graph_builds"] == len(dynamics) - 1
+
+
+def test_log_has_one_line_per_step_decision_and_epoch(finished):
+    """Off a terminal (CI, nohup) the log still says what happens, with figures rounded for humans."""
+    import re
+
+    _, run = finished
+    log = (run / "log.txt").read_text()
+    dynamics = torch.load(run / "03_filter_prune" / "checkpoint.pt", weights_only=True)["state"]["dynamics"]
+    decisions = torch.load(run / "04_layer_truncate" / "checkpoint.pt", weights_only=True)["state"]["decisions"]
+    steps = re.findall(r"filter_prune step (\d+)/\d+: GMACs [\d.]+ \([-+][\d.]+%, target -\d+%\), params [\d.]+M, "
+                       r"top-1 [\d.]+ ", log)
+    assert [int(s) for s in steps] == [d["step"] for d in dynamics[1:]]
+    assert len(re.findall(r"layer_truncate decision \d+: ", log)) == len(decisions) >= 1
+    assert re.search(r"finetune epoch 1/1: loss [\d.]+, top-1 [\d.]+", log)
+    assert re.search(r"train epoch 1/1: loss [\d.]+, top-1 [\d.]+", log)
+    assert not re.search(r"\d\.\d{6,}", log), "numbers in the log are rounded for humans"
+
+
+def test_missed_target_warns_and_its_gate_exits_3(finished, tmp_path: Path, capsys):
+    config, run = finished
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    assert cli("pipeline", str(config), "--run-dir", str(copy), "--set", "filter_prune.steps=1") == 0
+    err = " ".join(capsys.readouterr().err.split())
+    summary = json.loads((copy / "summary.json").read_text())
+    target = summary["targets"]["flops_reduction"]
+    assert target["requested"] == 0.5 and target["met"] is False and target["achieved"] < 0.5
+    assert target["stop_reason"] == "reached 1 steps"
+    assert "WARNING target flops_reduction 0.5 was NOT met" in (copy / "log.txt").read_text()
+    assert "WARNING: target flops_reduction 0.5 was not met" in err and "MISSED" in err
+    assert "Target flops_reduction 0.5: **MISSED**" in (copy / "report.md").read_text()
+    assert cli("pipeline", str(config), "--run-dir", str(copy), "--set", "filter_prune.steps=1",
+               "--set", "validate.gates.min_flops_reduction=0.7") == 3
+    assert "min_flops_reduction" in json.loads((copy / "summary.json").read_text())["gates"]["failures"][0]
 
 
 def test_rerun_reuses_every_stage(finished, capsys):
@@ -151,7 +190,7 @@ def test_until_stops_and_dry_run_plans(finished, tmp_path: Path, capsys):
     assert cli("pipeline", str(config), "--run-dir", str(run), "--until", "calibrate") == 0
     manifest = json.loads((run / "manifest.json").read_text())
     assert list(manifest["stages"]) == ["load", "train", "calibrate"]
-    assert "Status: **stopped**, stopped after stage `calibrate`; `filter_prune` and later have not run" in \
+    assert "Status: **stopped** after stage `calibrate`; `filter_prune` and later have not run" in \
         (run / "report.md").read_text()
     capsys.readouterr()
     assert cli("pipeline", str(config), "--run-dir", str(run), "--dry-run") == 0

@@ -58,7 +58,7 @@ def test_sigkill_inside_stage_then_resume(setup, tmp_path: Path, stage: str):
         assert reported.returncode == 0, reported.stderr[-2000:]
         tables = check_report(run, figures=("dynamics.png", "widths.png"))
         text = (run / "report.md").read_text()
-        assert "Status: **interrupted**, interrupted in stage `layer_truncate`" in text
+        assert "Status: **interrupted** in stage `layer_truncate`" in text
         assert [r["stage"] for r in tables["Dynamics"][0]] == ["filter_prune"] * len(tables["Dynamics"][0])
         assert {r["stage"]: r["status"] for r in tables["Stages"][0]}["layer_truncate"] == "running"
 

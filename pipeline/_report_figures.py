@@ -1,0 +1,129 @@
+"""The report's figures (matplotlib, headless): dynamics per step, retained widths per layer, latency."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+from pipeline.rundir import atomic_write
+
+
+def _save(fig: Any, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
+    atomic_write(path, buf.getvalue())
+
+
+def _legend(ax: Any, **kwargs: Any) -> None:
+    """A legend only when it tells several things apart."""
+    handles, labels = ax.get_legend_handles_labels()
+    if len(handles) > 1:
+        ax.legend(handles, labels, **kwargs)
+
+
+def figure_dynamics(rows: list[dict[str, Any]], path: Path,
+                    budgets: dict[str, tuple[float, float]] | None = None) -> None:
+    """GMACs, parameters and top-1 per step; the base top-1 and each stage's accuracy budget as lines.
+
+    `budgets` maps a stage to (its starting top-1, its max_accuracy_drop): its rows must stay above the difference.
+    """
+    from matplotlib.figure import Figure
+
+    budgets = budgets or {}
+    fig = Figure(figsize=(9, 8))
+    axes = fig.subplots(3, 1, sharex=True)
+    fig.subplots_adjust(top=0.9)
+    xs = list(range(len(rows)))
+    series = [("gflops", "GMACs (1e9 multiply-accumulates)", "tab:blue"), ("params_m", "parameters (M)", "tab:green"),
+              ("top1", "top-1 (%)", "tab:red")]
+    for ax, (key, label, color) in zip(axes, series, strict=True):
+        ok = [(x, r[key]) for x, r in zip(xs, rows, strict=True) if r[key] is not None and r["accepted"]]
+        bad = [(x, r[key]) for x, r in zip(xs, rows, strict=True) if r[key] is not None and not r["accepted"]]
+        if ok:
+            ax.plot(*zip(*ok, strict=True), marker="o", color=color, label="kept")
+        if bad:
+            ax.scatter(*zip(*bad, strict=True), marker="x", s=60, color="black", label="rolled back", zorder=3)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    top = axes[2]
+    if rows and rows[0]["top1"] is not None:
+        top.axhline(rows[0]["top1"], color="grey", linewidth=1.0, label=f"base top-1 {rows[0]['top1']:.2f}")
+    seen = [r["top1"] for r in rows if r["top1"] is not None]
+    for stage, (start, drop) in budgets.items():
+        span = [x for x, r in zip(xs, rows, strict=True) if r["stage"] == stage]
+        # a budget far below every measured point (e.g. max_accuracy_drop: 100) would only squash the axis
+        if span and seen and start - drop >= min(seen) - 15:
+            top.hlines(start - drop, span[0] - 0.5, span[-1] + 0.5, colors="tab:orange", linestyles="--",
+                       linewidth=1.2, label=f"{stage} budget: start - {drop:g} pts")
+    for ax in axes:
+        _legend(ax, loc="best", fontsize=8)
+    prev, n = None, 0
+    for x, r in zip(xs, rows, strict=True):
+        if r["stage"] != prev:
+            for ax in axes:
+                ax.axvline(x - 0.5, color="grey", linestyle="--", linewidth=0.8)
+            # alternate heights so that the names of short stages do not overlap
+            axes[0].annotate(r["stage"], (x - 0.45, 1.02 + 0.1 * (n % 2)), xycoords=("data", "axes fraction"),
+                             fontsize=8, va="bottom", annotation_clip=False)
+            prev, n = r["stage"], n + 1
+    axes[-1].set_xticks(xs)
+    axes[-1].set_xticklabels([r["what"] for r in rows], rotation=60, ha="right", fontsize=7)
+    axes[-1].set_xlabel("pruning step / truncation decision / stage (dashed lines: stage boundaries)")
+    fig.suptitle("Compression dynamics", y=0.99)
+    _save(fig, path)
+
+
+def figure_widths(widths: list[dict[str, Any]], path: Path) -> None:
+    """Retained output width per layer; layers inside removed blocks are marked removed (no bar)."""
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    fig = Figure(figsize=(max(8.0, 0.18 * len(widths) + 2), 4.5))
+    ax = fig.subplots()
+    kept = [0.0 if w["removed"] else 100.0 * w["compressed"] / w["base"] for w in widths]
+    ax.bar(range(len(widths)), kept, color="tab:blue")
+    gone = [i for i, w in enumerate(widths) if w["removed"]]
+    if gone:
+        ax.scatter(gone, [3] * len(gone), marker="x", color="tab:red", s=30, zorder=3)
+    ax.set_ylim(0, 110)
+    ax.set_yticks(range(0, 101, 20))
+    ax.set_ylabel("retained output width (%)")
+    ax.set_xlabel("layer (conv / linear, in model order)")
+    step = max(1, len(widths) // 40)
+    ax.set_xticks(range(0, len(widths), step))
+    ax.set_xticklabels([widths[i]["layer"] for i in range(0, len(widths), step)], rotation=90, fontsize=6)
+    if gone:
+        ax.legend(handles=[Patch(color="tab:blue", label="share of the base width kept"),
+                           Line2D([], [], marker="x", color="tab:red", linestyle="none",
+                                  label="inside a removed block (0%)")],
+                  loc="upper right", fontsize=8)
+    ax.set_title("Per-layer retained width")
+    ax.grid(axis="y", alpha=0.3)
+    _save(fig, path)
+
+
+def figure_latency(summary: dict[str, Any], path: Path) -> None:
+    """Median latency of base and compressed with their p10-p90 range; the speedup with its spread."""
+    from matplotlib.figure import Figure
+
+    lat = summary["latency_ms"]
+    fig = Figure(figsize=(5.8, 4.2))
+    ax = fig.subplots()
+    med = [lat["base"], lat["compressed"]]
+    lo = [lat.get("base_p10", lat["base"]), lat.get("compressed_p10", lat["compressed"])]
+    hi = [lat.get("base_p90", lat["base"]), lat.get("compressed_p90", lat["compressed"])]
+    bars = ax.bar(["base", "compressed"], med, color=["tab:grey", "tab:blue"])
+    ax.errorbar([0, 1], med, yerr=[[m - low for m, low in zip(med, lo, strict=True)],
+                                   [h - m for h, m in zip(hi, med, strict=True)]],
+                fmt="none", ecolor="black", capsize=6)
+    for b, m in zip(bars, med, strict=True):
+        ax.annotate(f"{m:.3f} ms", (b.get_x() + b.get_width() / 2, m / 2), ha="center", va="center", fontsize=10,
+                    color="white", fontweight="bold")
+    ax.set_ylabel("latency per batch (ms): median, whiskers p10-p90")
+    spread = f" ({lat['speedup_low']:.2f}-{lat['speedup_high']:.2f})" if lat.get("speedup_low") else ""
+    ax.set_title(f"{lat['backend']}, batch {lat['batch']}, {lat.get('precision', 'fp32')}: "
+                 f"{lat['speedup']:.2f}x{spread} faster", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    _save(fig, path)

@@ -1,0 +1,68 @@
+"""Every usage error exits 2 with a short message and no traceback; help and version exit 0 (a CI contract).
+
+These run the installed entry point in a fresh process, as Make targets and CI jobs do, so that a change in
+the CLI library (typer vendors its own click since 0.29) is caught here and not by users.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import REPO, run_cli
+
+DEMO = str(REPO / "configs" / "demo.yaml")
+
+USAGE_ERRORS = {
+    "no command": ([], "Usage: compress"),
+    "missing CONFIG": (["pipeline"], "Missing argument 'CONFIG'"),
+    "misspelt command": (["pipline", DEMO], "No such command 'pipline'"),
+    "unknown option": (["pipeline", DEMO, "--epochs", "3"], "No such option: --epochs"),
+    "validate without arguments": (["validate"], "Missing argument 'ARTIFACT'"),
+    "unknown export format": (["export", "RUN", "--format", "trt"], "Did you mean 'tensorrt'"),
+    "option without its value": (["pipeline", DEMO, "--run-dir"], "requires an argument"),
+    "unknown runtime": (["validate", "m.onnx", "--config", DEMO, "--runtime", "tensorrtt"], "Did you mean"),
+}
+
+
+@pytest.mark.parametrize("case", list(USAGE_ERRORS))
+def test_usage_errors_exit_2_without_a_traceback(case: str):
+    args, expected = USAGE_ERRORS[case]
+    done = run_cli(*args, timeout=120)
+    out = done.stdout + done.stderr
+    assert done.returncode == 2, out
+    assert "Traceback" not in out and "File \"" not in out, out
+    assert expected in " ".join(out.split()), out
+
+
+@pytest.mark.parametrize("args", [["pipeline", DEMO, "-h"], ["pipeline", "--help"], ["-h"], ["--version"],
+                                  ["validate", "-h"], ["export", "-h"], ["init", "-h"], ["report", "-h"]])
+def test_help_and_version_exit_0(args: list[str]):
+    done = run_cli(*args, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+
+
+def test_help_lists_the_stages_and_allowed_values():
+    text = " ".join(run_cli("pipeline", "-h", timeout=120).stdout.split())
+    assert "load -> [train] -> calibrate -> filter_prune -> layer_truncate -> finetune -> export -> validate" in text
+    assert "load | train | calibrate | filter_prune | layer_truncate | finetune | export | validate" in text
+    assert "finetune.max_epochs=2" in text and "Examples" in text
+    export_help = " ".join(run_cli("export", "-h", timeout=120).stdout.split())
+    assert "onnx | tensorrt" in export_help
+    validate_help = " ".join(run_cli("validate", "-h", timeout=120).stdout.split())
+    assert "onnxruntime-cpu | onnxruntime-cuda | tensorrt" in validate_help
+
+
+def test_help_examples_are_valid_invocations(tmp_path):
+    """The --set example in the help is a real key (it once was not)."""
+    from pipeline.config import load_config
+
+    load_config(REPO / "configs" / "demo.yaml", ["finetune.max_epochs=2"])
+
+
+def test_the_typer_range_is_bounded():
+    import tomllib
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    typer = next(d for d in deps if d.startswith("typer"))
+    assert "<" in typer, f"typer must have an upper bound: {typer}"
