@@ -32,11 +32,10 @@ class OrtModel:
         import onnxruntime as ort
 
         name = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}[provider]
-        if name not in ort.get_available_providers():
-            raise UserInputError(
-                f"ONNX Runtime here has no {name} (available: {', '.join(ort.get_available_providers())}); "
-                "install the gpu extra on a CUDA machine (pip install -e '.[gpu]', which brings onnxruntime-gpu; "
-                "uninstall the CPU-only onnxruntime first), or set validate.runtime: onnxruntime-cpu")
+        problem = cuda_provider_problem() if provider == "cuda" else None
+        if problem:
+            raise UserInputError(f"cannot run {Path(path).name} on onnxruntime-cuda: {problem}; or set "
+                                 f"validate.runtime: onnxruntime-cpu")
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Pinned, so that the same artifact is timed with the same threads in the pipeline and in `validate`.
@@ -59,6 +58,35 @@ class OrtModel:
         t0 = time.perf_counter()
         self.session.run(None, feed)
         return (time.perf_counter() - t0) * 1e3
+
+
+def _installed(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def cuda_provider_problem() -> str | None:
+    """Why ONNX Runtime cannot run on CUDA here, with the repair; None when it can."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return None
+    cpu, gpu = _installed("onnxruntime"), _installed("onnxruntime-gpu")
+    if gpu and cpu:
+        # Both wheels install into the same onnxruntime/ folder; uninstalling either deletes the shared files.
+        return (f"onnxruntime {cpu} (CPU) and onnxruntime-gpu {gpu} are both installed and share one folder, and "
+                f"the CPU wheel's files are the ones in place. Repair without uninstalling anything (an "
+                f"uninstall deletes the shared files): pip install --force-reinstall --no-deps "
+                f"onnxruntime-gpu=={gpu} (what `make install-gpu` does)")
+    if gpu:
+        return (f"onnxruntime-gpu {gpu} is installed but its CUDA provider is not available (CUDA or cuDNN libraries "
+                f"missing or of another major version, or no GPU visible); see ONNX Runtime's CUDA requirements")
+    return ("this ONNX Runtime is the CPU build (no CUDAExecutionProvider); on a CUDA machine run "
+            "`make install-gpu` (the gpu extra: onnxruntime-gpu and TensorRT)")
 
 
 def _gpu_name() -> str | None:

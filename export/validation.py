@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -30,14 +31,18 @@ def accuracy(model: Runtime, batches: Iterable, track: Callable = _identity) -> 
     return {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "samples": n}
 
 
+SETTLE_S = 0.05  # pause before each model's block
+
+
 def latency(models: dict[str, Runtime], shape: tuple[int, ...], warmup: int, runs: int,
-            track: Callable = _identity, blocks: int = 10) -> dict[str, dict[str, Any]]:
+            track: Callable = _identity, blocks: int = 10, block_seconds: float = 0.0) -> dict[str, dict[str, Any]]:
     """Latency of one or more artifacts on the same input, timed in interleaved blocks.
 
-    The runs are cut into `blocks` blocks; in each block every model runs its share back to back (after one
-    untimed run that wakes its thread pool), the order alternating from block to block. Machine noise that
-    lasts longer than a block hits all models alike, and each block gives one speedup estimate, so the spread
-    of the speedup across blocks says how far a single figure can be trusted (`speedup`).
+    The runs are cut into `blocks` blocks; in each block every model runs its share back to back (after a short
+    pause and one untimed run that wakes its thread pool), the order alternating from block to block, and for
+    at least `block_seconds` (so that sub-millisecond models are timed long enough for machine noise to average
+    out). Noise that lasts longer than a block hits all models alike, and each block gives one speedup
+    estimate, so the spread of the speedup across blocks says how far a single figure can be trusted.
     """
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     for m in models.values():
@@ -50,8 +55,14 @@ def latency(models: dict[str, Runtime], shape: tuple[int, ...], warmup: int, run
     for b in track(range(blocks), "latency blocks", total=blocks):
         order = list(models) if b % 2 == 0 else list(reversed(models))
         for k in order:
+            # the previous model's intra-op threads keep spinning for a while after its last run and would
+            # slow this one down (measured: up to 2x on 2 cores); let them park first
+            time.sleep(SETTLE_S)
             models[k].time_once(x)
-            times = [models[k].time_once(x) for _ in range(per_block[b])]
+            times: list[float] = []
+            start = time.perf_counter()
+            while len(times) < per_block[b] or time.perf_counter() - start < block_seconds:
+                times.append(models[k].time_once(x))
             samples[k] += times
             block_medians[k].append(float(np.median(times)))
     return {k: {**latency_stats(v), "block_medians": block_medians[k]} for k, v in samples.items()}
@@ -66,8 +77,7 @@ def speedup(lat: dict[str, dict[str, Any]], base: str = "base", compressed: str 
             "blocks": int(ratios.size)}
 
 
-def latency_record(lat: dict[str, dict[str, Any]], rt: Runtime, batch: int, runs: int, warmup: int,
-                   ) -> dict[str, Any]:
+def latency_record(lat: dict[str, dict[str, Any]], rt: Runtime, batch: int, warmup: int) -> dict[str, Any]:
     """summary.json's `latency_ms`: medians, p10/p90 per model, the speedup with its spread, the set-up."""
     out: dict[str, Any] = {"backend": rt.backend, "batch": batch, "precision": rt.precision}
     for role in ("base", "compressed"):
@@ -80,7 +90,8 @@ def latency_record(lat: dict[str, dict[str, Any]], rt: Runtime, batch: int, runs
         out.update(speedup(lat))
     else:
         out.update(speedup=None, speedup_low=None, speedup_high=None)
-    out.update(runs=runs, warmup=warmup, threads=getattr(rt, "threads", None), device=getattr(rt, "device", None))
+    out.update(runs={role: v["runs"] for role, v in lat.items()}, warmup=warmup, threads=getattr(rt, "threads", None),
+               device=getattr(rt, "device", None))
     return out
 
 

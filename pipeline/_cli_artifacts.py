@@ -84,12 +84,12 @@ def validate_cmd(
     scores = {role: accuracy(rt, loader) for role, rt in models.items()}
     spec = cfg.model
     lat = latency(models, (vcfg.batch, spec.in_chans, *spec.input_size), vcfg.warmup, vcfg.runs,
-                  blocks=vcfg.blocks)
+                  blocks=vcfg.blocks, block_seconds=vcfg.block_seconds)
     comp_rt = models["compressed"]
     result = {
         "artifact": str(artifact), "base_artifact": str(base) if base else None, "config": str(config),
         "compressed": scores["compressed"], "base": scores.get("base"),
-        "latency_ms": latency_record(lat, comp_rt, vcfg.batch, vcfg.runs, vcfg.warmup),
+        "latency_ms": latency_record(lat, comp_rt, vcfg.batch, vcfg.warmup),
         "parity": None,
     }
     fails, unchecked = check_gates(result, vcfg.gates)

@@ -29,56 +29,6 @@ def root(version: bool = typer.Option(False, "--version", callback=_version, is_
     """IDAP++ compression for PyTorch vision models."""
 
 
-def _preflight(config) -> None:
-    """Checks that need no work: model name, dataset root, weights file, criterion, runtimes."""
-    from pipeline.models import check_model_name
-    from stages._criteria import CRITERIA
-
-    problems = []
-    for check in (lambda: check_model_name(config.model), lambda: CRITERIA.get(config.filter_prune.criterion)):
-        try:
-            check()
-        except UserInputError as exc:
-            problems.append(str(exc))
-    if config.model.weights is not None and not Path(config.model.weights).is_file():
-        problems.append(f"model.weights {str(config.model.weights)!r} does not exist; set it to a local weights "
-                        f"file (a state dict saved with torch.save)")
-    root = config.data.root
-    if root is not None and config.data.kind not in ("demo", "synthetic") and not Path(root).is_dir() \
-            and not config.data.download:
-        problems.append(f"data.root {str(root)!r} does not exist (data.kind={config.data.kind}); point it at the "
-                        f"dataset folder, or set data.download: true for torchvision datasets")
-    problems += _runtime_problems(config)
-    if config.logging.tensorboard:
-        import importlib.util
-
-        if importlib.util.find_spec("tensorboard") is None:
-            problems.append("logging.tensorboard is true but the tensorboard package is not installed; "
-                            "pip install -e '.[tensorboard]', or set logging.tensorboard: false")
-    if problems:
-        raise UserInputError("the config cannot run:\n  - " + "\n  - ".join(problems))
-
-
-def _runtime_problems(config) -> list[str]:
-    """TensorRT or the CUDA provider asked for explicitly but missing here: known before any stage runs."""
-    from export.tensorrt import AUTO_HINT, INSTALL_HINT, unavailable_reason
-
-    problems = []
-    trt_needed = config.export.tensorrt.mode == "required" or config.validate_.runtime == "tensorrt"
-    reason = unavailable_reason() if trt_needed else None
-    if reason:
-        key = "export.tensorrt.mode is 'required'" if config.export.tensorrt.mode == "required" \
-            else "validate.runtime is 'tensorrt'"
-        problems.append(f"{key} but {reason}; {INSTALL_HINT}; {AUTO_HINT}")
-    if config.validate_.runtime == "onnxruntime-cuda":
-        import onnxruntime as ort
-
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            problems.append("validate.runtime is 'onnxruntime-cuda' but this ONNX Runtime has no "
-                            "CUDAExecutionProvider; install the gpu extra (onnxruntime-gpu) or use onnxruntime-cpu")
-    return problems
-
-
 def _auto_report(rd, cfg) -> None:
     """The report at the end of `compress pipeline` (rank 0); a failure to write it never changes the exit code."""
     from pipeline import distributed as D
@@ -153,18 +103,20 @@ def pipeline_cmd(
     """
     from pipeline.config import load_config
     from pipeline.plan import make_plan, print_plan
+    from pipeline.preflight import preflight
     from pipeline.rundir import RunDir
     from pipeline.runner import run_pipeline
 
     cfg = load_config(config, set_)
     rd = RunDir(run_dir if run_dir is not None else cfg.resolved_run_dir())
+    warnings = preflight(cfg, rd, fresh)  # every problem at once, before any work (exit 2)
+    for w in warnings:
+        console.print(f"WARNING: {w}", style="bold yellow", markup=False, highlight=False)
     if dry_run:
         manifest = {"stages": {}} if fresh else rd.read_manifest()
         print_plan(console, make_plan(cfg, rd, manifest, PIPELINE, start, until), rd)
-        _preflight(cfg)
         console.print("[green]config is valid; the plan above would run.[/]")
         return
-    _preflight(cfg)
     try:
         summary = run_pipeline(cfg, rd, console, start, until, fresh)
     except (UserInputError, Interrupted):

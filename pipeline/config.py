@@ -40,8 +40,14 @@ def default_input_size(source: str, name: str) -> tuple[int, int] | None:
 class ModelConfig(Section):
     """What network to compress and where its weights come from."""
 
-    source: Literal["timm", "torchvision"] = Field("timm", description="where model.name is looked up")
-    name: str = Field(min_length=1, description="architecture name in the source's model registry")
+    source: Literal["timm", "torchvision", "python", "module"] = Field(
+        "timm", description="where model.name is looked up: timm or torchvision by name; python: your own "
+        "factory (model.name path/to/file.py:callable), imported on purpose; module: a model object given to "
+        "the Python API")
+    name: str = Field(min_length=1, description="architecture name in the source's model registry, or "
+                      "file.py:callable / package.module:callable for model.source: python")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the model's "
+                                   "factory (your callable, timm.create_model or torchvision's builder)")
     num_classes: int = Field(1000, ge=1, description="classifier outputs (never pruned)")
     in_chans: int = Field(3, ge=1, description="input channels (never pruned)")
     input_size: tuple[int, int] = Field((224, 224), description="H, W of one input image; when unset, the "
@@ -54,7 +60,11 @@ class ModelConfig(Section):
     @classmethod
     def _default_input_size(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("input_size") is None and isinstance(data.get("name"), str):
-            size = default_input_size(data.get("source", "timm"), data["name"])
+            source = data.get("source", "timm")
+            if source in ("python", "module"):
+                raise ValueError(f"model.input_size is required with model.source: {source} (your model's own "
+                                 f"input, e.g. input_size: [224, 224]): it decides tracing, export and latency")
+            size = default_input_size(source, data["name"])
             data = {**data, "input_size": size} if size else {k: v for k, v in data.items() if k != "input_size"}
         return data
 
@@ -69,8 +79,10 @@ class ModelConfig(Section):
 class DataConfig(Section):
     """Dataset and splits (train / calibration slice of train / held-out validation)."""
 
-    kind: Literal["demo", "digits", "synthetic", "imagefolder", "cifar10", "cifar100", "mnist", "fashionmnist"] = \
-        Field("demo", description="the dataset")
+    kind: Literal["demo", "digits", "synthetic", "imagefolder", "cifar10", "cifar100", "mnist", "fashionmnist",
+                  "dataset"] = Field("demo", description="the dataset (dataset: the Python API's own datasets)")
+    name: str | None = Field(None, description="data.kind dataset: the key of the datasets the Python API was "
+                             "given (set by the API)")
     root: Path | None = Field(None, description="dataset root; required for imagefolder and torchvision sets")
     download: bool = Field(False, description="allow torchvision to download the dataset into root")
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="share of train held out for validation")
@@ -83,6 +95,8 @@ class DataConfig(Section):
     synthetic_samples: int = Field(512, ge=16, description="size of the synthetic dataset")
     mean: tuple[float, ...] | None = Field(None, description="normalisation mean (default: the dataset's usual)")
     std: tuple[float, ...] | None = Field(None, description="normalisation std (default: the dataset's usual)")
+    skip_corrupt: bool = Field(False, description="imagefolder: decode every image once and skip (and list) "
+                               "unreadable ones instead of stopping at the first")
 
 
 class TrainConfig(Section):
@@ -229,7 +243,9 @@ class ValidateConfig(Section):
         "runtime.device is cuda, else ONNX Runtime on CPU")
 
     warmup: int = Field(20, ge=0, description="untimed runs per model before timing")
-    runs: int = Field(100, ge=1, description="timed batch-1 runs per model")
+    runs: int = Field(100, ge=1, description="timed runs per model, at least")
+    block_seconds: float = Field(0.2, ge=0.0, description="each model's timing block lasts at least this long "
+                                 "(sub-millisecond models get more runs)")
     blocks: int = Field(10, ge=1, description="the runs are timed in this many interleaved blocks; the speedup's "
                         "spread is taken across blocks")
     batch: int = Field(1, ge=1, description="latency batch")
@@ -341,45 +357,44 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def _apply_override(raw: dict[str, Any], override: str) -> None:
-    if "=" not in override:
-        raise UserInputError(f"--set {override!r} is not of the form a.b=value; e.g. --set finetune.epochs=2")
-    key, _, value = override.partition("=")
+def set_key(raw: dict[str, Any], key: str, value: Any, origin: str) -> None:
+    """Set a dotted key (a.b.c) in a raw config, creating sections; `origin` names the override in errors."""
     parts = [p for p in key.strip().split(".") if p]
     if not parts:
-        raise UserInputError(f"--set {override!r} has an empty key; e.g. --set finetune.epochs=2")
+        raise UserInputError(f"{origin} has an empty key; e.g. finetune.max_epochs=2")
     node = raw
     for p in parts[:-1]:
         nxt = node.setdefault(p, {})
         if not isinstance(nxt, dict):
-            raise UserInputError(f"--set {override!r}: {p!r} is a value, not a section")
+            raise UserInputError(f"{origin}: {p!r} is a value, not a section")
         node = nxt
+    node[parts[-1]] = value
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    if "=" not in override:
+        raise UserInputError(f"--set {override!r} is not of the form a.b=value; e.g. --set finetune.max_epochs=2")
+    key, _, value = override.partition("=")
     try:
-        node[parts[-1]] = yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
     except yaml.YAMLError as exc:
         raise UserInputError(f"--set {override!r}: value is not valid YAML: {exc}") from exc
+    set_key(raw, key, parsed, f"--set {override!r}")
+
+
+def validate_config(raw: dict[str, Any], source: str) -> Config:
+    """Validate a raw config; every problem at once as one UserInputError."""
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise UserInputError(format_validation_error(err, source)) from err
 
 
 def load_config(path: Path, overrides: list[str] | None = None) -> Config:
     """Read, override and validate a config file; any problem raises UserInputError."""
-    if not path.is_file():
-        raise UserInputError(f"config file {str(path)!r} does not exist; pass the path of a YAML config "
-                             f"(examples are in configs/)")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise UserInputError(f"{path}: malformed YAML{where}: {getattr(exc, 'problem', exc)}. "
-                             f"Check indentation and quoting there.") from exc
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise UserInputError(f"{path}: the top level must be a mapping of sections (name:, model:, ...), "
-                             f"got {type(raw).__name__}")
+    from pipeline._yaml import read_yaml
+
+    raw = read_yaml(Path(path))
     for o in overrides or []:
         _apply_override(raw, o)
-    try:
-        return Config.model_validate(raw)
-    except ValidationError as err:
-        raise UserInputError(format_validation_error(err, str(path))) from err
+    return validate_config(raw, str(path))

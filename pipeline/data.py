@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +36,29 @@ class Splits:
     train: Dataset
     calibration: Dataset
     validation: Dataset
+    skipped: list[str] = field(default_factory=list)  # unreadable images dropped (data.skip_corrupt)
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    """How many classes the data has, and whether it names them (folders) or only numbers them (labels)."""
+
+    count: int | None
+    named: bool
+    source: str
+
+
+@dataclass
+class DataObjects:
+    """Datasets handed to the Python API (data.kind: dataset, data.name is their key)."""
+
+    train: Dataset
+    validation: Dataset
+    classes: ClassInfo
+    fingerprint: str
+
+
+DATA_OBJECTS: Registry[DataObjects] = Registry("in-memory dataset pair")
 
 
 def _match_channels(stats: tuple[tuple[float, ...], tuple[float, ...]], in_chans: int):
@@ -137,6 +160,37 @@ for _name in ("cifar10", "cifar100", "mnist", "fashionmnist"):
     DATASETS.register(_name)(_torchvision_set(_name))
 
 
+class _ImageLoader:
+    """PIL loading that names the file it cannot read (picklable for DataLoader workers)."""
+
+    def __call__(self, path: str):
+        from PIL import Image
+
+        try:
+            with open(path, "rb") as f:
+                return Image.open(f).convert("RGB")
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise UserInputError(f"cannot read image {path} ({type(exc).__name__}: {exc}); replace or remove the "
+                                 f"file, or set data.skip_corrupt: true to skip unreadable images (they are counted "
+                                 f"and listed in the log)") from None
+
+
+def _drop_unreadable(folder, skipped: list[str]) -> None:
+    """Decode every image once and drop those that fail (data.skip_corrupt), recording their paths."""
+    from PIL import Image
+
+    keep = []
+    for path, target in folder.samples:
+        try:
+            with open(path, "rb") as f:
+                Image.open(f).load()
+            keep.append((path, target))
+        except (OSError, SyntaxError, ValueError):
+            skipped.append(path)
+    folder.samples = folder.imgs = keep
+    folder.targets = [t for _, t in keep]
+
+
 @DATASETS.register("imagefolder")
 def _imagefolder(cfg: DataConfig, spec: ModelConfig):
     """root/<class>/*.jpg, or root/train and root/val with class folders inside each."""
@@ -144,19 +198,88 @@ def _imagefolder(cfg: DataConfig, spec: ModelConfig):
 
     root = _require_root(cfg)
     train_root = root / "train" if (root / "train").is_dir() else root
+    loader = _ImageLoader()
     try:
-        train = ImageFolder(train_root, transform=_torchvision_transforms(cfg, spec, "imagefolder", True))
-        plain = ImageFolder(train_root, transform=_torchvision_transforms(cfg, spec, "imagefolder", False))
+        train = ImageFolder(train_root, transform=_torchvision_transforms(cfg, spec, "imagefolder", True),
+                            loader=loader)
+        plain = ImageFolder(train_root, transform=_torchvision_transforms(cfg, spec, "imagefolder", False),
+                            loader=loader)
         val = None
         if (root / "val").is_dir():
-            val = ImageFolder(root / "val", transform=_torchvision_transforms(cfg, spec, "imagefolder", False))
+            val = ImageFolder(root / "val", transform=_torchvision_transforms(cfg, spec, "imagefolder", False),
+                              loader=loader)
     except (FileNotFoundError, RuntimeError) as exc:
         raise UserInputError(f"data.root {str(root)!r} is not an image folder ({exc}). Expected "
                              f"root/<class>/<image> or root/train/<class>/<image> [+ root/val/...].") from exc
-    if len(train.classes) > spec.num_classes:
-        raise UserInputError(f"data.root has {len(train.classes)} classes but model.num_classes is "
-                             f"{spec.num_classes}; set model.num_classes to {len(train.classes)}")
+    if val is not None and val.classes != train.classes:
+        raise UserInputError(f"{root / 'val'} and {train_root} have different class folders ("
+                             f"{len(val.classes)} vs {len(train.classes)}); labels are the sorted folder names, so "
+                             f"both splits need the same set")
+    if cfg.skip_corrupt:
+        skipped: list[str] = []
+        for folder in (plain, val):
+            if folder is not None:
+                _drop_unreadable(folder, skipped)
+        train.samples = train.imgs = plain.samples
+        train.targets = plain.targets
+        plain.skipped = skipped  # build_splits hands them on in Splits.skipped
     return train, plain, val
+
+
+def class_info(config: Config) -> ClassInfo:
+    """The data's class count, found without reading any image."""
+    cfg = config.data
+    fixed = {"demo": 10, "digits": 10, "cifar10": 10, "cifar100": 100, "mnist": 10, "fashionmnist": 10}
+    if cfg.kind in fixed:
+        return ClassInfo(fixed[cfg.kind], False, f"data.kind {cfg.kind}")
+    if cfg.kind == "synthetic":
+        return ClassInfo(config.model.num_classes, False, "synthetic data (model.num_classes)")
+    if cfg.kind == "imagefolder" and cfg.root and Path(cfg.root).is_dir():
+        root = Path(cfg.root)
+        folder = root / "train" if (root / "train").is_dir() else root
+        names = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+        return ClassInfo(len(names), True, f"{folder} ({len(names)} class folders)")
+    if cfg.kind == "dataset":
+        return DATA_OBJECTS.get(cfg.name).classes
+    return ClassInfo(None, False, "unknown")
+
+
+def check_classes(num_classes: int, info: ClassInfo) -> tuple[str | None, str | None]:
+    """(error, warning) comparing model.num_classes with the data's classes.
+
+    Fewer outputs than classes cannot train or score: an error. Data that names its classes (folders) is
+    labelled by their sorted names, so any other count is a mistake: an error. Numbered labels may leave
+    outputs unused (a model trained on a superset): a warning.
+    """
+    if info.count is None or info.count == num_classes:
+        return None, None
+    fix = f"set model.num_classes: {info.count}"
+    if num_classes < info.count:
+        return (f"model.num_classes is {num_classes} but the data has {info.count} classes ({info.source}): labels "
+                f"up to {info.count - 1} have no output; {fix}"), None
+    if info.named:
+        return (f"model.num_classes is {num_classes} but the data has {info.count} classes ({info.source}); "
+                f"labels are assigned by sorted folder name, so the outputs would not mean what the model "
+                f"learned; {fix} (or point data.root at the folders the model was trained on)"), None
+    return None, (f"model.num_classes is {num_classes} but the data has {info.count} classes ({info.source}): "
+                  f"{num_classes - info.count} outputs are never a label; {fix} unless that is intended")
+
+
+@DATASETS.register("dataset")
+def _objects(cfg: DataConfig, spec: ModelConfig):
+    """The Python API's own train and validation datasets (their own transforms apply)."""
+    if cfg.name not in DATA_OBJECTS:
+        raise UserInputError("data.kind 'dataset' means datasets given to the Python API (`from pipeline import "
+                             "compress`); from YAML choose another data.kind")
+    d = DATA_OBJECTS.get(cfg.name)
+    return d.train, d.train, d.validation
+
+
+def data_fingerprint(config: Config) -> dict[str, str]:
+    """What the data config does not say but the run depends on (the API's datasets)."""
+    if config.data.kind == "dataset" and config.data.name in DATA_OBJECTS:
+        return {"datasets": DATA_OBJECTS.get(config.data.name).fingerprint}
+    return {}
 
 
 def build_splits(config: Config) -> Splits:
@@ -180,5 +303,6 @@ def build_splits(config: Config) -> Splits:
         raise UserInputError(f"data: no training samples left after holding out validation ({n} samples, "
                              f"val_fraction={cfg.val_fraction}); lower data.val_fraction")
     n_cal = min(len(train_idx), config.calibrate.batches * config.calibrate.batch_size)
-    return Splits(Subset(train_view, train_idx), Subset(plain_view, train_idx[:n_cal]), validation)
+    return Splits(Subset(train_view, train_idx), Subset(plain_view, train_idx[:n_cal]), validation,
+                  list(getattr(plain_view, "skipped", [])))
 

@@ -14,6 +14,17 @@ class UserInputError(Exception):
 
     exit_code = 2
 
+    def __init__(self, message: str = "") -> None:
+        super().__init__(_unwrap_worker(str(message)))
+
+
+def _unwrap_worker(message: str) -> str:
+    """A DataLoader worker re-raises our error with its whole traceback as the message; keep our message."""
+    marker = "UserInputError: "
+    if message.startswith("Caught UserInputError") and marker in message:
+        return message[message.rindex(marker) + len(marker):].strip()
+    return message
+
 
 class GateFailure(Exception):
     """A validation gate failed: exit code 3. Artifacts are kept for inspection."""

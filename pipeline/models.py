@@ -3,40 +3,25 @@
 from __future__ import annotations
 
 import copy
-import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from pipeline.config import ModelConfig, default_input_size
-from pipeline.errors import UserInputError, did_you_mean
+from pipeline._sources import SOURCES, check_model_name, factory_file, known_models  # noqa: F401
+from pipeline._weights import (  # noqa: F401 - re-exported
+    check_fit,
+    fit_problems,
+    load_weights,
+    nonfinite_tensors,
+    read_state_dict,
+)
+from pipeline.config import ModelConfig
+from pipeline.errors import UserInputError
 
-# Checkpoint wrappers seen in the wild: {"state_dict": ...}, {"model": ...}, EMA variants.
-_WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "state_dict_ema", "model_ema", "net", "weights")
 _PRIMITIVES = (int, float, bool, str, type(None))
-
-
-def known_models(source: str) -> list[str]:
-    """Architecture names the source can build."""
-    if source == "timm":
-        import timm
-
-        return timm.list_models()
-    import torchvision
-
-    return torchvision.models.list_models()
-
-
-def check_model_name(spec: ModelConfig) -> None:
-    """Raise UserInputError listing close names when the architecture is unknown."""
-    names = known_models(spec.source)
-    if spec.name not in names:
-        raise UserInputError(
-            f"model.name {spec.name!r} is not a {spec.source} architecture.{did_you_mean(spec.name, names)} "
-            f"Set model.name to one of {spec.source}'s names (model.source chooses timm or torchvision)."
-        )
 
 
 def build_model(spec: ModelConfig, with_weights: bool = True) -> nn.Module:
@@ -44,10 +29,9 @@ def build_model(spec: ModelConfig, with_weights: bool = True) -> nn.Module:
     check_model_name(spec)
     pretrained = spec.pretrained and with_weights
     try:
-        if spec.source == "timm":
-            model = _build_timm(spec, pretrained)
-        else:
-            model = _build_torchvision(spec, pretrained)
+        model = SOURCES.get(spec.source)(spec, pretrained)
+    except UserInputError:
+        raise
     except (OSError, RuntimeError, ValueError) as exc:
         if pretrained:
             raise UserInputError(
@@ -55,128 +39,15 @@ def build_model(spec: ModelConfig, with_weights: bool = True) -> nn.Module:
                 f"tool never downloads them ({exc}). Put the weights in a file and set model.weights "
                 f"to its path, with model.pretrained: false."
             ) from exc
-        raise UserInputError(f"cannot build {spec.source}:{spec.name} with num_classes={spec.num_classes}, "
-                             f"in_chans={spec.in_chans}: {exc}") from exc
+        raise
+    except TypeError as exc:
+        if spec.kwargs and "keyword argument" in str(exc):
+            raise UserInputError(f"{spec.source}:{spec.name} does not take model.kwargs {spec.kwargs}: {exc}; "
+                                 f"remove or rename them") from exc
+        raise
     if with_weights and spec.weights is not None:
-        load_weights(model, spec.weights, f"{spec.source}:{spec.name}")
+        load_weights(model, spec.weights, f"{spec.source}:{spec.name}", spec)
     return model
-
-
-def _create_timm(spec: ModelConfig, pretrained: bool) -> nn.Module:
-    """timm's factory; models with a fixed token grid (ViT and kin) are built for model.input_size."""
-    import timm
-
-    kwargs: dict[str, Any] = {"num_classes": spec.num_classes, "in_chans": spec.in_chans}
-    if tuple(spec.input_size) != default_input_size("timm", spec.name):
-        try:
-            return timm.create_model(spec.name, pretrained=pretrained, img_size=tuple(spec.input_size), **kwargs)
-        except TypeError as exc:
-            if "img_size" not in str(exc):
-                raise  # a convolutional model takes any input size and has no img_size argument
-    return timm.create_model(spec.name, pretrained=pretrained, **kwargs)
-
-
-def _build_timm(spec: ModelConfig, pretrained: bool) -> nn.Module:
-    if not pretrained:
-        return _create_timm(spec, False)
-    import huggingface_hub.constants as hf
-
-    # Pretrained weights come from the local cache only: never let the hub client reach the network.
-    saved = hf.HF_HUB_OFFLINE
-    hf.HF_HUB_OFFLINE = True
-    try:
-        return _create_timm(spec, True)
-    finally:
-        hf.HF_HUB_OFFLINE = saved
-
-
-def _build_torchvision(spec: ModelConfig, pretrained: bool) -> nn.Module:
-    import torchvision
-
-    kwargs: dict[str, Any] = {"num_classes": spec.num_classes}
-    if pretrained:
-        from torch.hub import get_dir
-
-        weights = torchvision.models.get_model_weights(spec.name).DEFAULT
-        cached = Path(get_dir()) / "checkpoints" / Path(weights.url).name
-        if not cached.is_file():
-            raise OSError(f"{cached} not found")
-        model = torchvision.models.get_model(spec.name, weights=None, **kwargs)
-        load_weights(model, cached, f"torchvision:{spec.name}")
-    else:
-        if spec.name.startswith("vit_"):
-            if spec.input_size[0] != spec.input_size[1]:
-                raise UserInputError(f"torchvision {spec.name} needs a square model.input_size, got "
-                                     f"{list(spec.input_size)}")
-            kwargs["image_size"] = spec.input_size[0]  # position embeddings are sized for the input
-        with warnings.catch_warnings():
-            # Inception/GoogLeNet warn that their default initialisation will change; the current one is used
-            warnings.filterwarnings("ignore", message=".*init_weights.*", category=FutureWarning)
-            model = torchvision.models.get_model(spec.name, weights=None, **kwargs)
-    if spec.in_chans != 3:
-        _adapt_first_conv(model, spec.in_chans)
-    return model
-
-
-def _adapt_first_conv(model: nn.Module, in_chans: int) -> None:
-    """torchvision has no in_chans argument: replace the stem conv's input width."""
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.Conv2d) and mod.in_channels == 3:
-            new = nn.Conv2d(in_chans, mod.out_channels, mod.kernel_size, mod.stride, mod.padding,
-                            mod.dilation, mod.groups, mod.bias is not None)
-            parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-            setattr(parent, name.rpartition(".")[2], new)
-            return
-    raise UserInputError(f"cannot set in_chans={in_chans}: no 3-channel input conv found in the model")
-
-
-def _unwrap(obj: Any) -> dict[str, torch.Tensor]:
-    for _ in range(3):
-        if isinstance(obj, dict) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
-            key = next((k for k in _WRAPPER_KEYS if k in obj and isinstance(obj[k], dict)), None)
-            if key is None:
-                break
-            obj = obj[key]
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise UserInputError("the weights file holds no state dict (expected a dict of tensors, possibly "
-                             f"under one of the keys {', '.join(_WRAPPER_KEYS)})")
-    prefixes = ("module.", "_orig_mod.")
-    return {next((k[len(p):] for p in prefixes if k.startswith(p)), k): v for k, v in obj.items()}
-
-
-def load_weights(model: nn.Module, path: Path, arch: str) -> None:
-    """Load a local weights file, explaining any mismatch with the architecture."""
-    if not Path(path).is_file():
-        raise UserInputError(f"model.weights {str(path)!r} does not exist; set it to a local .pt/.pth file")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input problem
-        raise UserInputError(f"model.weights {str(path)!r} cannot be read as a PyTorch weights file "
-                             f"({type(exc).__name__}: {exc}). Save it with torch.save(model.state_dict(), path)."
-                             ) from exc
-    try:
-        state = _unwrap(raw)
-    except UserInputError as exc:
-        raise UserInputError(f"model.weights {str(path)!r}: {exc}") from exc
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shape = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-             if k in state and state[k].shape != v.shape]
-    if missing or unexpected or shape:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
-        if shape:
-            parts.append(f"{len(shape)} shape mismatches (e.g. {'; '.join(shape[:3])})")
-        raise UserInputError(
-            f"model.weights {str(path)!r} does not fit {arch}: {', '.join(parts)}. The file was saved from "
-            f"another architecture or with other num_classes/in_chans; set model.name, num_classes and "
-            f"in_chans to the ones it was trained with, or point model.weights at the right file."
-        )
-    model.load_state_dict(state)
 
 
 def _plain_attrs(mod: nn.Module) -> dict[str, Any]:
@@ -189,31 +60,90 @@ def _plain_attrs(mod: nn.Module) -> dict[str, Any]:
     return out
 
 
+@dataclass(frozen=True)
+class _Fresh:
+    kind: type
+    attrs: dict[str, Any]
+
+
+_FRESH: dict[str, dict[str, _Fresh]] = {}  # spec (and factory file version) -> its fresh modules' types and attrs
+
+
+def _spec_key(spec: ModelConfig) -> str:
+    key = spec.model_dump_json()
+    if spec.source == "python":
+        path = factory_file(spec.name)
+        key += f"@{path}:{path.stat().st_mtime_ns}" if path is not None and path.is_file() else ""
+    return key
+
+
+def fresh_structure(spec: ModelConfig) -> dict[str, _Fresh]:
+    """Type and plain attributes of every module of a fresh build of `spec` (computed once per spec).
+
+    Built on the meta device (no memory, no initialisation); a model whose constructor computes with tensors
+    (torchvision's RegNet calls .tolist()) cannot be built there and is built on the CPU instead.
+    """
+    key = _spec_key(spec)
+    if key not in _FRESH:
+        try:
+            with torch.device("meta"):
+                model = build_model(spec, with_weights=False)
+        except UserInputError:
+            raise
+        except Exception:  # noqa: BLE001 - a constructor that needs real tensors: ours to handle, not the user's
+            model = build_model(spec, with_weights=False)
+        _FRESH[key] = {n: _Fresh(type(m), _plain_attrs(m)) for n, m in model.named_modules()}
+        del model
+    return _FRESH[key]
+
+
 def structure_of(model: nn.Module, spec: ModelConfig) -> dict[str, Any]:
     """Plain-data description of how `model` differs structurally from a fresh build of `spec`.
 
     Holds the changed plain attributes of every module (widths, groups, head counts) and the
     modules replaced by identity; together with a state dict it rebuilds the model.
     """
-    with torch.device("meta"):  # only attributes are compared: no memory, no weight initialisation
-        fresh = dict(build_model(spec, with_weights=False).named_modules())
+    fresh = fresh_structure(spec)
     attrs: dict[str, dict[str, Any]] = {}
     replaced: dict[str, str] = {}
     for name, mod in model.named_modules():
         ref = fresh.get(name)
         if ref is None:
             continue
-        if type(ref) is not type(mod):
+        if ref.kind is not type(mod):
             if isinstance(mod, nn.Identity):
                 replaced[name] = "identity"
                 continue
-            raise ValueError(f"module {name} changed type {type(ref).__name__} -> {type(mod).__name__}; "
+            raise ValueError(f"module {name} changed type {ref.kind.__name__} -> {type(mod).__name__}; "
                              f"only replacement by nn.Identity can be recorded")
-        now, before = _plain_attrs(mod), _plain_attrs(ref)
-        diff = {k: v for k, v in now.items() if before.get(k, object()) != v}
+        now = _plain_attrs(mod)
+        diff = {k: v for k, v in now.items() if ref.attrs.get(k, object()) != v}
         if diff:
             attrs[name] = diff
     return {"attrs": attrs, "replaced": replaced}
+
+
+def parameter_shapes(spec: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every parameter and buffer of a fresh build (on the meta device where possible)."""
+    try:
+        with torch.device("meta"):
+            model = build_model(spec, with_weights=False)
+    except UserInputError:
+        raise
+    except Exception:  # noqa: BLE001 - see fresh_structure
+        model = build_model(spec, with_weights=False)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def check_deterministic(spec: ModelConfig) -> None:
+    """A factory must build the same parameter shapes every time: checkpoints are rebuilt by calling it again."""
+    first, second = parameter_shapes(spec), parameter_shapes(spec)
+    if first != second:
+        diff = sorted(set(first.items()) ^ set(second.items()))
+        raise UserInputError(f"the factory {spec.name} built different models on two calls ({len(diff)} "
+                             f"parameter shapes differ, e.g. {diff[:3]}); checkpoints are rebuilt by calling it "
+                             f"again, so it must give the same architecture for the same model.kwargs (seed any "
+                             f"randomness, or pass it through model.kwargs)")
 
 
 def rebuild(spec: ModelConfig, structure: dict[str, Any], state: dict[str, torch.Tensor]) -> nn.Module:
@@ -258,3 +188,34 @@ def count_macs(model: nn.Module, spec: ModelConfig) -> tuple[float, float]:
 def clone(model: nn.Module) -> nn.Module:
     """Deep copy, for rollback snapshots and teacher copies."""
     return copy.deepcopy(model)
+
+
+def fingerprint(spec: ModelConfig) -> dict[str, str]:
+    """What the model's config does not say but its checkpoints depend on: the content of the weights file, of
+    the factory's source file, or of a model object given to the API. Part of the load stage's config hash, so
+    that retrained weights or an edited factory under the same name re-run the pipeline."""
+    from pipeline._sources import MODULES
+    from pipeline.rundir import sha256
+
+    out = {}
+    if spec.weights is not None and Path(spec.weights).is_file():
+        out["weights"] = sha256(Path(spec.weights))
+    if spec.source == "python":
+        path = factory_file(spec.name)
+        if path is not None and path.is_file():
+            out["factory"] = sha256(path)
+    if spec.source == "module" and spec.name in MODULES:
+        out["module"] = state_digest(MODULES.get(spec.name))
+    return out
+
+
+def state_digest(model: nn.Module) -> str:
+    """sha256 over a model's state dict (names, shapes, dtypes and values)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        t = v.detach().cpu().contiguous()
+        h.update(f"{k}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()

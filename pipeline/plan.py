@@ -33,8 +33,12 @@ def stage_hashes(config: Config, names: list[str]) -> list[str]:
 
         # an engine skipped because TensorRT was missing is rebuilt once it is there (and vice versa)
         engine = "available" if unavailable_reason() is None else "unavailable"
+    from pipeline.data import data_fingerprint
+    from pipeline.models import fingerprint
+
+    inputs = [fingerprint(config.model), data_fingerprint(config)]  # file contents the config only names
     for name in names:
-        own = {"load": [config.seed, config.model, config.data],
+        own = {"load": [config.seed, config.model, config.data, *inputs],
                "filter_prune": [config.filter_prune, config.recovery],
                "export": [config.export, engine],
                "validate": [config.validate_, config.runtime.device]}.get(name, [config.section(name)])

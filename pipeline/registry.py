@@ -28,6 +28,11 @@ class Registry(Generic[T]):
 
         return add
 
+    def put(self, name: str, obj: T) -> None:
+        """Set `name` to `obj`, replacing an earlier one: for objects registered at run time (the Python API's
+        model and datasets), where the same key comes back when the same call is made again."""
+        self._items[name] = obj
+
     def get(self, name: str) -> T:
         """Look up `name`; an unknown one raises UserInputError listing the known names."""
         if name not in self._items:

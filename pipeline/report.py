@@ -260,7 +260,7 @@ def build_sections(rec: RunRecords, rows: list[dict[str, Any]], widths: list[dic
                                                         gc.items()]))
         sections.append(Section("Gates", text, tables))
         sections.append(Section("Latency", [
-            f"{lat['runs']} timed runs per model after {lat['warmup']} warm-up runs, in {lat.get('blocks', 1)} "
+            f"{_runs(lat['runs'])} timed runs after {lat['warmup']} warm-up runs per model, in {lat.get('blocks', 1)} "
             f"interleaved blocks (base and compressed alternate block by block); the speedup's spread is the "
             f"10th-90th percentile of the per-block speedups, and `min_speedup` gates on its low end. "
             f"{lat.get('threads') or '?'} threads on {lat.get('device') or 'an unrecorded device'}."], [],
@@ -272,6 +272,10 @@ def build_sections(rec: RunRecords, rows: list[dict[str, Any]], widths: list[dic
     sections.append(Section("Artifacts", ["Files of the run (report files excluded), with their size and sha256."],
                             [Table(["file", "bytes", "sha256"], artifact_rows(rec))]))
     return sections
+
+
+def _runs(runs: Any) -> str:
+    return " and ".join(f"{n} ({role})" for role, n in runs.items()) if isinstance(runs, dict) else str(runs)
 
 
 def settings_rows(rec: RunRecords) -> list[list[str]]:

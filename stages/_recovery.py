@@ -19,6 +19,7 @@ from pipeline import distributed as D
 from pipeline._progress import eta
 from pipeline.config import RecoveryConfig
 from pipeline.context import Context
+from pipeline.errors import UserInputError
 from pipeline.rundir import atomic_torch_save, load_checkpoint
 from stages._flows import calibration_pass
 from stages._incop import InformationFlow, flow_distance, gradient_flow
@@ -32,6 +33,19 @@ class Budget:
     rounds: int
     steps: int
     lr: float
+    lr_key: str = "the learning rate"  # the config key that set `lr`, for messages
+
+
+class TrainingDiverged(UserInputError):
+    """The loss became NaN or Inf: the stage stops, nothing of it is checkpointed (exit 2)."""
+
+
+def _diverged(description: str, budget: Budget, value: float, rnd: int, amp: bool) -> TrainingDiverged:
+    return TrainingDiverged(
+        f"{description}: training diverged (loss {value}) in round {rnd + 1}; nothing of this stage is saved. The "
+        f"learning rate is the likely cause: lower {budget.lr_key} (now {budget.lr:g}), e.g. to {budget.lr / 5:g}"
+        + (", or set recovery.amp: false" if amp else "") + ", or set recovery.grad_clip, then run the same "
+        "command again")
 
 
 @dataclass
@@ -199,7 +213,8 @@ def recover(model: nn.Module, ctx: Context, budget: Budget, teacher: nn.Module |
             model.load_state_dict(saved["model"])
             opt.load_state_dict(saved["optimizer"])
             sched.load_state_dict(saved["scheduler"])
-            scaler.load_state_dict(saved["scaler"])
+            if saved["scaler"] and scaler.is_enabled():  # a run started on the CPU saved no scaler state
+                scaler.load_state_dict(saved["scaler"])
             _set_rng_state(saved["rng"])
             start_round, out.history = saved["round"], saved["history"]
             ctx.log.info(f"{description}: resuming after round {start_round} of {budget.rounds}")
@@ -210,7 +225,7 @@ def recover(model: nn.Module, ctx: Context, budget: Budget, teacher: nn.Module |
     stream = iter(_Stream(ctx, seed, start_round * budget.steps))
     for rnd in range(start_round, budget.rounds):
         net.train()
-        loss_sum, images, grads, tr = 0.0, 0, {}, time.perf_counter()
+        loss_sum, images, grads, counts, skipped, tr = 0.0, 0, {}, {}, 0, time.perf_counter()
         for _ in ctx.track(range(budget.steps), f"{description} round {rnd + 1}/{budget.rounds}"):
             x, y = next(stream)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -221,24 +236,40 @@ def recover(model: nn.Module, ctx: Context, budget: Budget, teacher: nn.Module |
                 with torch.no_grad():
                     t_logits = teacher(x) if teacher is not None else None
                 loss = distill_loss(logits, None if t_logits is None else t_logits.float(), y, cfg)
+            value = loss.item()
+            if not math.isfinite(value):
+                skipped += 1
+                # Without a grad scaler a non-finite loss poisons the weights at once; with one (AMP on CUDA)
+                # an occasional overflow step is skipped by the scaler, but not a round of them.
+                if not scaler.is_enabled() or skipped > budget.steps // 2:
+                    raise _diverged(description, budget, value, rnd, cuda and cfg.amp)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            if rule == "gradient_flow" or cfg.grad_clip:
+                scaler.unscale_(opt)  # gradients in true units (with AMP they are scaled by up to 65,536)
             if rule == "gradient_flow":
                 for k, v in gradient_flow(model).items():
-                    grads[k] = grads.get(k, 0.0) + v / budget.steps
+                    if math.isfinite(v):  # an overflow step (skipped by the scaler) says nothing of the flow
+                        grads[k] = grads.get(k, 0.0) + v
+                        counts[k] = counts.get(k, 0) + 1
             if cfg.grad_clip:
-                scaler.unscale_(opt)
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             scaler.step(opt)
             scaler.update()
             sched.step()
-            loss_sum += loss.item()
+            loss_sum += value if math.isfinite(value) else 0.0
             images += len(y) * world
             ctx.tracker.info = f"{images / (time.perf_counter() - tr):.0f} img/s"
         model.eval()
-        row = {"round": rnd + 1, "loss": D.all_reduce_sum([loss_sum], device, ctx.ddp)[0] / (budget.steps * world),
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            raise _diverged(description, budget, float("nan"), rnd, cuda and cfg.amp)
+        finite_steps = max(budget.steps - skipped, 1)
+        row = {"round": rnd + 1, "loss": D.all_reduce_sum([loss_sum], device, ctx.ddp)[0] / (finite_steps * world),
                "images_per_s": images / (time.perf_counter() - tr)}
-        reason = _stop_reason(rule, model, ctx, reference, eps, row, grads or None)
+        if skipped:
+            row["nonfinite_steps"] = skipped
+        grad_flow = {k: v / counts[k] for k, v in grads.items()} or None
+        reason = _stop_reason(rule, model, ctx, reference, eps, row, grad_flow)
         if milestone is not None:
             if "top1" not in row:
                 row.update(evaluate(model, ctx))

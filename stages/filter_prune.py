@@ -100,7 +100,8 @@ class FilterPrune:
         heads0 = count_heads(model)
         start = evaluate(model, ctx)
         teacher, reference = teacher_and_reference(model, ctx)
-        budget = Budget(rounds=cfg.recovery_rounds, steps=cfg.recovery_steps, lr=cfg.recovery_lr)
+        budget = Budget(rounds=cfg.recovery_rounds, steps=cfg.recovery_steps, lr=cfg.recovery_lr,
+                        lr_key="filter_prune.recovery_lr")
         target = gflops0 * (1.0 - cfg.target_flops_reduction)
         gflops = gflops0
         dynamics = [{"step": 0, "fraction": 0.0, "units_removed": 0, "params_m": params0, "gflops": gflops0,

@@ -23,7 +23,7 @@ class Finetune:
         if not cfg.enabled or cfg.max_epochs == 0:
             return StageResult(status="skipped", metrics={"reason": "finetune disabled", **before})
         teacher, reference = teacher_and_reference(model, ctx)
-        budget = Budget(rounds=cfg.max_epochs, steps=steps_per_epoch(ctx), lr=cfg.lr)
+        budget = Budget(rounds=cfg.max_epochs, steps=steps_per_epoch(ctx), lr=cfg.lr, lr_key="finetune.lr")
         model, outcome = recover(model, ctx, budget, teacher, reference, "epoch", seed=17,
                                  resume=ctx.stage_dir / PROGRESS, milestone="finetune epoch")
         (ctx.stage_dir / PROGRESS).unlink(missing_ok=True)  # only a killed attempt resumes; --from trains anew

@@ -40,7 +40,8 @@ class LayerTruncate:
         start = evaluate(model, ctx)
         current = dict(start)
         teacher, reference = teacher_and_reference(model, ctx)
-        budget = Budget(rounds=cfg.recovery_rounds, steps=cfg.recovery_steps, lr=cfg.recovery_lr)
+        budget = Budget(rounds=cfg.recovery_rounds, steps=cfg.recovery_steps, lr=cfg.recovery_lr,
+                        lr_key="layer_truncate.recovery_lr")
         decisions: list[dict[str, Any]] = []
         removed: list[str] = []
         essential: set[str] = set()

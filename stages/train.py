@@ -22,7 +22,7 @@ class Train:
             return StageResult(status="skipped", metrics={"reason": "train.enabled is false"})
         plain = RecoveryConfig(momentum=cfg.momentum, weight_decay=cfg.weight_decay, distill_weight=0.0,
                                stopping="fixed")
-        budget = Budget(rounds=cfg.epochs, steps=steps_per_epoch(ctx), lr=cfg.lr)
+        budget = Budget(rounds=cfg.epochs, steps=steps_per_epoch(ctx), lr=cfg.lr, lr_key="train.lr")
         model, outcome = recover(model, ctx, budget, None, {}, "epoch", seed=1, cfg=plain, milestone="train epoch")
         return StageResult(model=model, metrics={"epochs": outcome.rounds, "final_loss": outcome.history[-1]["loss"],
                                                  **evaluate(model, ctx)})

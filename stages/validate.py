@@ -60,7 +60,7 @@ class Validate:
         acc = accuracy(compressed, ctx.loader("validation"), ctx.track)
         base_acc = accuracy(base_rt, ctx.loader("validation"), ctx.track)  # both measured the same way
         lat = latency({"base": base_rt, "compressed": compressed}, (cfg.batch, spec.in_chans, *spec.input_size),
-                      cfg.warmup, cfg.runs, ctx.track, blocks=cfg.blocks)
+                      cfg.warmup, cfg.runs, ctx.track, blocks=cfg.blocks, block_seconds=cfg.block_seconds)
         base = ctx.stage_state("calibrate")["base"]
         gflops, params = count_macs(model, spec)
         comp = {"top1": acc["top1"], "top5": acc["top5"], "gflops": gflops, "params_m": params}
@@ -73,7 +73,7 @@ class Validate:
                           "params_m": _pct(params, base["params_m"])},
             "accuracy_source": f"{base_art.name} and {comp_art.name} on {runtime}, {acc['samples']} validation "
                                f"images",
-            "latency_ms": latency_record(lat, compressed, cfg.batch, cfg.runs, cfg.warmup),
+            "latency_ms": latency_record(lat, compressed, cfg.batch, cfg.warmup),
             "parity": {"max_abs_diff": parity, "samples": len(xs), "artifact": comp_art.name},
             "artifacts": {"onnx": "model.onnx", "tensorrt": ENGINE if engine.get("status") == "built" else None,
                           "tensorrt_status": engine.get("status"), "tensorrt_reason": engine.get("reason")},

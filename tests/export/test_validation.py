@@ -139,8 +139,9 @@ def test_latency_runs_in_interleaved_blocks_and_reports_the_speedup_spread():
     assert lat["base"]["runs"] == 20 and len(lat["base"]["block_medians"]) == 4
     sp = speedup(lat)
     assert sp["speedup"] == pytest.approx(2.0) and sp["speedup_low"] == pytest.approx(2.0) and sp["blocks"] == 4
-    rec = latency_record(lat, comp, 1, 20, 2)
+    rec = latency_record(lat, comp, 1, 2)
     assert rec["base_p10"] == 4.0 and rec["compressed_p90"] == 2.0 and rec["threads"] == 1
+    assert rec["runs"] == {"base": 20, "compressed": 20}
 
 
 def test_speedup_gate_holds_only_if_the_low_end_of_the_spread_clears_it():

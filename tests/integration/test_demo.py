@@ -27,6 +27,11 @@ def test_demo_meets_its_promises(tmp_path: Path):
     assert s["gates"]["passed"]
     assert s["removed_blocks"], "the demo removes at least one whole block within its budget"
     check_numbers(run)  # the report, written by the pipeline, agrees with summary.json and the stage records
+    from benchmarks.readme import readme_summary
+
+    shown = readme_summary((REPO / "README.md").read_text())  # the README's figures are a demo run's, within noise
+    assert abs(shown["compressed"]["top1"] - s["compressed"]["top1"]) <= 1.5
+    assert abs(shown["delta_pct"]["gflops"] - s["delta_pct"]["gflops"]) <= 5.0
 
     # the standalone verbs on the finished demo run
     before = {p: sha256(p) for p in run.rglob("*") if p.is_file() and p.name != "log.txt"}
@@ -44,3 +49,19 @@ def test_demo_meets_its_promises(tmp_path: Path):
     again = OrtModel(run / "exports" / "model.onnx")(x)
     assert np.abs(again - OrtModel(run / "model.onnx")(x)).max() <= 1e-5
     assert {p: sha256(p) for p in before} == before, "the verbs leave the run's own files alone"
+
+
+def test_readme_demo_figures_are_generated_from_a_demo_run():
+    """The README's demo sentence and example summary.json come from one run (make readme-demo), agree with
+    each other, and carry every key a summary has."""
+    import re
+
+    from benchmarks.readme import DEMO, blocks, demo_paragraph, readme_summary
+
+    text = (REPO / "README.md").read_text()
+    example = readme_summary(text)
+    minutes = int(re.search(r"about (\d+) minutes", blocks(text, DEMO)).group(1))
+    assert blocks(text, DEMO) == demo_paragraph(example, minutes)
+    for key in ("base", "compressed", "delta_pct", "latency_ms", "parity", "artifacts", "gates", "targets"):
+        assert key in example, key
+    assert example["name"] == "demo" and example["model"] == "timm:resnet18"

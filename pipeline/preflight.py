@@ -1,0 +1,155 @@
+"""Checks before any work, and all that `--dry-run` does: config, run directory, model, weights, data, runtimes.
+
+Everything here costs seconds (the model is built on the meta device, the weights file is memory-mapped), so a
+mistake that would surface after an epoch of training surfaces at once, with exit code 2 and all problems
+listed together.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from pipeline.config import Config
+from pipeline.errors import UserInputError
+from pipeline.rundir import RunDir
+
+# A run keeps about this many copies of the model: checkpoints of load, train, filter_prune, layer_truncate and
+# finetune, finetune's resumable optimizer state, and the base and compressed ONNX files.
+_COPIES = 8
+
+
+def _problems_of(check) -> list[str]:
+    try:
+        check()
+    except UserInputError as exc:
+        return [str(exc)]
+    return []
+
+
+def runtime_problems(config: Config) -> list[str]:
+    """TensorRT or the CUDA provider asked for explicitly but missing here: known before any stage runs."""
+    from export.tensorrt import AUTO_HINT, INSTALL_HINT, unavailable_reason
+
+    problems = []
+    trt_needed = config.export.tensorrt.mode == "required" or config.validate_.runtime == "tensorrt"
+    reason = unavailable_reason() if trt_needed else None
+    if reason:
+        key = "export.tensorrt.mode is 'required'" if config.export.tensorrt.mode == "required" \
+            else "validate.runtime is 'tensorrt'"
+        problems.append(f"{key} but {reason}; {INSTALL_HINT}; {AUTO_HINT}")
+    if config.validate_.runtime == "onnxruntime-cuda":
+        from export.runtime import cuda_provider_problem
+
+        problem = cuda_provider_problem()
+        if problem:
+            problems.append(f"validate.runtime is 'onnxruntime-cuda' but {problem}")
+    return problems
+
+
+def _config_problems(config: Config) -> list[str]:
+    from pipeline.models import check_model_name
+    from stages._criteria import CRITERIA
+
+    problems = _problems_of(lambda: check_model_name(config.model))
+    problems += _problems_of(lambda: CRITERIA.get(config.filter_prune.criterion))
+    if config.model.weights is not None and not Path(config.model.weights).is_file():
+        problems.append(f"model.weights {str(config.model.weights)!r} does not exist; set it to a local weights "
+                        f"file (a state dict saved with torch.save)")
+    root = config.data.root
+    if root is not None and config.data.kind not in ("demo", "synthetic", "digits", "dataset") \
+            and not Path(root).is_dir() and not config.data.download:
+        problems.append(f"data.root {str(root)!r} does not exist (data.kind={config.data.kind}); point it at the "
+                        f"dataset folder, or set data.download: true for torchvision datasets")
+    problems += runtime_problems(config)
+    if config.logging.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        problems.append("logging.tensorboard is true but the tensorboard package is not installed; "
+                        "pip install -e '.[tensorboard]', or set logging.tensorboard: false")
+    return problems
+
+
+def _model_problems(config: Config, warnings: list[str]) -> tuple[list[str], int]:
+    """Weights that do not fit the architecture, a factory that is not deterministic, the class count; and the
+    model's size in bytes (for the free-space check)."""
+    from pipeline.data import check_classes, class_info
+    from pipeline.models import (
+        check_deterministic,
+        fit_problems,
+        nonfinite_tensors,
+        parameter_shapes,
+        read_state_dict,
+    )
+
+    spec = config.model
+    problems: list[str] = []
+    try:
+        shapes = parameter_shapes(spec)
+    except UserInputError as exc:
+        return [str(exc)], 0
+    size = 4 * sum(_numel(s) for s in shapes.values())
+    if spec.source == "python":
+        problems += _problems_of(lambda: check_deterministic(spec))
+    if spec.weights is not None and Path(spec.weights).is_file():
+        try:
+            state = read_state_dict(spec.weights)
+        except UserInputError as exc:
+            problems.append(str(exc))
+        else:
+            import torch
+
+            with torch.device("meta"):
+                probe = _ShapeModel(shapes)
+            missing, unexpected, shape = fit_problems(probe, state)
+            if missing or unexpected or shape:
+                from pipeline.models import build_model, check_fit
+
+                problems += _problems_of(lambda: check_fit(build_model(spec, with_weights=False), state,
+                                                           spec.weights, f"{spec.source}:{spec.name}"))
+            else:
+                bad = nonfinite_tensors(state)
+                if bad:
+                    problems.append(f"model.weights {str(spec.weights)!r} holds NaN or Inf values in {len(bad)} "
+                                    f"tensor(s): {', '.join(bad[:8])}; use a checkpoint from before training "
+                                    f"diverged")
+    error, warning = check_classes(spec.num_classes, class_info(config))
+    problems += [error] if error else []
+    warnings += [warning] if warning else []
+    return problems, size
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+class _ShapeModel:
+    """Stands in for a model where only its state dict's names and shapes matter."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        import torch
+
+        self._state = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+
+    def state_dict(self):
+        return self._state
+
+
+def preflight(config: Config, run_dir: RunDir | None = None, fresh: bool = False, deep: bool = True) -> list[str]:
+    """Raise UserInputError listing every problem found; return the warnings.
+
+    `deep` also builds the model on the meta device, checks the weights file against it and the class count
+    against the data (seconds); the run directory is checked for ownership, writability and free space.
+    """
+    warnings: list[str] = []
+    problems = _config_problems(config)
+    size = 0
+    if deep and not problems:
+        more, size = _model_problems(config, warnings)
+        problems += more
+    if run_dir is not None:
+        problems += _problems_of(lambda: run_dir.check_usable(fresh, _COPIES * size + 20_000_000 if size else 0))
+    if problems:
+        raise UserInputError("the config cannot run:\n  - " + "\n  - ".join(problems))
+    return warnings
