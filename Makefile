@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: install demo test test-slow gpu-check lint bench bench-quick bench-arch readme-demo clean
+.PHONY: install install-gpu demo test test-slow gpu-check lint bench bench-quick bench-arch readme-demo clean
 
 install: $(STAMP)
 
@@ -25,10 +25,18 @@ test: install
 test-slow: install
 	$(BIN)/pytest -q -m slow
 
-# The tests marked gpu (TensorRT engines, CUDA runtimes). Needs an NVIDIA GPU and the gpu extra:
-# $(BIN)/pip install -e '.[gpu]'. Without them every test reports why it was skipped.
+# On a CUDA machine: the gpu extra (onnxruntime-gpu, TensorRT 10). onnxruntime (CPU, a base dependency) and
+# onnxruntime-gpu install into the same onnxruntime/ folder; the GPU wheel is reinstalled last so that its files
+# are the ones in place. Never uninstall either afterwards: that deletes the shared files.
+install-gpu: install
+	$(BIN)/pip install -e '.[dev,gpu]'
+	$(BIN)/pip install --force-reinstall --no-deps "onnxruntime-gpu==$$($(BIN)/python -c \
+		'from importlib.metadata import version; print(version("onnxruntime-gpu"))')"
+
+# The tests marked gpu (TensorRT engines, ONNX Runtime CUDA). COMPRESS_REQUIRE_GPU=1 turns every skip into a
+# failure, so a nightly job that lost its GPU or TensorRT goes red instead of passing having tested nothing.
 gpu-check: install
-	$(BIN)/pytest -q -m gpu -rs
+	COMPRESS_REQUIRE_GPU=1 $(BIN)/pytest -q -m gpu -rs
 
 bench: install
 	$(BIN)/python -m benchmarks.run

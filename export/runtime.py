@@ -43,7 +43,20 @@ class OrtModel:
         opts.intra_op_num_threads = self.threads
         self.backend = f"onnxruntime-{provider}"
         self.device = cpu_name() if provider == "cpu" else _gpu_name()
-        self.session = ort.InferenceSession(str(path), opts, providers=[name])
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=[name])
+        except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own types for every kind of bad file
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise UserInputError(f"{path} is not an ONNX model ONNX Runtime can load ({first}); pass the model.onnx "
+                                 f"of a run, or re-export it with `compress export RUN_DIR`") from None
+        used = self.session.get_providers()
+        if not used or used[0] != name:
+            # ONNX Runtime logs a failed CUDA provider and runs on the CPU: timings would be the CPU's
+            fix = cuda_provider_problem() or "fix the CUDA set-up"
+            raise UserInputError(f"ONNX Runtime could not use {name} for {Path(path).name} and fell back to "
+                                 f"{', '.join(used) or 'nothing'} (its log above says why: usually CUDA or cuDNN "
+                                 f"libraries of another major version); {fix}, or set validate.runtime: "
+                                 f"onnxruntime-cpu")
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self.input_shape = tuple(inp.shape[1:])

@@ -6,6 +6,7 @@ for. Only the name-based TensorRT 10 API is used (no bindings, no implicit batch
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import platform
@@ -18,8 +19,12 @@ import numpy as np
 from pipeline.errors import UserInputError
 from pipeline.rundir import atomic_json, atomic_write, sha256
 
-INSTALL_HINT = ("install the gpu extra on a machine with an NVIDIA GPU and driver: pip install -e '.[gpu]' "
-                "(it brings tensorrt>=10 and onnxruntime-gpu)")
+INSTALL_HINT = ("install the gpu extra on a machine with an NVIDIA GPU and driver: `make install-gpu`, or "
+                "pip install -e '.[gpu]' (it brings tensorrt 10.x and onnxruntime-gpu)")
+SUPPORTED = (10, 11)  # TensorRT majors this code is written for: [10, 11)
+VERSION_HINT = ("this tool builds engines with the TensorRT 10 API (BuilderFlag.FP16, weakly typed networks), which "
+                "TensorRT 11 removed in favour of strongly typed networks; install a 10.x release: "
+                "pip install 'tensorrt>=10.16,<11'")
 
 
 def unavailable_reason() -> str | None:
@@ -43,11 +48,35 @@ def require(alternative: str = AUTO_HINT) -> Any:
         raise UserInputError(f"TensorRT is required but {reason}; {INSTALL_HINT}; {alternative}")
     import tensorrt as trt
 
-    major = int(trt.__version__.split(".")[0])
-    if major < 10:
-        raise UserInputError(f"TensorRT {trt.__version__} is installed; this tool needs TensorRT 10 or newer "
-                             f"(pip install 'tensorrt>=10')")
+    check_version(trt.__version__)
     return trt
+
+
+def check_version(version: str) -> None:
+    """TensorRT outside [10, 11) is refused with the reason, before any of its API is touched."""
+    try:
+        major = int(str(version).split(".")[0])
+    except ValueError:
+        major = -1
+    if not SUPPORTED[0] <= major < SUPPORTED[1]:
+        raise UserInputError(f"TensorRT {version} is installed, but {VERSION_HINT}")
+
+
+def engine_fingerprint() -> str:
+    """What an engine depends on besides its ONNX file: the TensorRT version and the GPU model. Part of the
+    export stage's config hash, so a cached run directory rebuilds its engine after an upgrade or on another GPU."""
+    reason = unavailable_reason()
+    if reason is not None:
+        return f"unavailable: {reason}"
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    try:
+        trt_version = version("tensorrt")
+    except PackageNotFoundError:
+        trt_version = "unknown"
+    return f"tensorrt {trt_version} on {torch.cuda.get_device_name()}"
 
 
 @dataclass(frozen=True)
@@ -61,7 +90,9 @@ class EngineSpec:
     max_batch: int = 32
 
 
+@functools.cache
 def _logger(trt: Any) -> Any:
+    """The process's one TensorRT logger: TensorRT keeps the first it is given and warns about later ones."""
     return trt.Logger(trt.Logger.WARNING)
 
 
@@ -139,8 +170,10 @@ class TrtModel:
 
         self.torch = torch
         self.path = Path(path)
+        plan = self.path.read_bytes()
+        self.sidecar = read_sidecar(self.path, plan)
         runtime = trt.Runtime(_logger(trt))
-        self.engine = runtime.deserialize_cuda_engine(self.path.read_bytes())
+        self.engine = runtime.deserialize_cuda_engine(plan)
         if self.engine is None:
             raise UserInputError(f"{self.path} is not a TensorRT engine this TensorRT ({trt.__version__}) and GPU "
                                  f"can load; engines are tied to the TensorRT version and GPU that built them: "
@@ -156,26 +189,31 @@ class TrtModel:
         self.input_name = self.inputs[0]
         shape = tuple(self.engine.get_tensor_shape(self.input_name))
         if shape[0] == -1:
-            _, _, max_shape = self.engine.get_tensor_profile_shape(self.input_name, 0)
-            self.max_batch = int(max_shape[0])
+            min_shape, _, max_shape = self.engine.get_tensor_profile_shape(self.input_name, 0)
+            self.min_batch, self.max_batch = int(min_shape[0]), int(max_shape[0])
         else:
-            self.max_batch = int(shape[0])
+            self.min_batch = self.max_batch = int(shape[0])
         self.input_shape = shape[1:]
-        self.precision = _sidecar_precision(self.path)
+        self.precision = self.sidecar.get("precision", "unknown")
         dev = torch.device("cuda")
         self.buffers: dict[str, Any] = {}
-        self.context.set_input_shape(self.input_name, (self.max_batch, *self.input_shape))
+        self._set_shape(self.max_batch)
         for n in names:
             dtype = _torch_dtype(torch, trt.nptype(self.engine.get_tensor_dtype(n)))
             self.buffers[n] = torch.empty(tuple(self.context.get_tensor_shape(n)), dtype=dtype, device=dev)
         self._batch = -1
 
+    def _set_shape(self, batch: int) -> None:
+        if not self.min_batch <= batch <= self.max_batch or \
+                not self.context.set_input_shape(self.input_name, (batch, *self.input_shape)):
+            raise UserInputError(f"batch {batch} is outside the optimization profile of {self.path.name} (batches "
+                                 f"{self.min_batch} to {self.max_batch}); set validate.batch within it, or rebuild "
+                                 f"the engine with export.tensorrt.min_batch/max_batch around it")
+
     def _bind(self, batch: int) -> None:
-        if batch > self.max_batch:
-            raise ValueError(f"batch {batch} exceeds the engine profile's max batch {self.max_batch}")
         if batch == self._batch:
             return
-        self.context.set_input_shape(self.input_name, (batch, *self.input_shape))
+        self._set_shape(batch)
         for n, buf in self.buffers.items():
             self.context.set_tensor_address(n, buf[:batch].data_ptr())
         self._batch = batch
@@ -192,9 +230,12 @@ class TrtModel:
         outs = []
         for i in range(0, len(x), self.max_batch):
             chunk = x[i: i + self.max_batch].astype(np.float32)
+            n = len(chunk)
+            if n < self.min_batch:  # a short last chunk is padded up to the profile's smallest batch
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.min_batch - n, axis=0)])
             self._run(chunk)
             self.stream.synchronize()
-            outs.append(self.buffers[self.outputs[0]][: len(chunk)].float().cpu().numpy())
+            outs.append(self.buffers[self.outputs[0]][:n].float().cpu().numpy())
         return np.concatenate(outs)
 
     def time_once(self, x: np.ndarray) -> float:
@@ -213,11 +254,25 @@ class TrtModel:
         return float(start.elapsed_time(end))
 
 
-def _sidecar_precision(path: Path) -> str:
+def read_sidecar(path: Path, plan: bytes) -> dict[str, Any]:
+    """The engine's sidecar, checked against the engine's bytes: an engine and a sidecar from two different
+    builds (an interrupted rebuild, a copied file) are refused; an engine without a sidecar loads as is."""
     side = sidecar_of(path)
-    if side.is_file():
-        return json.loads(side.read_text()).get("precision", "unknown")
-    return "unknown"
+    if not side.is_file():
+        return {}
+    try:
+        data = json.loads(side.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserInputError(f"{side} is not valid JSON ({exc}); rebuild the engine with `compress export RUN_DIR "
+                             f"--format tensorrt`") from None
+    import hashlib
+
+    want = data.get("engine_sha256")
+    if want and want != hashlib.sha256(plan).hexdigest():
+        raise UserInputError(f"{path.name} does not match its sidecar {side.name} (the engine's sha256 differs: the "
+                             f"two come from different builds, e.g. an interrupted rebuild); rebuild the engine with "
+                             f"`compress export RUN_DIR --format tensorrt` or re-run the pipeline --from export")
+    return data
 
 
 def _torch_dtype(torch: Any, np_dtype: Any) -> Any:

@@ -35,6 +35,13 @@ def report_cmd(
     finally:
         rd.unlock()
     console.print("wrote " + ", ".join(str(p) for p in paths), markup=False, highlight=False)
+    stages = rd.read_manifest()["stages"]
+    damage = {n: bad for n, e in stages.items() if e.get("status") == "done" and (bad := rd.corrupted_files(e))}
+    if damage:
+        raise UserInputError("the run directory is damaged (files changed or missing since the pipeline wrote "
+                             "them): " + "; ".join(f"stage {n!r}: {', '.join(f)}" for n, f in damage.items()) +
+                             f". The report says so and leaves their figures out; re-run `compress pipeline ... "
+                             f"--from {next(iter(damage))}` to recompute them")
 
 
 @app.command("init", epilog=(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 from typing import Any
@@ -155,6 +156,16 @@ def _is_click_abort(exc: BaseException) -> bool:
     return type(exc).__name__ == "Abort" and "click" in type(exc).__module__
 
 
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _bug(exc: BaseException) -> int:
+    console.print_exception(max_frames=8)
+    console.print(f"unexpected error (a bug; please report it with the traceback above): {type(exc).__name__}: "
+                  f"{exc}", style="bold red", markup=False)
+    return 1
+
+
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return the documented exit code (never raises, never exits)."""
     try:
@@ -171,16 +182,21 @@ def run(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # a SIGINT outside our handler's reach (e.g. while it was being installed)
         console.print("stopped by SIGINT", style="bold yellow", markup=False)
         return 130
+    except OSError as exc:
+        if exc.errno not in ENVIRONMENT_ERRNOS:
+            return _bug(exc)
+        # the machine, not the code: a full or read-only disk, a missing permission
+        console.print(f"error: {exc.strerror or exc}: {exc.filename or ''}; nothing finished was lost. Free space or "
+                      f"choose a writable location, then run the same command again to resume", style="bold red",
+                      markup=False, highlight=False, soft_wrap=True)
+        return 2
     except Exception as exc:
         if isinstance(exc, _click_error_types()):  # usage errors: missing argument, unknown option or command
             exc.show()
             return 2
         if _is_click_abort(exc):
             return 130
-        console.print_exception(max_frames=8)
-        console.print(f"unexpected error (a bug; please report it with the traceback above): "
-                      f"{type(exc).__name__}: {exc}", style="bold red", markup=False)
-        return 1
+        return _bug(exc)
     # typer returns the exit code of --help, --version and a typer.Exit; a command returns None
     return returned if isinstance(returned, int) else 0
 

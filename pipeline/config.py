@@ -232,7 +232,8 @@ class GatesConfig(Section):
                                               "removed, e.g. 0.7")
     max_latency_ms: float | None = Field(None, gt=0.0, description="compressed median latency, milliseconds")
     max_parity_error: float | None = Field(1e-4, gt=0.0, description="max |artifact - PyTorch| of FP32 artifacts")
-    max_parity_error_fp16: float | None = Field(5e-2, gt=0.0, description="the same for FP16 TensorRT engines")
+    max_parity_error_fp16: float | None = Field(5e-2, gt=0.0, description="FP16 TensorRT engines, relative: "
+                                                "max |engine - PyTorch| / max |PyTorch logit|")
 
 
 class ValidateConfig(Section):
@@ -303,6 +304,12 @@ class Config(Section):
         if self.validate_.runtime == "tensorrt" and self.export.tensorrt.mode == "off":
             raise ValueError("validate.runtime is 'tensorrt' but export.tensorrt.mode is 'off', so no engine is "
                              "built; set export.tensorrt.mode: required (or validate.runtime: auto)")
+        trt = self.export.tensorrt
+        if trt.mode != "off" and self.validate_.runtime in ("auto", "tensorrt") \
+                and not trt.min_batch <= self.validate_.batch <= trt.max_batch:
+            raise ValueError(f"validate.batch {self.validate_.batch} is outside the engine's optimization profile "
+                             f"(export.tensorrt.min_batch {trt.min_batch} to max_batch {trt.max_batch}); the engine "
+                             f"could not be timed at it. Set validate.batch within it or widen the profile")
         if self.export.tensorrt.mode != "off" and self.export.tensorrt.max_batch > 1 and not self.export.dynamic_batch:
             raise ValueError("export.dynamic_batch is false, so the ONNX model has batch 1 and its engine cannot "
                              "take export.tensorrt.max_batch > 1; set export.tensorrt.max_batch: 1 and opt_batch: 1, "

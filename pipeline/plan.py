@@ -29,10 +29,10 @@ def stage_hashes(config: Config, names: list[str]) -> list[str]:
     hashes, prev = [], ""
     engine = "off"
     if config.export.tensorrt.mode != "off":
-        from export.tensorrt import unavailable_reason
+        from export.tensorrt import engine_fingerprint
 
-        # an engine skipped because TensorRT was missing is rebuilt once it is there (and vice versa)
-        engine = "available" if unavailable_reason() is None else "unavailable"
+        # an engine is rebuilt when TensorRT appears, disappears, is upgraded, or the GPU model changes
+        engine = engine_fingerprint()
     from pipeline.data import data_fingerprint
     from pipeline.models import fingerprint
 

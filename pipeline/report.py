@@ -7,13 +7,14 @@ state), so a report can be made for any run: finished, failed, interrupted or st
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipeline._report_figures import figure_dynamics, figure_latency, figure_widths
 from pipeline._report_render import Section, Table, render_html, render_md
 from pipeline.config import Config
+from pipeline.errors import UserInputError
 from pipeline.rundir import RunDir, atomic_write, load_checkpoint, sha256
 
 REPORT_MD, REPORT_HTML, FIGURES = "report.md", "report.html", "figures"
@@ -49,10 +50,11 @@ class RunRecords:
     config: Config | None
     states: dict[str, dict[str, Any]]
     structures: dict[str, dict[str, Any]]
+    damage: dict[str, list[str]] = field(default_factory=dict)  # stage -> its files missing or altered
+    notes: list[str] = field(default_factory=list)
 
 
 def read_run(run_dir: Path, config: Config | None = None) -> RunRecords:
-    from pipeline.errors import UserInputError
     from stages import PIPELINE
 
     rd = RunDir(run_dir)
@@ -65,22 +67,24 @@ def read_run(run_dir: Path, config: Config | None = None) -> RunRecords:
 
         config = load_config(rd.root / "config.json")
     summary, note = None, None
+    damage = {n: rd.corrupted_files(e) for n, e in manifest["stages"].items() if e.get("status") == "done"}
+    damage = {n: bad for n, bad in damage.items() if bad}
     entry = manifest["stages"].get("validate", {})
     path = rd.root / "summary.json"
-    if path.is_file():
-        if entry.get("status") == "done" and not rd.corrupted_files(entry):
+    if path.is_file() and "validate" not in damage:
+        if entry.get("status") == "done":
             summary = json.loads(path.read_text())
         else:
             note = "summary.json is from an earlier validation (stages before it have re-run since); ignored"
     states, structures = {}, {}
     for name in PIPELINE:
         e = manifest["stages"].get(name, {})
-        if e.get("status") == "done" and e.get("checkpoint") and not rd.corrupted_files(e):
+        if e.get("status") == "done" and e.get("checkpoint") and name not in damage:
             ckpt = load_checkpoint(rd.root / e["checkpoint"])
             states[name] = ckpt.get("state") or {}
             if ckpt.get("structure") is not None:
                 structures[name] = ckpt["structure"]
-    return RunRecords(rd.root, manifest, summary, note, config, states, structures)
+    return RunRecords(rd.root, manifest, summary, note, config, states, structures, damage)
 
 
 def run_status(rec: RunRecords) -> tuple[str, str]:
@@ -88,6 +92,10 @@ def run_status(rec: RunRecords) -> tuple[str, str]:
     from stages import PIPELINE
 
     stages = rec.manifest["stages"]
+    if rec.damage:
+        return "damaged", ("(files changed or missing since they were written: " + "; ".join(
+            f"stage `{n}`: {', '.join(files)}" for n, files in rec.damage.items()) + "); their figures are not "
+            "shown. Re-run with --from the first damaged stage to recompute them")
     for name in PIPELINE:
         entry = stages.get(name, {})
         st = entry.get("status")
@@ -155,7 +163,12 @@ def layer_widths(rec: RunRecords) -> list[dict[str, Any]]:
     latest = next(rec.structures[n] for n in reversed(PIPELINE) if n in rec.structures)
     attrs, replaced = latest.get("attrs", {}), latest.get("replaced", {})
     rows = []
-    for name, mod in build_model(rec.config.model, with_weights=False).named_modules():
+    try:
+        fresh = build_model(rec.config.model, with_weights=False)
+    except UserInputError as exc:  # e.g. a factory file relative to another folder, or a model object
+        rec.notes.append(f"Per-layer widths are not shown: the base model cannot be built here ({exc}).")
+        return []
+    for name, mod in fresh.named_modules():
         if isinstance(mod, nn.Conv2d | nn.Linear):
             base = mod.out_channels if isinstance(mod, nn.Conv2d) else mod.out_features
             key = "out_channels" if isinstance(mod, nn.Conv2d) else "out_features"
@@ -179,6 +192,7 @@ def build_sections(rec: RunRecords, rows: list[dict[str, Any]], widths: list[dic
         f"Status: **{word}** {sentence}."])
     if rec.summary_note:
         intro.text.append(rec.summary_note)
+    intro.text += rec.notes
     for tname, t in ((rec.summary or {}).get("targets") or {}).items():
         intro.text.append(f"Target {tname} {t['requested']:g}: " + (
             f"met (achieved {t['achieved']:.3f})." if t["met"] else

@@ -242,6 +242,8 @@ class RunDir:
             raise UserInputError(f"run directory {str(root)!r} {why}")
         if root.exists() and not root.is_dir():
             raise UserInputError(f"run directory {str(root)!r} is a file, not a folder; pass another --run-dir")
+        if self.manifest_path.is_file() and not fresh:
+            self.read_manifest()  # a manifest of the wrong shape is refused before anything is touched
         if root.is_dir() and not self.manifest_path.is_file():
             foreign = sorted(p.name for p in root.iterdir())
             if foreign and not fresh:

@@ -122,6 +122,11 @@ def _schedule(opt: torch.optim.Optimizer, cfg: RecoveryConfig, budget: Budget):
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+def _scaler(device: torch.device, cfg: RecoveryConfig) -> torch.amp.GradScaler:
+    """The loss scaler of mixed precision: active on CUDA with recovery.amp, a no-op elsewhere."""
+    return torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.amp)
+
+
 def _rng_state() -> dict[str, Any]:
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     # plain data and tensors only, so that the checkpoint loads with weights_only=True
@@ -205,7 +210,7 @@ def recover(model: nn.Module, ctx: Context, budget: Budget, teacher: nn.Module |
         model = model.to(memory_format=torch.channels_last)
     opt = _optimizer(model, cfg, budget.lr)
     sched = _schedule(opt, cfg, budget)
-    scaler = torch.amp.GradScaler("cuda", enabled=cuda and cfg.amp)
+    scaler = _scaler(device, cfg)
     start_round = 0
     if resume is not None and resume.is_file():
         saved = load_checkpoint(resume)

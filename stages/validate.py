@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from export.runtime import open_artifact, resolve_runtime
-from export.validation import accuracy, check_gates, latency, latency_record
+from export.validation import accuracy, check_gates, compare, latency, latency_record
 from pipeline.context import STAGES, SUMMARY, Context, StageResult
 from pipeline.models import count_macs
 from pipeline.rundir import atomic_json
@@ -56,7 +55,8 @@ class Validate:
         xs = parity_batch(ctx)
         with torch.no_grad():
             ref = model.eval().cpu()(xs).numpy()
-        parity = float(np.abs(compressed(xs.numpy()) - ref).max())
+        parity_record = compare(compressed(xs.numpy()), ref)
+        parity = parity_record["max_abs_diff"]
         acc = accuracy(compressed, ctx.loader("validation"), ctx.track)
         base_acc = accuracy(base_rt, ctx.loader("validation"), ctx.track)  # both measured the same way
         lat = latency({"base": base_rt, "compressed": compressed}, (cfg.batch, spec.in_chans, *spec.input_size),
@@ -74,7 +74,7 @@ class Validate:
             "accuracy_source": f"{base_art.name} and {comp_art.name} on {runtime}, {acc['samples']} validation "
                                f"images",
             "latency_ms": latency_record(lat, compressed, cfg.batch, cfg.warmup),
-            "parity": {"max_abs_diff": parity, "samples": len(xs), "artifact": comp_art.name},
+            "parity": {**parity_record, "samples": len(xs), "artifact": comp_art.name},
             "artifacts": {"onnx": "model.onnx", "tensorrt": ENGINE if engine.get("status") == "built" else None,
                           "tensorrt_status": engine.get("status"), "tensorrt_reason": engine.get("reason")},
             "removed_blocks": ctx.manifest["stages"].get("layer_truncate", {}).get("metrics", {})

@@ -27,7 +27,7 @@ def tiny_config(**sections: Any) -> dict[str, Any]:
                          "max_accuracy_drop": 100.0},
         "layer_truncate": {"max_layers": 1, "recovery_steps": 2, "max_accuracy_drop": 100.0},
         "finetune": {"max_epochs": 1},
-        "validate": {"warmup": 2, "runs": 5, "gates": {"max_parity_error": 1e-3}},
+        "validate": {"warmup": 2, "runs": 5, "block_seconds": 0.02, "gates": {"max_parity_error": 1e-3}},
         "runtime": {"progress": False, "threads": 2},
     }
     for key, value in sections.items():
@@ -57,13 +57,29 @@ def write_config(path: Path, cfg: dict[str, Any]) -> Path:
     return path
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run `compress` in a fresh process, as users and CI do."""
-    full_env = {**os.environ, "COLUMNS": "200", **(env or {})}
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600,
+            cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """Run `compress` in a fresh process, as users and CI do (from `cwd`, the repository by default)."""
+    full_env = {**os.environ, "COLUMNS": "200", "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
-                          env=full_env, timeout=timeout, cwd=REPO)
+                          env=full_env, timeout=timeout, cwd=cwd)
 
 
 @pytest.fixture
 def tiny(tmp_path: Path) -> Path:
     return write_config(tmp_path / "tiny.yaml", tiny_config())
+
+
+REQUIRE_GPU = "COMPRESS_REQUIRE_GPU"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """With COMPRESS_REQUIRE_GPU=1 (`make gpu-check`), a gpu test that skips fails instead: a GPU job that lost
+    its GPU, TensorRT or CUDA provider must go red, not pass having tested nothing."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and item.get_closest_marker("gpu") and os.environ.get(REQUIRE_GPU) == "1":
+        reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"{REQUIRE_GPU}=1 but this gpu test would skip: {reason}"

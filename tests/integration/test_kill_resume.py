@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from stages import PIPELINE
-from tests.conftest import run_cli, tiny_config, write_config
+from tests.conftest import REPO, run_cli, tiny_config, write_config
 from tests.report_checks import check_report
 
 # Where to kill: the n-th progress tick inside the stage's loop, or "commit" (work done, nothing saved yet).
@@ -114,3 +119,32 @@ def test_finetune_killed_mid_epoch_resumes_from_the_last_finished_epoch(tmp_path
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming after round 1 of 3" in " ".join(resumed.stderr.split())
     assert _comparable(run) == _comparable(tmp_path / "whole")
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_during_filter_prune_stops_cleanly_then_resumes(setup, tmp_path: Path, sig: int, code: int):
+    """Ctrl-C (SIGINT) and a CI time limit (SIGTERM): the documented code, the stage marked interrupted, every
+    earlier checkpoint intact, and the resumed run ends with the same tensors as an uninterrupted one."""
+    config, baseline = setup
+    run = tmp_path / "run"
+    env = {**os.environ, "COLUMNS": "200", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "pipeline", str(config), "--run-dir", str(run)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    log = run / "log.txt"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (log.is_file() and "filter_prune step 1/" in log.read_text()):
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        time.sleep(0.2)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err[-2000:]
+    assert "Traceback" not in err and f"stopped by {signal.Signals(sig).name}" in err
+    manifest = json.loads((run / "manifest.json").read_text())
+    entry = manifest["stages"]["filter_prune"]
+    assert entry["status"] == "interrupted" and entry["signal"] == signal.Signals(sig).name
+    assert [n for n, e in manifest["stages"].items() if e["status"] == "done"] == ["load", "train", "calibrate"]
+    assert f"interrupted by {signal.Signals(sig).name}" in log.read_text()
+    resumed = run_cli("pipeline", str(config), "--run-dir", str(run))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "filter_prune: running (previous attempt ended as 'interrupted')" in " ".join(resumed.stderr.split())
+    assert _comparable(run) == baseline

@@ -98,3 +98,46 @@ def test_gradient_flow_comes_from_real_backward_passes(tmp_path, monkeypatch):
     F.cross_entropy(m2(x), y).backward()
     assert ref_one["fc"] == pytest.approx(float(m2.fc.weight.grad.abs().mean()), rel=1e-5)
     assert ref_one["layer1.0.conv1"] == pytest.approx(float(m2.layer1[0].conv1.weight.grad.abs().mean()), rel=1e-5)
+
+
+def _cpu_scaler(scale: float):
+    """A real grad scaler on the CPU standing in for CUDA's: it scales the loss by `scale`."""
+    return lambda device, cfg: torch.amp.GradScaler("cpu", init_scale=scale, enabled=True)
+
+
+def test_gradient_flow_is_read_unscaled_under_a_grad_scaler(tmp_path, monkeypatch):
+    """With AMP the gradients carry the loss scale (65,536 by default) until unscaled: the flow read from them
+    must be the same as without a scaler, or the gradient-flow rule never fires on a GPU."""
+    ctx = make_ctx(tmp_path, stopping="gradient_flow", epsilon=1e-9)
+    model, ref = dense_and_reference(ctx)
+    _, plain = R.recover(clone(model), ctx, R.Budget(rounds=2, steps=2, lr=0.01), None, ref, "t", seed=0)
+    monkeypatch.setattr(R, "_scaler", _cpu_scaler(2.0 ** 16))
+    _, scaled = R.recover(clone(model), ctx, R.Budget(rounds=2, steps=2, lr=0.01), None, ref, "t", seed=0)
+    for a, b in zip(plain.history, scaled.history, strict=True):
+        assert b["distance"] == pytest.approx(a["distance"], rel=1e-5)
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+
+
+def test_resume_with_the_empty_scaler_state_of_a_cpu_run(tmp_path, monkeypatch):
+    """A fine-tune started on the CPU saves scaler state {}; resuming it where a scaler is active must work."""
+    ctx = make_ctx(tmp_path)
+    ctx.resume_key = "k"
+    model, ref = dense_and_reference(ctx)
+    progress = tmp_path / "progress.pt"
+    budget = R.Budget(rounds=2, steps=2, lr=0.01)
+    R.recover(clone(model), ctx, R.Budget(rounds=1, steps=2, lr=0.01), None, ref, "t", seed=0, resume=progress)
+    assert torch.load(progress, weights_only=True)["scaler"] == {}
+    monkeypatch.setattr(R, "_scaler", _cpu_scaler(2.0 ** 10))
+    _, out = R.recover(clone(model), ctx, budget, None, ref, "t", seed=0, resume=progress)
+    assert out.rounds == 2
+
+
+def test_a_non_finite_loss_stops_training_before_the_weights_change(tmp_path):
+    ctx = make_ctx(tmp_path)
+    model, ref = dense_and_reference(ctx)
+    with torch.no_grad():
+        model.fc.weight.fill_(float("inf"))
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    with pytest.raises(R.TrainingDiverged, match=r"lower filter_prune.recovery_lr \(now 0.01\)"):
+        R.recover(model, ctx, R.Budget(1, 2, 0.01, "filter_prune.recovery_lr"), None, ref, "recovery 1", seed=0)
+    assert all(torch.equal(v, before[k]) for k, v in model.named_parameters()), "no optimiser step was taken"
