@@ -70,6 +70,7 @@ def prune_to_target(cfg, target: float, images: int = 8, batch: int = 4, max_ste
     g1, p1 = count_macs(model, spec)
     heads1 = count_heads(model)
     return {"base": base, "model": model.eval(), "gflops": [g0, g1], "params_m": [p0, p1], "steps": steps,
+            "held": pruner.held_records(model),
             "heads": [heads0, heads1], "prune_seconds": time.perf_counter() - t0}
 
 

@@ -172,17 +172,34 @@ def rebuild(spec: ModelConfig, structure: dict[str, Any], state: dict[str, torch
     return model
 
 
+def _cpu_attention(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
 def count_macs(model: nn.Module, spec: ModelConfig) -> tuple[float, float]:
-    """(GMACs, million params) at the spec's input size, batch 1 (ResNet-50 at 224 = 4.1 GMACs)."""
-    import torch_pruning as tp
+    """(GMACs, million params) at the spec's input size, batch 1 (ResNet-50 at 224 = 4.1 GMACs).
+
+    MACs are counted on the ops the forward actually runs (torch.utils.flop_counter: convolutions, matrix
+    products, fused attention), so functional calls on module weights (`F.linear(x, self.weight)`, Swin) count
+    as much as module calls; a per-module counter misses them (a third of Swin-T's MACs).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
 
     device = next(model.parameters()).device
     example = torch.zeros(1, spec.in_chans, *spec.input_size, device=device)
     was_training = model.training
     model.eval()
-    macs, params = tp.utils.count_ops_and_params(model, example)
-    model.train(was_training)
-    return float(macs) / 1e9, float(params) / 1e6
+    # the CPU's fused attention kernel has no formula in torch's counter: the same one as the GPU kernels
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention}
+    try:
+        with FlopCounterMode(display=False, custom_mapping=mapping) as counter, torch.no_grad():
+            model(example)
+    finally:
+        model.train(was_training)
+    params = sum(p.numel() for p in model.parameters())
+    return counter.get_total_flops() / 2e9, params / 1e6
 
 
 def clone(model: nn.Module) -> nn.Module:

@@ -16,8 +16,19 @@ from pipeline.models import clone, count_macs
 from stages._attention import count_heads
 from stages._criteria import CRITERIA, accumulate_gradients
 from stages._flows import collect_unit_stats
-from stages._pruning import apply_plan, build_graph, classifier_layers, plan_step, score_groups
+from stages._graph import in_attention
+from stages._pruning import apply_plan, build_graph, classifier_layers, plan_step, producers_of, score_groups
 from stages._recovery import Budget, recover
+from stages._structure import (
+    Held,
+    fill_shares,
+    module_macs,
+    plan_breaks,
+    prove,
+    restore,
+    runs,
+    unrecognised_attention,
+)
 from stages._training import evaluate, teacher_and_reference
 
 
@@ -49,7 +60,8 @@ class Pruner:
     """One pruning step at a time: measure what the criterion needs, one dependency graph, aligned plan, apply.
 
     Keeps what spans steps: every group's original width (for the per-layer cap), the kept share of units,
-    and the graph-build count and time. The stage and the benchmarks prune through it alike.
+    the groups held whole (found once, proved on a copy at the first step, never derived again), and the
+    graph-build count and time. The stage and the benchmarks prune through it alike.
     """
 
     def __init__(self, criterion, ctx: Context) -> None:
@@ -57,11 +69,33 @@ class Pruner:
         self.criterion, self.ctx = criterion, ctx
         self.example = torch.zeros(1, spec.in_chans, *spec.input_size, device=ctx.device)
         self.originals: dict[str, int] = {}
-        self.keep, self.graph_builds, self.score_seconds = 1.0, 0, 0.0
+        self.held: dict[str, Held] = {}
+        self.proved = False
+        self.keep, self.graph_builds, self.score_seconds, self.proof_seconds = 1.0, 0, 0.0, 0.0
+
+    def prunable(self, model: nn.Module, graph) -> list[tuple[str, nn.Module, Any, Any]]:
+        """The groups this step may prune; groups found (or proved) unprunable join `held`, with the reason."""
+        found, new = graph.groups(model, ignored_modules(model, self.ctx, graph.output_layers), self.held)
+        for h in new:
+            self.held.setdefault(h.root, h)
+        if not self.proved:
+            t0 = time.perf_counter()
+            broken = prove(model, self.example, [f[0] for f in found], build_graph)
+            self.proof_seconds = time.perf_counter() - t0
+            attention = unrecognised_attention(model)
+            for name, _, _, group in found:
+                if name in broken:
+                    layers = producers_of(graph, group, model)
+                    reason = f"removing some of its units breaks the model ({broken[name]})"
+                    self.held[name] = Held(name, in_attention(layers, attention, reason), "breaks forward", layers)
+            found = [f for f in found if f[0] not in broken]
+            self.proved = True
+        return found
 
     def step(self, model: nn.Module, p: float, stats: dict[str, Any] | None = None, description: str = "flows",
-             ) -> int:
-        """Remove the share `p` of the remaining units; returns how many were removed."""
+             _retry: bool = False) -> int:
+        """Remove the share `p` of the remaining units; returns how many were removed. The model is changed in
+        place; a step whose removals would break it is undone and taken again without the offending groups."""
         cfg, ctx, criterion = self.ctx.config.filter_prune, self.ctx, self.criterion
         if criterion.needs_stats and stats is None:
             stats = collect_unit_stats(model, ctx, description)
@@ -71,16 +105,39 @@ class Pruner:
         t0 = time.perf_counter()
         graph = build_graph(model, self.example)
         self.graph_builds += 1
-        records = score_groups(graph, model, criterion, ignored_modules(model, ctx, graph.output_layers))
+        found = self.prunable(model, graph)
+        records = score_groups(found, model, criterion)
         self.score_seconds += time.perf_counter() - t0
         for r in records:
             self.originals.setdefault(r.name, r.width)
         self.keep *= 1.0 - p
         plan = plan_step(records, self.originals, p, cfg.round_to, cfg.max_layer_pruning_ratio, cfg.ranking,
                          self.keep)
-        removed = apply_plan(graph, records, plan)
+        snapshot = clone(model)
+        removed = apply_plan(graph, records, plan, model)
         model.zero_grad(set_to_none=True)
-        return removed
+        error = runs(model, self.example)
+        if error is None:
+            return removed
+        # The step's real removals broke the model although the proof passed (a coupling that fails only for
+        # some index sets): undo it, hold the groups whose removals break it, and take the step without them.
+        restore(model, snapshot)
+        self.keep /= 1.0 - p
+        if _retry:
+            raise RuntimeError(f"a pruning step broke the model ({error}) even without the groups held for it")
+        roots = {r.name: r for r in records if plan.get(r.name)}
+        for name, err in plan_breaks(snapshot, self.example, roots, plan).items():
+            rec = roots[name]
+            self.held[name] = Held(name, f"removing {len(plan[name])} of its {rec.width} units breaks the model "
+                                         f"({err})", "breaks forward", [n for n, m in model.named_modules()
+                                                                        if m is rec.module])
+        return self.step(model, p, stats, description, _retry=True)
+
+    def held_records(self, model: nn.Module) -> list[dict[str, Any]]:
+        """Every group held whole, with its reason and share of the model's MACs (as the model is now)."""
+        held = list(self.held.values())
+        fill_shares(held, module_macs(model, self.example))
+        return [h.record() for h in sorted(held, key=lambda h: -h.macs_share)]
 
 
 @STAGES.register("filter_prune")
@@ -151,4 +208,11 @@ class FilterPrune:
                    "scoring_seconds": round(pruner.score_seconds, 3)}
         if heads0:
             metrics.update({"heads_before": heads0, "heads": count_heads(model)})
-        return StageResult(model=model, metrics=metrics, state={"dynamics": dynamics, "stop_reason": stop})
+        held = pruner.held_records(model)
+        for h in held:
+            ctx.log.warning(f"filter_prune held whole: {h['root']} and {len(h['layers']) - 1} coupled layer(s), "
+                            f"{h['macs_share']:.1%} of the MACs: {h['reason']}")
+        metrics.update({"held_whole": len(held), "held_macs_share": round(sum(h["macs_share"] for h in held), 4),
+                        "proof_seconds": round(pruner.proof_seconds, 3)})
+        return StageResult(model=model, metrics=metrics,
+                           state={"dynamics": dynamics, "stop_reason": stop, "held_whole": held})

@@ -1,0 +1,264 @@
+"""The dependency graph of one pruning step: Torch-Pruning's, traced in training mode, with its index maps
+guarded and its groups enumerated once each under a time budget, with every group it cannot prune held whole."""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from stages._structure import (
+    GROUP_SECONDS,
+    GroupTimeout,
+    Held,
+    head_count_attr,
+    inside_attention,
+    time_limit,
+    unrecognised_attention,
+)
+from stages._training import tracing_mode
+
+
+@contextmanager
+def _recording_output_layers(model: nn.Module, found: list[nn.Module]):
+    """Collect into `found` the conv/linear layers whose output tensor (or a view of it) the forward returns."""
+    produced: list[tuple[nn.Module, torch.Tensor]] = []
+    handles = [m.register_forward_hook(lambda mod, i, out: produced.append((mod, out)))
+               for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    returned: list[torch.Tensor] = []
+    try:
+        yield returned
+    finally:
+        for h in handles:
+            h.remove()
+    ptrs = {(t.untyped_storage().data_ptr(), t.numel()) for t in returned}
+    found += [m for m, t in produced if (t.untyped_storage().data_ptr(), t.numel()) in ptrs]
+
+
+_UNMAPPED = "_idap_unmapped"  # set on ops whose channel index mapping Torch-Pruning cannot derive
+_MAPPINGS = ("update_concat_index_mapping", "update_split_index_mapping", "update_reshape_index_mapping",
+             "update_unbind_index_mapping", "update_expand_index_mapping", "update_slice_index_mapping")
+
+
+class IndexExplosion(RuntimeError):
+    """An index map turned a group's channels into more indices than any layer of the model has."""
+
+
+@contextmanager
+def _guarded_index_maps(limit: int = 0):
+    """Torch-Pruning derives channel index maps through reshapes, concatenations, splits and slices by shape
+    arithmetic, which fails on channel shuffles (view to groups, transpose, view back), window partitions and
+    index ops of unknown size (it raises ZeroDivisionError, TypeError, IndexError). Such an op is marked instead
+    of failing the build, and every group that passes through it is held whole (`crosses_unmapped`)."""
+    from torch_pruning.dependency import index_mapping
+
+    originals = {name: getattr(index_mapping, name) for name in _MAPPINGS if hasattr(index_mapping, name)}
+
+    def guard(original):
+        def guarded(graph, node) -> None:
+            if _is_channel_shuffle(node):
+                setattr(node.module, _UNMAPPED, True)
+                return
+            try:
+                original(graph, node)
+            except (ZeroDivisionError, TypeError, IndexError, ValueError, RuntimeError, AttributeError):
+                setattr(node.module, _UNMAPPED, True)
+
+        return guarded
+
+    flatten = index_mapping._FlattenIndexMapping.__call__
+
+    def bounded(mapping, idxs):
+        # A spatial reshape (a window partition) taken for a channel flatten expands each index by the stride;
+        # through a chain of them the index lists grow without bound and deriving the group never ends.
+        if limit and not mapping.reverse and len(idxs) * mapping._stride > limit:
+            raise IndexExplosion(f"an index map through a reshape would give {len(idxs) * mapping._stride} channel "
+                                 f"indices, more than the widest layer's {limit}")
+        return flatten(mapping, idxs)
+
+    for name, original in originals.items():
+        setattr(index_mapping, name, guard(original))
+    index_mapping._FlattenIndexMapping.__call__ = bounded
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(index_mapping, name, original)
+        index_mapping._FlattenIndexMapping.__call__ = flatten
+
+
+@contextmanager
+def _index_maps_once():
+    """Within the block, Torch-Pruning's per-group re-derivation of every index map in the graph runs once: it
+    is only needed again after something was pruned, and on large graphs it dominated enumerating groups."""
+    from torch_pruning.dependency import index_mapping
+
+    original = index_mapping.update_index_mapping
+    done: list[bool] = []
+
+    def once(graph) -> None:
+        if not done:
+            original(graph)
+            done.append(True)
+
+    index_mapping.update_index_mapping = once
+    try:
+        yield
+    finally:
+        index_mapping.update_index_mapping = original
+
+
+def _kind(node) -> str:
+    return type(getattr(node, "grad_fn", None)).__name__
+
+
+def _is_channel_shuffle(node) -> bool:
+    """A reshape at either end of reshape -> transpose/permute (-> copies) -> reshape: the channels come out
+    interleaved, so no 1:1 index map exists through it."""
+    from torch_pruning import ops
+
+    if node.type != ops.OPTYPE.RESHAPE:
+        return False
+
+    def reaches(n, side: str, transposed: bool, depth: int) -> bool:
+        for nxt in getattr(n, side):
+            if nxt.type == ops.OPTYPE.RESHAPE:
+                if transposed:
+                    return True
+                continue
+            kind = _kind(nxt)
+            is_t = kind.startswith(("TransposeBackward", "PermuteBackward"))
+            if depth < 3 and (is_t or kind.startswith(("CloneBackward", "ContiguousBackward"))):
+                if reaches(nxt, side, transposed or is_t, depth + 1):
+                    return True
+        return False
+
+    return reaches(node, "outputs", False, 0) or reaches(node, "inputs", False, 0)
+
+
+def crosses_unmapped(group) -> bool:
+    """True when the group's channels pass a reshape whose index mapping is unknown (e.g. a channel shuffle)."""
+    return any(getattr(dep.target.module, _UNMAPPED, False) or getattr(dep.source.module, _UNMAPPED, False)
+               for dep, _ in group)
+
+
+def touches_grouped_conv(group) -> bool:
+    """True when a member is a grouped conv that is not depthwise: its channels may only shrink by the same
+    count in every group, which Torch-Pruning's graph does not do, so such groups keep their width."""
+    return any(isinstance(m, nn.Conv2d) and m.groups > 1 and not (m.groups == m.in_channels == m.out_channels)
+               for m in (dep.target.module for dep, _ in group))
+
+
+class _Graph(tp.DependencyGraph):
+    """Torch-Pruning's graph; its index maps are guarded, its groups enumerated with a time budget each."""
+
+    widest = 0  # the largest width of any conv/linear layer: no group can map to more channel indices
+
+    def build_dependency(self, model, *args, **kwargs):
+        self.widest = max([d for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.Conv1d))
+                           for d in ((m.in_channels, m.out_channels) if not isinstance(m, nn.Linear)
+                                     else (m.in_features, m.out_features))], default=0)
+        with _guarded_index_maps(self.widest):
+            return super().build_dependency(model, *args, **kwargs)
+
+    def get_pruning_group(self, *args, **kwargs):
+        with _guarded_index_maps(self.widest):
+            return super().get_pruning_group(*args, **kwargs)
+
+    def groups(self, model: nn.Module, ignored: list[nn.Module], held: dict[str, Held],
+               seconds: float = GROUP_SECONDS) -> tuple[list[tuple[str, nn.Module, Any, Any]], list[Held]]:
+        """Every prunable group once, rooted at its first producer, as (root name, root, handler, group); and the
+        groups newly found to be held whole. Roots of groups already held (`held`, by any of their layers) are
+        not derived again."""
+        names = {m: n for n, m in model.named_modules()}
+        attention = unrecognised_attention(model)
+        skip = set(ignored) | set(self.IGNORED_LAYERS_IN_TRACING)
+        held_layers = {layer for h in held.values() for layer in h.layers}
+        covered: set[nn.Module] = set()
+        found, new = [], []
+        with _index_maps_once():
+            for module in list(self.module2node):
+                name = names.get(module)
+                if module in skip or module in covered or not isinstance(module, (nn.Conv2d, nn.Linear)) \
+                        or name is None or name in held_layers:
+                    continue
+                pruner = self.get_pruner_of_module(module)
+                width = pruner.get_out_channels(module) if pruner is not None else None
+                if width is None:
+                    continue
+                try:
+                    with time_limit(seconds):
+                        group = self.get_pruning_group(module, pruner.prune_out_channels, list(range(width)))
+                except GroupTimeout as exc:
+                    new.append(Held(name, f"Torch-Pruning could not derive its coupled channels: it {exc}",
+                                    "time budget", [name]))
+                    covered.add(module)
+                    continue
+                except Exception as exc:  # noqa: BLE001 - a coupling it cannot trace is held, not fatal
+                    text = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+                    new.append(Held(name, f"Torch-Pruning could not derive its coupled channels "
+                                          f"({type(exc).__name__}: {text})", "graph", [name]))
+                    covered.add(module)
+                    continue
+                producers = [dep.target.module for dep, _ in group if self.is_out_channel_pruning_fn(dep.handler)]
+                covered.update(producers)
+                if skip.intersection(producers) or not self.is_out_channel_pruning_fn(group[0].dep.handler):
+                    continue
+                layers = sorted({names[m] for m in producers if m in names})
+                reason = _held_reason(group, layers, attention)
+                if reason:
+                    new.append(Held(name, reason[1], reason[0], layers))
+                else:
+                    found.append((name, module, group[0].dep.handler, group))
+        return found, new
+
+
+def _held_reason(group, layers: list[str], attention: dict[str, nn.Module]) -> tuple[str, str] | None:
+    """(kind, reason) when a group cannot be pruned evenly; where its layers sit in an attention module whose
+    heads are not recognised, the reason says so."""
+    if crosses_unmapped(group):
+        kind, reason = "index map", ("its channels pass a reshape, concatenation, split or slice whose channel "
+                                     "mapping Torch-Pruning cannot derive (a channel shuffle, a window partition, "
+                                     "a roll)")
+    elif touches_grouped_conv(group):
+        kind, reason = "grouped conv", ("it feeds a grouped convolution (groups > 1, not depthwise): every group "
+                                        "would have to lose the same channels, which Torch-Pruning's graph does "
+                                        "not do")
+    else:
+        return None
+    return kind, in_attention(layers, attention, reason)
+
+
+def in_attention(layers: list[str], attention: dict[str, nn.Module], reason: str) -> str:
+    """`reason`, prefixed with the attention module holding the layers when its heads are not recognised."""
+    where = inside_attention(layers, attention)
+    if not where:
+        return reason
+    mod = attention[where]
+    attr = head_count_attr(mod)
+    return (f"inside attention `{where}` ({type(mod).__name__}, {attr}={getattr(mod, attr)}), whose head layout "
+            f"is not recognised for head pruning: {reason}")
+
+
+def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
+    """The step's single dependency graph, traced in training mode (auxiliary heads included). Its
+    `output_layers` are the layers whose output the model returns, found in the same forward pass."""
+    graph = _Graph()
+    graph.output_layers = []
+
+    def forward(m: nn.Module, x: torch.Tensor):
+        # Torch-Pruning switches the model to eval mode before calling this
+        with tracing_mode(m), _recording_output_layers(m, graph.output_layers) as returned:
+            out = m(x)
+            returned += [out] if isinstance(out, torch.Tensor) else [t for t in out if isinstance(t, torch.Tensor)]
+        return out
+
+    with tracing_mode(model), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Uu]nwrapped parameters.*")
+        return graph.build_dependency(model, example_inputs=example, forward_fn=forward)
+
+

@@ -1,0 +1,286 @@
+"""What of a model can be pruned and what is held whole, and why: found from its graph, proved on a copy.
+
+Every model goes through the same three checks, whatever its name:
+- deriving a group's coupled channels may fail or not finish (Torch-Pruning on shifted windows, index maps
+  through roll/partition reshapes, very large graphs): the group is held whole, with the error or the time
+  budget as the reason;
+- some couplings cannot shrink evenly (grouped convolutions, channel shuffles, attention whose head layout
+  is not recognised): held whole, each with its reason;
+- the rest is proved: one unit of every group is removed on a copy of the model, which must still run and
+  return logits of the same shape. Groups whose removal breaks the forward (attributes derived from a width,
+  reshapes that need a multiple) are found by bisection and held whole with the error.
+Held groups are listed with their share of the model's MACs in the filter_prune result, the log and the report.
+"""
+
+from __future__ import annotations
+
+import copy
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from stages._attention import attention_modules, qkv_indices, sync_attributes
+
+GROUP_SECONDS = 20.0  # most time Torch-Pruning may take to derive one group before it is held whole
+_HEAD_ATTRS = ("num_heads", "heads", "n_heads", "num_attention_heads", "nhead")
+
+
+@dataclass
+class Held:
+    """A group kept at full width: its root layer, every conv/linear layer in it, why, and its MACs."""
+
+    root: str
+    reason: str
+    kind: str
+    layers: list[str] = field(default_factory=list)
+    macs_share: float = 0.0
+
+    def record(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["layers"] = out["layers"][:12] + ([f"... {len(self.layers) - 12} more"] if len(self.layers) > 12 else [])
+        return out
+
+
+class GroupTimeout(Exception):
+    """Deriving one group took longer than its budget."""
+
+
+@contextmanager
+def time_limit(seconds: float) -> Iterator[None]:
+    """Raise GroupTimeout after `seconds` of the block (main thread only; elsewhere no limit is enforced)."""
+    if threading.current_thread() is not threading.main_thread() or seconds <= 0:
+        yield
+        return
+
+    def expire(signum: int, frame: Any) -> None:
+        raise GroupTimeout(f"took more than {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def head_count_attr(mod: nn.Module) -> str | None:
+    """The attribute that holds a module's head count, if it has one (any attention implementation)."""
+    return next((a for a in _HEAD_ATTRS if isinstance(getattr(mod, a, None), int) and getattr(mod, a) > 1), None)
+
+
+def unrecognised_attention(model: nn.Module) -> dict[str, nn.Module]:
+    """Modules with a head count whose heads this project cannot prune (not timm's fused-qkv layout)."""
+    known = set(attention_modules(model).values())
+    return {n: m for n, m in model.named_modules()
+            if m not in known and not isinstance(m, nn.MultiheadAttention) and head_count_attr(m)
+            and any(isinstance(c, (nn.Linear, nn.Conv2d, nn.Conv1d)) for c in m.modules())}
+
+
+def inside_attention(producers: list[str], attention: dict[str, nn.Module]) -> str | None:
+    """The unrecognised attention module that holds every producer of a group (its q/k/v widths), if any."""
+    for name in attention:
+        prefix = name + "."
+        if producers and all(p.startswith(prefix) for p in producers):
+            return name
+    return None
+
+
+def module_macs(model: nn.Module, example: torch.Tensor) -> dict[str, float]:
+    """MACs per module name (every level of nesting), from one forward of `example`."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was = model.training
+    model.eval()
+    try:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(example)
+    finally:
+        model.train(was)
+    out = {}
+    for key, ops in counter.get_flop_counts().items():
+        name = key.partition(".")[2] if "." in key else ("" if key != "Global" else "<total>")
+        out[name] = sum(ops.values()) / 2
+    return out
+
+
+def fill_shares(held: list[Held], macs: dict[str, float]) -> None:
+    """Each held group's share of the model's MACs: the MACs of its layers."""
+    total = macs.get("<total>") or 1.0
+    for h in held:
+        h.macs_share = round(sum(macs.get(layer, 0.0) for layer in h.layers) / total, 4)
+
+
+# ------------------------------------------------------------------------------------------- unit removal
+
+
+def owners_of_parameters(model: nn.Module) -> dict[int, tuple[nn.Module, str]]:
+    """id(parameter) -> (the module that holds it directly, its attribute name)."""
+    return {id(p): (m, n) for m in model.modules() for n, p in m.named_parameters(recurse=False)}
+
+
+def sync_derived_attributes(changed_params: list[tuple[nn.Module, str, tuple]]) -> None:
+    """After a group was pruned, a parameter outside any layer Torch-Pruning knows (a layer scale, a learned
+    table) has fewer entries; plain attributes of its module that spelled the old width (a view shape) are
+    updated to the new one, so that the module stays consistent with its weights. `changed_params` holds
+    (module, attribute, shape before pruning) of each such parameter."""
+    for mod, attr, old in changed_params:
+        new = tuple(getattr(mod, attr).shape)  # pruning replaced the Parameter object
+        if old == new:
+            continue
+        changed = {o: n for o, n in zip(old, new, strict=False) if o != n}
+        for key, value in list(vars(mod).items()):
+            if key.startswith("_") or isinstance(value, bool):
+                continue
+            if isinstance(value, int) and value in changed:
+                setattr(mod, key, changed[value])
+            elif isinstance(value, tuple | list) and any(isinstance(v, int) and v in changed for v in value):
+                fixed = [changed.get(v, v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
+                setattr(mod, key, type(value)(fixed))
+
+
+def prune_group(dg, module: nn.Module, handler, idxs: list[int], model: nn.Module,
+                attention: nn.Module | None = None) -> bool:
+    """Prune `idxs` of the group rooted at `module` (fresh from the graph, so never stale); keep derived
+    attributes true (head counts, layer-scale view shapes). Returns whether the group was pruned."""
+    group = dg.get_pruning_group(module, handler, idxs=idxs)
+    if not dg.check_pruning_group(group):
+        return False
+    owners = owners_of_parameters(model)
+    loose = [(*owners[id(dep.target.module)], tuple(dep.target.module.shape)) for dep, _ in group
+             if isinstance(dep.target.module, nn.Parameter) and id(dep.target.module) in owners]
+    group.prune()
+    sync_derived_attributes(loose)
+    if attention is not None:
+        sync_attributes(attention)
+    return True
+
+
+# ------------------------------------------------------------------------------------------- the proof
+
+
+def spread_units(width: int) -> list[int]:
+    """A few units to remove from a width: a contiguous run at the start plus units spread to the end, odd and
+    even. An index map that is wrong through a reshape, slice or concatenation shows with such a set, where a
+    single index at 0 (or only even ones) often maps right by luck."""
+    units = {0, 1, 2, width // 3, width // 2 + 1, width - 1} if width > 8 else {0}
+    return sorted(u for u in units if u < width - 1 or width > 8)
+
+
+def _logits(out: Any) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else next(t for t in out if isinstance(t, torch.Tensor))
+
+
+def _trial(model: nn.Module, example: torch.Tensor, roots: list[str], build_graph, expected: tuple) -> str | None:
+    """Remove a few spread units (one head) of each named group on a copy; None when the copy still runs with
+    an output of the same shape, else the error."""
+    trial = copy.deepcopy(model).eval()
+    try:
+        dg = build_graph(trial, example)
+        modules = dict(trial.named_modules())
+        heads = {m.qkv: m for m in attention_modules(trial).values()}
+        for name in roots:
+            mod = modules[name]
+            pruner = dg.get_pruner_of_module(mod)
+            if mod in heads:
+                attention = heads[mod]
+                if attention.num_heads > 1:
+                    prune_group(dg, mod, pruner.prune_out_channels, qkv_indices(attention, [0]), trial, attention)
+            elif (width := pruner.get_out_channels(mod)) > 1:
+                prune_group(dg, mod, pruner.prune_out_channels, spread_units(width), trial)
+        with torch.no_grad():
+            out = _logits(trial(example))
+    except Exception as exc:  # noqa: BLE001 - any failure of the pruned copy is what this looks for
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return f"{type(exc).__name__}: {text}"[:240]
+    if tuple(out.shape) != expected:
+        return f"the output changed shape from {list(expected)} to {list(out.shape)}"
+    return None
+
+
+def prove(model: nn.Module, example: torch.Tensor, roots: list[str], build_graph,
+          budget_s: float = 600.0) -> dict[str, str]:
+    """Root name -> the error, for every group whose one-unit removal breaks the model (bisection on copies)."""
+    with torch.no_grad():
+        expected = tuple(_logits(model.eval()(example)).shape)
+    broken: dict[str, str] = {}
+    deadline = time.monotonic() + budget_s
+
+    def search(names: list[str], known_error: str | None = None) -> None:
+        if not names:
+            return
+        error = known_error or _trial(model, example, names, build_graph, expected)
+        if error is None:
+            return
+        if len(names) == 1 or time.monotonic() > deadline:
+            for n in names:  # past the budget, the rest of a failing half is held together
+                broken[n] = error
+            return
+        half = len(names) // 2
+        search(names[:half])
+        search(names[half:])
+
+    search(list(roots))
+    return broken
+
+
+def runs(model: nn.Module, example: torch.Tensor) -> str | None:
+    """None when the model runs on `example`, else the error (one line)."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example)
+    except Exception as exc:  # noqa: BLE001
+        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
+    finally:
+        model.train(was)
+    return None
+
+
+def restore(model: nn.Module, snapshot: nn.Module) -> None:
+    """Make `model` (the same object the caller holds) what `snapshot` was: every submodule, parameter, buffer and
+    attribute, the root module's included."""
+    model.__dict__.clear()
+    model.__dict__.update(snapshot.__dict__)
+
+
+def plan_breaks(model: nn.Module, example: torch.Tensor, records: dict[str, Any], plan: dict[str, list[int]],
+                ) -> dict[str, str]:
+    """Which planned roots break `model` when their planned units are removed (bisection on copies)."""
+    from stages._graph import build_graph
+
+    names = {m: n for n, m in model.named_modules()}
+
+    def trial(subset: list[str]) -> str | None:
+        copy_ = copy.deepcopy(model).eval()
+        dg = build_graph(copy_, example)
+        for name in subset:
+            rec = records[name]
+            module = copy_.get_submodule(names[rec.module])
+            attention = copy_.get_submodule(name) if rec.attention is not None else None
+            idxs = qkv_indices(attention, plan[name]) if attention is not None else sorted(plan[name])
+            prune_group(dg, module, rec.handler, idxs, copy_, attention)
+        return runs(copy_, example)
+
+    broken: dict[str, str] = {}
+
+    def search(subset: list[str]) -> None:
+        error = trial(subset) if subset else None
+        if error is None:
+            return
+        if len(subset) == 1:
+            broken[subset[0]] = error
+            return
+        search(subset[: len(subset) // 2])
+        search(subset[len(subset) // 2:])
+
+    search(list(records))
+    return broken
