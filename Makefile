@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: install install-gpu demo test test-slow gpu-check lint bench bench-quick bench-arch readme-demo clean
+.PHONY: install install-gpu demo test test-slow gpu-check lint bench bench-quick bench-arch bench-matrix readme-demo clean
 
 install: $(STAMP)
 
@@ -46,6 +46,9 @@ bench-quick: install
 
 bench-arch: install
 	$(BIN)/python -m benchmarks.run --arch
+
+bench-matrix: install
+	$(BIN)/python -m benchmarks.run --matrix
 
 lint: install
 	$(BIN)/ruff check .

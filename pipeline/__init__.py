@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from pipeline._version import __version__
 from pipeline.errors import GateFailure, UserInputError
 
 if TYPE_CHECKING:
     from pipeline.api import Result
 
-__version__ = "0.1.0"
 __all__ = ["GateFailure", "UserInputError", "__version__", "compress"]
 
 

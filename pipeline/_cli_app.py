@@ -7,7 +7,7 @@ from collections.abc import Iterable
 import typer
 from rich.console import Console
 
-import pipeline
+from pipeline._version import __version__
 
 app = typer.Typer(
     add_completion=False,
@@ -30,4 +30,4 @@ def one_of(values: Iterable[str]) -> str:
 def version_text() -> str:
     import torch
 
-    return f"compress (idap-compress) {pipeline.__version__}, torch {torch.__version__}"
+    return f"compress (idap-compress) {__version__}, torch {torch.__version__}"

@@ -88,6 +88,69 @@ def init_cmd(
                   highlight=False)
 
 
+def print_inspection(result, out: Console) -> None:
+    """The pre-flight check as tables a user reads before committing hours."""
+    held_share = sum(h["macs_share"] for h in result.held)
+    heads = sum(1 for g in result.groups if g["kind"] == "heads")
+    out.print(f"{result.model}, input {result.input}: {result.gflops:.4g} GMACs, {result.params_m:.4g} M params. "
+              f"{len(result.groups)} prunable groups ({heads} of attention heads); {len(result.held)} held whole "
+              f"({held_share:.1%} of the MACs); {len(result.candidates)} blocks truncation could remove.",
+              markup=False, highlight=False)
+    if result.held:
+        table = Table(title="held whole (their widths are not pruned)")
+        for col in ("root layer", "kind", "MACs", "layers", "why"):
+            table.add_column(col, overflow="fold")
+        for h in result.held:
+            table.add_row(h["root"], h["kind"], f"{h['macs_share']:.1%}", str(len(h["layers"])), h["reason"])
+        out.print(table)
+    table = Table(title="prunable groups (the 12 widest)")
+    for col in ("root layer", "unit", "width", "coupled layers"):
+        table.add_column(col)
+    for g in sorted(result.groups, key=lambda g: -g["width"])[:12]:
+        table.add_row(g["root"], "head" if g["kind"] == "heads" else "channel", str(g["width"]), str(g["layers"]))
+    out.print(table)
+    if result.candidates:
+        out.print("truncation candidates: " + ", ".join(f"{c['block']} ({c['macs_share']:.1%})"
+                                                        for c in result.candidates), markup=False, highlight=False)
+    for why, n in result.not_candidates.items():
+        out.print(f"not truncation candidates: {n} module(s) {why}", markup=False, highlight=False)
+    if result.onnx:
+        out.print(f"proof: a few units of every prunable group removed on a copy; it runs and its ONNX export "
+                  f"agrees with PyTorch (max relative difference {result.onnx['max_rel_diff']:.1e})",
+                  markup=False, highlight=False)
+    out.print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()), markup=False,
+              highlight=False)
+
+
+@app.command("inspect", epilog=(
+    "Examples:\n\n"
+    "  compress inspect configs/resnet50.yaml\n\n"
+    "  compress inspect my.yaml --output structure.json --set model.input_size=[160,160]"))
+def inspect_cmd(
+    config: Path = typer.Argument(..., metavar="CONFIG", help="YAML config (only model, export and the pruning "
+                                  "sections are read; no data is loaded)"),
+    output: Path | None = typer.Option(None, "--output", help="also write the findings as JSON"),
+    no_onnx: bool = typer.Option(False, "--no-onnx", help="skip the ONNX export of the pruned copy"),
+    set_: list[str] = typer.Option([], "--set", help="override a config key (repeatable)"),
+) -> None:
+    """The pre-flight structural check: prunable groups, what is held whole and why, truncation candidates, and
+    a proof on a copy that pruning leaves a model that runs and exports. Seconds, no data, no training."""
+    import dataclasses
+
+    from pipeline.config import load_config
+    from pipeline.inspect import inspect_model
+    from pipeline.rundir import atomic_json, check_writable
+
+    cfg = load_config(config, set_)
+    if output is not None:
+        check_writable(output, "--output")
+    result = inspect_model(cfg, onnx=not no_onnx)
+    print_inspection(result, Console())
+    if output is not None:
+        atomic_json(output, dataclasses.asdict(result))
+        console.print(f"wrote {output}", markup=False, highlight=False)
+
+
 @app.command()
 def stages() -> None:
     """List the pipeline's stages in order."""

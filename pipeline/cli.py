@@ -116,6 +116,11 @@ def pipeline_cmd(
     if dry_run:
         manifest = {"stages": {}} if fresh else rd.read_manifest()
         print_plan(console, make_plan(cfg, rd, manifest, PIPELINE, start, until), rd)
+        if cfg.filter_prune.enabled or cfg.layer_truncate.enabled:
+            from pipeline._cli_info import print_inspection
+            from pipeline.inspect import inspect_model
+
+            print_inspection(inspect_model(cfg), console)
         console.print("[green]config is valid; the plan above would run.[/]")
         return
     try:

@@ -251,6 +251,8 @@ def check_classes(num_classes: int, info: ClassInfo) -> tuple[str | None, str | 
     labelled by their sorted names, so any other count is a mistake: an error. Numbered labels may leave
     outputs unused (a model trained on a superset): a warning.
     """
+    if info.count == 0:
+        return f"the data has no classes ({info.source}); expected root/<class>/<image> folders", None
     if info.count is None or info.count == num_classes:
         return None, None
     fix = f"set model.num_classes: {info.count}"

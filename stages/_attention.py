@@ -80,7 +80,7 @@ class HeadStats:
         def hook(name: str, attention: nn.Module):
             def fn(proj: nn.Module, args: tuple) -> None:
                 if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 3:
-                    norms = head_output_norms(attention, args[0].float()).cpu()
+                    norms = head_output_norms(attention, args[0].detach().float()).cpu()
                     self.sums[name] = self.sums.get(name, 0.0) + norms
 
             return fn

@@ -236,13 +236,21 @@ class Taylor(_TorchPruning):
         return tp.importance.GroupTaylorImportance()
 
 
-def accumulate_gradients(model: nn.Module, ctx: Context) -> None:
-    """Cross-entropy gradients summed over the calibration batches (for gradient-based criteria)."""
+def accumulate_gradients(model: nn.Module, ctx: Context, collectors: list = ()) -> None:
+    """Cross-entropy gradients summed over the calibration batches (for gradient-based criteria). Collectors
+    (e.g. UnitStats) attached here measure the same forward passes, which saves a pass of their own."""
     from stages._recovery import task_loss
     from stages._training import tracing_mode
 
     model.zero_grad(set_to_none=True)
-    with tracing_mode(model):  # auxiliary classifiers run (and get gradients) as in training, BN as in eval
-        for x, y in ctx.loader("calibration"):
-            task_loss(model(x.to(ctx.device)), y.to(ctx.device))[0].backward()
+    handles = [h for c in collectors for h in c.attach(model)]
+    try:
+        with tracing_mode(model):  # auxiliary classifiers run (and get gradients) as in training, BN as in eval
+            for x, y in ctx.loader("calibration"):
+                task_loss(model(x.to(ctx.device)), y.to(ctx.device))[0].backward()
+                for c in collectors:
+                    c.batches += 1
+    finally:
+        for h in handles:
+            h.remove()
     model.eval()

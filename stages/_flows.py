@@ -43,8 +43,10 @@ class UnitStats:
                 cdim = 1 if isinstance(mod, nn.Conv2d) else -1
                 e = self.sums.setdefault(name, {"in_norm": 0.0, "out_relu_norm": 0.0,
                                                 "out_numel": int(output[0].numel())})
-                e["in_norm"] = e["in_norm"] + _per_channel_norm(inputs[0].float(), cdim).cpu()
-                e["out_relu_norm"] = e["out_relu_norm"] + _per_channel_norm(output.float().relu(), cdim).cpu()
+                with torch.no_grad():  # also attached to gradient passes (accumulate_gradients)
+                    e["in_norm"] = e["in_norm"] + _per_channel_norm(inputs[0].detach().float(), cdim).cpu()
+                    e["out_relu_norm"] = e["out_relu_norm"] + _per_channel_norm(output.detach().float().relu(),
+                                                                                cdim).cpu()
 
             return fn
 

@@ -80,15 +80,47 @@ def _guarded_index_maps(limit: int = 0):
                                  f"indices, more than the widest layer's {limit}")
         return flatten(mapping, idxs)
 
+    # Channel counts are inferred by walking the graph recursively, again for every reshape of every index-map
+    # pass (632k calls in 3 steps of MaxViT): remembered for the length of one pass, when no width changes.
+    from torch_pruning.dependency import shape_infer
+
+    infer = {"infer_in_channels_recursively": shape_infer.infer_in_channels_recursively,
+             "infer_out_channels_recursively": shape_infer.infer_out_channels_recursively}
+    memo: dict[tuple[str, int], Any] = {}
+
+    def remembered(kind: str):
+        def call(graph, node, recursive_depth):
+            key = (kind, id(node))
+            if key not in memo:
+                memo[key] = infer[kind](graph, node, recursive_depth)
+            return memo[key]
+
+        return call
+
+    whole_pass = index_mapping.update_index_mapping
+
+    def one_pass(graph) -> None:
+        memo.clear()
+        try:
+            whole_pass(graph)
+        finally:
+            memo.clear()
+
     for name, original in originals.items():
         setattr(index_mapping, name, guard(original))
     index_mapping._FlattenIndexMapping.__call__ = bounded
+    for name in infer:
+        setattr(shape_infer, name, remembered(name))
+    index_mapping.update_index_mapping = one_pass
     try:
         yield
     finally:
         for name, original in originals.items():
             setattr(index_mapping, name, original)
         index_mapping._FlattenIndexMapping.__call__ = flatten
+        for name, original in infer.items():
+            setattr(shape_infer, name, original)
+        index_mapping.update_index_mapping = whole_pass
 
 
 @contextmanager

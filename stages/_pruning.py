@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,6 +30,8 @@ class GroupRecord:
     scores: torch.Tensor
     unit: int = 1
     attention: nn.Module | None = None
+    # layer -> (its width on the side this group prunes, features one unit removes there): what a unit costs
+    members: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def align(self, round_to: int) -> int:
         """Width alignment of this record's chunks: round_to channels, or one whole head."""
@@ -55,21 +57,47 @@ def score_groups(found: list[tuple[str, nn.Module, Any, Any]], model: nn.Module,
                  ) -> list[GroupRecord]:
     """Score the prunable groups (`_Graph.groups`) with the criterion: channels per unit, attention per head."""
     heads = {m.qkv: (n, m) for n, m in attention_modules(model).items()}
+    names = {m: n for n, m in model.named_modules()}
     records = []
     for name, root, handler, group in found:
         if root in heads:
             att_name, attention = heads[root]
             scores = criterion.heads(att_name, attention, group)
             if scores is not None and attention.num_heads > 1:
-                records.append(GroupRecord(att_name, root, handler, attention.num_heads,
-                                           scores.detach().float().cpu(), unit=attention.head_dim,
-                                           attention=attention))
+                d, h = attention.head_dim, attention.num_heads
+                members = {f"{att_name}.qkv": (3 * h * d, 3 * d), f"{att_name}.proj": (h * d, d)}
+                records.append(GroupRecord(att_name, root, handler, h, scores.detach().float().cpu(), unit=d,
+                                           attention=attention, members=members))
             continue
         scores = criterion(group)
         if scores is None:
             continue
-        records.append(GroupRecord(name, root, handler, len(scores), scores.detach().float().cpu()))
+        records.append(GroupRecord(name, root, handler, len(scores), scores.detach().float().cpu(),
+                                   members=_members(group, names)))
     return records
+
+
+def _members(group, names: dict[nn.Module, str]) -> dict[str, tuple[int, int]]:
+    """Each conv/linear layer a channel group touches, with its width on the touched side (out for producers,
+    in for consumers; a depthwise conv once)."""
+    import torch_pruning as tp
+
+    out: dict[str, tuple[int, int]] = {}
+    for dep, _ in group:
+        mod = dep.target.module
+        if not isinstance(mod, (nn.Conv2d, nn.Linear)) or mod not in names:
+            continue
+        name = names[mod]
+        conv = isinstance(mod, nn.Conv2d)
+        if dep.handler in (tp.prune_conv_out_channels, tp.prune_linear_out_channels,
+                           tp.prune_depthwise_conv_out_channels):
+            out[name] = (mod.out_channels if conv else mod.out_features, 1)
+        elif name not in out:
+            width = (mod.in_channels if conv else mod.in_features)
+            if conv and mod.groups > 1 and mod.groups == mod.in_channels:
+                width = mod.out_channels
+            out[name] = (width, 1)
+    return out
 
 
 def producers_of(dg, group, model: nn.Module) -> list[str]:
@@ -152,3 +180,56 @@ def apply_plan(dg, records: list[GroupRecord], plan: dict[str, list[int]], model
         if prune_group(dg, rec.module, rec.handler, features, model, rec.attention):
             removed += len(idxs) * rec.unit
     return removed
+
+
+def plan_latency_step(records: list[GroupRecord], originals: dict[str, int], budget_ms: float, round_to: int,
+                      max_ratio: float, unit_ms: dict[str, float], bins: int = 400) -> dict[str, list[int]]:
+    """Choose unit indices to remove so that the predicted saving reaches `budget_ms` at the least importance.
+
+    A multiple-choice knapsack solved exactly over discretised milliseconds: each layer either keeps its width or
+    loses its k weakest aligned chunks (chunks of a layer cost the same, so the weakest go first), for a saving
+    of k chunks' predicted milliseconds (`unit_ms`: what one unit saves, from the latency model) and an
+    importance of their units' scores (per layer normalised, features per unit counted, so that a head and its
+    head_dim channels weigh alike). When the budget cannot be met within the per-layer caps, everything the caps
+    allow is taken.
+    """
+    layers: list[tuple[GroupRecord, list[tuple[float, float, list[int]]]]] = []
+    for r in records:
+        cost = unit_ms.get(r.name, 0.0)
+        if cost <= 0:
+            continue
+        align = r.align(round_to)
+        floor = _min_keep(r.width, originals.get(r.name, r.width), align, max_ratio)
+        choices, ms, lost, idx = [(0.0, 0.0, [])], 0.0, 0.0, []
+        for _, chunk in _chunks(r, floor, align):
+            idx = idx + chunk
+            ms += cost * len(chunk)
+            lost += float(r.scores[chunk].sum()) * r.unit
+            choices.append((ms, lost, list(idx)))
+        if len(choices) > 1:
+            layers.append((r, choices))
+    if not layers or budget_ms <= 0:
+        return {}
+    step = budget_ms / bins
+    inf = float("inf")
+    best = [0.0] + [inf] * bins  # best[b]: least importance lost for a saving of at least b steps
+    picks: list[list[int]] = []
+    for _, choices in layers:
+        new, choice = [inf] * (bins + 1), [0] * (bins + 1)
+        for b in range(bins + 1):
+            for k, (ms, lost, _) in enumerate(choices):
+                prev = max(0, b - int(ms / step))
+                if best[prev] + lost < new[b]:
+                    new[b], choice[b] = best[prev] + lost, k
+        best = new
+        picks.append(choice)
+    if best[bins] == inf:
+        return {r.name: choices[-1][2] for r, choices in layers}
+    plan: dict[str, list[int]] = {}
+    b = bins
+    for (r, choices), choice in reversed(list(zip(layers, picks, strict=True))):
+        ms, _, idx = choices[choice[b]]
+        if idx:
+            plan[r.name] = idx
+        b = max(0, b - int(ms / step))
+    return plan

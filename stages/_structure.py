@@ -253,10 +253,8 @@ def restore(model: nn.Module, snapshot: nn.Module) -> None:
 
 
 def plan_breaks(model: nn.Module, example: torch.Tensor, records: dict[str, Any], plan: dict[str, list[int]],
-                ) -> dict[str, str]:
+                build_graph) -> dict[str, str]:
     """Which planned roots break `model` when their planned units are removed (bisection on copies)."""
-    from stages._graph import build_graph
-
     names = {m: n for n, m in model.named_modules()}
 
     def trial(subset: list[str]) -> str | None:

@@ -9,8 +9,8 @@ import onnx
 import torch
 from torch import nn
 
-import pipeline
 from export.torch2onnx import torch2onnx
+from pipeline._version import __version__
 from pipeline.config import Config
 from pipeline.context import STAGES, Context, StageResult
 from pipeline.models import count_macs
@@ -23,7 +23,7 @@ def export_onnx(model: nn.Module, config: Config, path: Path, role: str) -> onnx
     """Export one model of a run with its metadata stamped in."""
     spec, cfg = config.model, config.export
     gflops, params = count_macs(model, spec)
-    meta = {"producer": f"idap-compress {pipeline.__version__}", "run": config.name, "role": role,
+    meta = {"producer": f"idap-compress {__version__}", "run": config.name, "role": role,
             "model": f"{spec.source}:{spec.name}", "input_size": f"{spec.in_chans}x{spec.input_size[0]}x"
             f"{spec.input_size[1]}", "num_classes": str(spec.num_classes), "gflops": f"{gflops:.6f}",
             "params_m": f"{params:.6f}", "created": now()}

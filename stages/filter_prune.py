@@ -15,7 +15,7 @@ from pipeline.errors import UserInputError, did_you_mean
 from pipeline.models import clone, count_macs
 from stages._attention import count_heads
 from stages._criteria import CRITERIA, accumulate_gradients
-from stages._flows import collect_unit_stats
+from stages._flows import UnitStats, collect_unit_stats
 from stages._graph import in_attention
 from stages._pruning import apply_plan, build_graph, classifier_layers, plan_step, producers_of, score_groups
 from stages._recovery import Budget, recover
@@ -97,10 +97,14 @@ class Pruner:
         """Remove the share `p` of the remaining units; returns how many were removed. The model is changed in
         place; a step whose removals would break it is undone and taken again without the offending groups."""
         cfg, ctx, criterion = self.ctx.config.filter_prune, self.ctx, self.criterion
-        if criterion.needs_stats and stats is None:
-            stats = collect_unit_stats(model, ctx, description)
         if criterion.needs_grad:
-            accumulate_gradients(model, ctx)
+            # one pass: the gradient pass also measures the unit statistics when they must be measured again
+            units = UnitStats() if criterion.needs_stats and stats is None else None
+            accumulate_gradients(model, ctx, [units] if units else [])
+            if units:
+                stats = units.result()
+        elif criterion.needs_stats and stats is None:
+            stats = collect_unit_stats(model, ctx, description)
         criterion.prepare(model, ctx, stats)
         t0 = time.perf_counter()
         graph = build_graph(model, self.example)
@@ -126,7 +130,7 @@ class Pruner:
         if _retry:
             raise RuntimeError(f"a pruning step broke the model ({error}) even without the groups held for it")
         roots = {r.name: r for r in records if plan.get(r.name)}
-        for name, err in plan_breaks(snapshot, self.example, roots, plan).items():
+        for name, err in plan_breaks(snapshot, self.example, roots, plan, build_graph).items():
             rec = roots[name]
             self.held[name] = Held(name, f"removing {len(plan[name])} of its {rec.width} units breaks the model "
                                          f"({err})", "breaks forward", [n for n, m in model.named_modules()

@@ -28,7 +28,10 @@ def import_graph() -> dict[str, set[str]]:
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+                # `from pkg import submodule` depends on the submodule, not on the package's __init__
+                subs = [f"{node.module}.{a.name}" for a in node.names]
+                names = [n for n in subs if n in files] or [node.module]
+                names += [node.module] if len(names) < len(subs) else []
             for n in names:
                 while n and n not in files:
                     n = n.rpartition(".")[0]

@@ -46,6 +46,7 @@ def test_all_gates_fail_together_and_are_each_spelled_out():
 
 def test_fp16_artifacts_use_their_own_parity_limit():
     s = summary(parity=1e-2, precision="fp16")
+    s["parity"]["max_rel_diff"] = 1e-2
     assert check_gates(s, GatesConfig(max_parity_error=1e-4, max_parity_error_fp16=5e-2)) == ([], [])
     fails, _ = check_gates(s, GatesConfig(max_parity_error_fp16=1e-3))
     assert "max_parity_error_fp16" in fails[0]

@@ -201,13 +201,19 @@ def test_until_stops_and_dry_run_plans(finished, tmp_path: Path, capsys):
 
 
 def test_resnet50_example_dry_run_prints_the_plan(capsys, tmp_path: Path):
+    import torchvision
+
     weights = tmp_path / "w.pt"
-    weights.write_bytes(b"x")
+    torch.save(torchvision.models.resnet50(num_classes=2).state_dict(), weights)
+    for cls in ("cat", "dog"):
+        (tmp_path / "images" / "train" / cls).mkdir(parents=True)
     code = cli("pipeline", str(REPO / "configs" / "resnet50.yaml"), "--dry-run", "--run-dir", str(tmp_path / "r"),
-               "--set", f"data.root={tmp_path}", "--set", f"model.weights={weights}")
+               "--set", f"data.root={tmp_path / 'images'}", "--set", f"model.weights={weights}",
+               "--set", "model.num_classes=2")
     out = capsys.readouterr().err
     assert code == 0, out
     assert all(s in out for s in ("load", "filter_prune", "validate")) and "config is valid" in out
+    assert "prunable groups" in out and "truncation candidates" in out, "the dry run runs the pre-flight check"
 
 
 def _other_arch_weights(tmp_path: Path) -> str:

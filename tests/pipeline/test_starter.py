@@ -20,7 +20,7 @@ from tests.test_readme import _keys
 def _flat(d: dict, prefix: str = "") -> set[str]:
     out = set()
     for k, v in d.items():
-        out |= _flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k}
+        out |= _flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {prefix + k}
     return out
 
 

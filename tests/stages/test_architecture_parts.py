@@ -15,10 +15,8 @@ from stages._pruning import (
     apply_plan,
     build_graph,
     classifier_layers,
-    crosses_unmapped,
     plan_step,
     score_groups,
-    touches_grouped_conv,
 )
 
 
@@ -75,33 +73,35 @@ def test_every_criterion_scores_heads_and_divergence_prefers_the_silenced_head()
     for name in CRITERIA.names():
         crit = CRITERIA.get(name)()
         crit.prepare(model, None, stats)
-        heads = [r for r in score_groups(dg, model, crit, classifier_layers(model, 4)) if r.attention is not None]
+        found, _ = dg.groups(model, classifier_layers(model, 4), {})
+        heads = [r for r in score_groups(found, model, crit) if r.attention is not None]
         assert len(heads) == 12 and all(r.width == 3 and r.unit == 64 for r in heads), name
         if name in ("divergence", "divergence_published", "divergence_flow", "divergence_taylor"):
             first = next(r for r in heads if r.name == "blocks.0.attn")
             assert int(first.scores.argmin()) == 2, (name, first.scores)
 
 
-def test_channel_shuffle_and_grouped_conv_groups_are_left_whole():
+def test_channel_shuffle_and_grouped_conv_groups_are_held_whole_with_their_reason():
     shuffle = torchvision.models.shufflenet_v2_x0_5(num_classes=4).eval()
     dg = build_graph(shuffle, torch.zeros(1, 3, 64, 64))
-    names = {m: n for n, m in shuffle.named_modules()}
-    groups = list(dg.get_all_groups(root_module_types=(nn.Conv2d, nn.Linear)))
-    kept = {names[g[0].dep.target.module] for g in groups if not crosses_unmapped(g)}
+    found, held = dg.groups(shuffle, classifier_layers(shuffle, 4), {})
+    kept = {name for name, *_ in found}
     # branch outputs feed the concatenation + shuffle; the branches' inner widths and the head are prunable
     assert not any(k.endswith(("branch2.5", "branch1.2")) for k in kept), kept
     assert {"conv1.0", "conv5.0", "stage2.1.branch2.3"} <= kept
+    assert any(h.kind == "index map" and "channel shuffle" in h.reason for h in held)
     regnet = timm.create_model("regnety_002", num_classes=4).eval()
     grouped = {n: (m.in_channels, m.out_channels) for n, m in regnet.named_modules()
                if isinstance(m, nn.Conv2d) and 1 < m.groups < m.in_channels}
     assert grouped
     dg = build_graph(regnet, torch.zeros(1, 3, 64, 64))
-    assert any(touches_grouped_conv(g) for g in dg.get_all_groups(root_module_types=(nn.Conv2d, nn.Linear)))
+    found, held = dg.groups(regnet, classifier_layers(regnet, 4), {})
+    assert any(h.kind == "grouped conv" and "grouped convolution" in h.reason for h in held)
     crit = CRITERIA.get("l1")()
     crit.prepare(regnet, None, None)
-    records = score_groups(dg, regnet, crit, classifier_layers(regnet, 4))
+    records = score_groups(found, regnet, crit)
     plan = plan_step(records, {}, 0.5, 8, 0.9, "per_layer", 0.5)
-    assert apply_plan(dg, records, plan) > 0
+    assert apply_plan(dg, records, plan, regnet) > 0
     after = dict(regnet.named_modules())
     assert {n: (after[n].in_channels, after[n].out_channels) for n in grouped} == grouped
     assert regnet(torch.zeros(1, 3, 64, 64)).shape == (1, 4)

@@ -33,7 +33,8 @@ def _scores(model, name: str) -> dict[str, torch.Tensor]:
         accumulate_gradients(model, ctx)
     crit.prepare(model, ctx, stats)
     dg = build_graph(model, torch.zeros(1, 1, 32, 32))
-    return {r.name: r.scores for r in score_groups(dg, model, crit, classifier_layers(model, 4))}
+    found, _ = dg.groups(model, classifier_layers(model, 4), {})
+    return {r.name: r.scores for r in score_groups(found, model, crit)}
 
 
 @pytest.mark.parametrize("name", CRITERIA.names())

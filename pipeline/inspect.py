@@ -1,0 +1,191 @@
+"""The pre-flight structural check (`compress inspect CONFIG`, also run by `--dry-run`): in seconds, before any
+data or training, what filter_prune and layer_truncate will find in this model, and a proof that pruning works.
+
+It builds the model (random weights: structure does not depend on them), runs it once, traces its dependency
+graph, lists the prunable groups and what is held whole and why (with the MACs it keeps), finds the blocks
+layer truncation could remove, then removes a few units of every prunable group on a copy and checks that the
+copy runs, exports to ONNX and agrees with PyTorch there. A model that would fail later fails here: exit 2 with
+the class of problem.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.config import Config
+from pipeline.errors import UserInputError
+
+
+@dataclass
+class Inspection:
+    """What the structural check found."""
+
+    model: str
+    input: str
+    gflops: float
+    params_m: float
+    groups: list[dict[str, Any]] = field(default_factory=list)
+    held: list[dict[str, Any]] = field(default_factory=list)
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+    not_candidates: dict[str, int] = field(default_factory=dict)
+    onnx: dict[str, Any] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def prunable_share(self) -> float:
+        return max(0.0, 1.0 - sum(h["macs_share"] for h in self.held))
+
+
+def _fail(kind: str, what: str, fix: str) -> UserInputError:
+    return UserInputError(f"pre-flight check failed ({kind}): {what}. {fix}")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:300] if text else ''}"
+
+
+def _onnx_check(model: nn.Module, example: torch.Tensor, config: Config) -> dict[str, Any]:
+    """Export the trial-pruned copy and compare it with PyTorch on random inputs (relative to the logits)."""
+    from export.runtime import OrtModel
+    from export.torch2onnx import torch2onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "check.onnx"
+        cfg = config.export.model_copy(update={"dynamic_batch": False})
+        torch2onnx(model, example, path, cfg, {})
+        rt = OrtModel(path, threads=1)
+        x = torch.randn(example.shape, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            ref = model(x).numpy()
+        diff = float(np.abs(rt(x.numpy()) - ref).max())
+    return {"max_abs_diff": diff, "max_rel_diff": diff / max(float(np.abs(ref).max()), 1e-12)}
+
+
+def inspect_model(config: Config, onnx: bool = True) -> Inspection:
+    """Run the structural check on the config's model; UserInputError (exit 2) names the class of problem."""
+    from pipeline.models import build_model, count_macs
+    from stages._blocks import find_candidates, measure_blocks
+    from stages._graph import build_graph, in_attention
+    from stages._pruning import classifier_layers, producers_of
+    from stages._structure import Held, fill_shares, module_macs, prove, unrecognised_attention
+
+    spec = config.model
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    model = build_model(spec, with_weights=False).eval()
+    example = torch.zeros(1, spec.in_chans, *spec.input_size)
+    try:
+        with torch.no_grad():
+            out = model(torch.randn_like(example))
+    except Exception as exc:  # noqa: BLE001
+        raise _fail("forward", f"{spec.source}:{spec.name} does not run on an input of shape "
+                    f"1x{spec.in_chans}x{spec.input_size[0]}x{spec.input_size[1]} ({_first_line(exc)})",
+                    "Set model.input_size and model.in_chans to what the model takes") from None
+    logits = out if isinstance(out, torch.Tensor) else next((t for t in out if isinstance(t, torch.Tensor)), None)
+    if logits is None or logits.dim() != 2 or logits.shape[1] != spec.num_classes:
+        raise _fail("output", f"the model returns {getattr(logits, 'shape', type(out).__name__)}, not logits of "
+                    f"shape (batch, {spec.num_classes})", "Only classifiers are compressed; set model.num_classes "
+                    "to the model's output width")
+    gflops, params = count_macs(model, spec)
+    seconds["build"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    try:
+        graph = build_graph(model, example)
+    except Exception as exc:  # noqa: BLE001
+        raise _fail("tracing", f"Torch-Pruning cannot trace {spec.source}:{spec.name} ({_first_line(exc)})",
+                    "Set filter_prune.enabled: false to only truncate and fine-tune it") from None
+    ignored = classifier_layers(model, spec.num_classes, graph.output_layers)
+    names = dict(model.named_modules())
+    ignored += [names[n] for n in config.filter_prune.ignore if n in names]
+    found, held = graph.groups(model, ignored, {})
+    seconds["graph"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    broken = prove(model, example, [f[0] for f in found], build_graph)
+    attention = unrecognised_attention(model)
+    groups = []
+    for name, module, _, group in found:
+        layers = producers_of(graph, group, model)
+        if name in broken:
+            held.append(Held(name, in_attention(layers, attention, f"removing some of its units breaks the model "
+                                                                   f"({broken[name]})"), "breaks forward", layers))
+        else:
+            pruner = graph.get_pruner_of_module(module)
+            groups.append({"root": name, "width": pruner.get_out_channels(module), "layers": len(layers),
+                           "kind": "heads" if any(m.qkv is module for m in _heads(model)) else "channels"})
+    macs = module_macs(model, example)
+    fill_shares(held, macs)
+    seconds["proof"] = time.perf_counter() - t0
+    result = Inspection(f"{spec.source}:{spec.name}", f"{spec.in_chans}x{spec.input_size[0]}x{spec.input_size[1]}",
+                        gflops, params, groups, [h.record() for h in sorted(held, key=lambda h: -h.macs_share)])
+
+    t0 = time.perf_counter()
+    rows, unit_div = measure_blocks(model)
+    handles = [h for c in (rows, unit_div) for h in c.attach(model)]
+    try:
+        with torch.no_grad():
+            model(torch.randn(2, spec.in_chans, *spec.input_size, generator=torch.Generator().manual_seed(1)))
+    finally:
+        for h in handles:
+            h.remove()
+    rows.batches = unit_div.batches = 1
+    rows.finish(model)
+    blocks, why = find_candidates(model, rows.result(), unit_div.result(), config.layer_truncate.min_flops_share)
+    result.candidates = [{"block": b.name, "macs_share": round(b.macs_share, 4)} for b in blocks]
+    result.not_candidates = why
+    seconds["blocks"] = time.perf_counter() - t0
+
+    if onnx and groups:
+        t0 = time.perf_counter()
+        trial = _pruned_copy(model, example, [g["root"] for g in groups])
+        try:
+            result.onnx = _onnx_check(trial, example, config)
+        except Exception as exc:  # noqa: BLE001
+            raise _fail("export", f"the pruned model does not export to ONNX ({_first_line(exc)})",
+                        "Try export.exporter: dynamo, or another export.opset") from None
+        if result.onnx["max_rel_diff"] > 1e-4:
+            raise _fail("export", f"the pruned model's ONNX export differs from PyTorch by "
+                        f"{result.onnx['max_rel_diff']:.1e} (relative)", "Try export.exporter: dynamo")
+        seconds["onnx"] = time.perf_counter() - t0
+    result.seconds = {k: round(v, 2) for k, v in seconds.items()}
+    return result
+
+
+def _heads(model: nn.Module) -> list[nn.Module]:
+    from stages._attention import attention_modules
+
+    return list(attention_modules(model).values())
+
+
+def _pruned_copy(model: nn.Module, example: torch.Tensor, roots: list[str]) -> nn.Module:
+    """A copy of the model with a few units of every proven group removed (what the proof ran)."""
+    import copy
+
+    from stages._attention import attention_modules, qkv_indices
+    from stages._graph import build_graph
+    from stages._structure import prune_group, spread_units
+
+    pruned = copy.deepcopy(model).eval()
+    dg = build_graph(pruned, example)
+    modules = dict(pruned.named_modules())
+    heads = {m.qkv: m for m in attention_modules(pruned).values()}
+    for name in roots:
+        mod = modules[name]
+        pruner = dg.get_pruner_of_module(mod)
+        if mod in heads:
+            if heads[mod].num_heads > 1:
+                prune_group(dg, mod, pruner.prune_out_channels, qkv_indices(heads[mod], [0]), pruned, heads[mod])
+        elif pruner.get_out_channels(mod) > 1:
+            prune_group(dg, mod, pruner.prune_out_channels, spread_units(pruner.get_out_channels(mod)), pruned)
+    return pruned

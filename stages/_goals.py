@@ -1,0 +1,137 @@
+"""What filter_prune prunes towards: a share of the MACs, or a measured speedup on the runtime that ships.
+
+A goal says whether it is reached, how much the next step should remove (a share of the units, or a latency
+budget in milliseconds for the knapsack), and takes the measurement after each step. The speedup goal closes
+the loop: after every step the current model is exported and timed against the base model in interleaved
+blocks, and the latency model's misprediction so far corrects the next step's budget (`Drift`).
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from pipeline.models import count_macs
+from stages._latency import Drift, LatencyMeter, Profile
+
+
+def step_fraction(p0: float, alpha: float, t: int, steps: int) -> float:
+    """p_t = p0 * (1 + t/T)^alpha: the share of the remaining units removed at step t."""
+    return min(p0 * (1.0 + t / steps) ** alpha, 0.95)
+
+
+def capped_fraction(p: float, gflops: float, target: float) -> float:
+    """Shrink the last step so that MACs land near the target (MACs scale about as width squared)."""
+    if gflops * (1.0 - p) ** 2 >= target:
+        return p
+    return max(1.0 - math.sqrt(target / gflops), 1e-3)
+
+
+class MacsGoal:
+    """Remove `target_flops_reduction` of the MACs."""
+
+    name = "flops_reduction"
+
+    def __init__(self, ctx, model: nn.Module) -> None:
+        self.cfg, self.spec = ctx.config.filter_prune, ctx.config.model
+        self.gflops0 = count_macs(model, self.spec)[0]
+        self.gflops = self.gflops0
+        self.target = self.gflops0 * (1.0 - self.cfg.target_flops_reduction)
+
+    def reached(self) -> bool:
+        return self.gflops <= self.target * (1.0 + self.cfg.flops_tolerance)
+
+    def step(self, t: int) -> dict[str, Any]:
+        return {"p": capped_fraction(step_fraction(self.cfg.p0, self.cfg.alpha, t, self.cfg.steps), self.gflops,
+                                     self.target)}
+
+    def observe(self, model: nn.Module, gflops: float, predicted_ms: float | None) -> dict[str, Any]:
+        self.gflops = gflops
+        return {}
+
+    def undo(self, row: dict[str, Any]) -> None:
+        self.gflops = row["gflops"]
+
+    def done(self) -> float:
+        return (1.0 - self.gflops / self.gflops0) / self.cfg.target_flops_reduction
+
+    def describe(self) -> str:
+        return f"target -{self.cfg.target_flops_reduction:.0%} MACs"
+
+    def record(self) -> dict[str, Any]:
+        return {}
+
+
+class SpeedupGoal:
+    """Reach `target_speedup` over the base model, measured on the validation runtime at its batch size."""
+
+    name = "speedup"
+
+    def __init__(self, ctx, model: nn.Module) -> None:
+        self.cfg = ctx.config.filter_prune
+        self.meter = LatencyMeter(ctx.config, model)
+        self.tmp = tempfile.TemporaryDirectory()
+        self.base_path = Path(self.tmp.name) / "base.onnx"
+        self.meter.export(model, self.base_path)
+        self.base = self.meter.profile(model)
+        self.profile: Profile = self.base
+        self.speedup, self.low, self.high = 1.0, 1.0, 1.0
+        self.drift = Drift()
+        self.steps: list[dict[str, Any]] = []
+        self.layers_before = dict(self.base.layers)
+
+    @property
+    def target_ms(self) -> float:
+        return self.base.total_ms / self.cfg.target_speedup
+
+    @property
+    def current_ms(self) -> float:
+        return self.base.total_ms / self.speedup
+
+    def reached(self) -> bool:
+        return self.speedup >= self.cfg.target_speedup * (1.0 - self.cfg.speedup_tolerance)
+
+    def step(self, t: int) -> dict[str, Any]:
+        scheduled = step_fraction(self.cfg.p0, self.cfg.alpha, t, self.cfg.steps) * self.current_ms
+        remaining = self.current_ms - self.target_ms
+        # the last step aims at the target itself; every step's budget is corrected by the model's drift so far
+        budget = min(scheduled, remaining) / self.drift.factor
+        return {"budget_ms": max(budget, 0.0), "profile": self.profile}
+
+    def observe(self, model: nn.Module, gflops: float, predicted_ms: float | None) -> dict[str, Any]:
+        before = self.current_ms
+        self.profile, (self.speedup, self.low, self.high) = self.meter.measure(model, self.base_path)
+        measured = before - self.current_ms
+        if predicted_ms:
+            self.drift.add(predicted_ms, measured, len(self.steps) + 1)
+        row = {"predicted_ms": predicted_ms, "measured_ms": measured, "latency_ms": self.current_ms,
+               "speedup": self.speedup, "speedup_low": self.low, "speedup_high": self.high}
+        self.steps.append(row)
+        return row
+
+    def undo(self, row: dict[str, Any]) -> None:
+        previous = [s for s in self.steps[:-1]]
+        self.speedup = previous[-1]["speedup"] if previous else 1.0
+
+    def done(self) -> float:
+        return (1.0 - 1.0 / self.speedup) / (1.0 - 1.0 / self.cfg.target_speedup)
+
+    def describe(self) -> str:
+        return f"latency {self.current_ms:.3g} ms, {self.speedup:.2f}x (target {self.cfg.target_speedup:g}x)"
+
+    def record(self) -> dict[str, Any]:
+        return {"runtime": self.meter.runtime, "device": self.meter.device, "threads": self.meter.threads,
+                "base_ms": self.base.total_ms, "target_ms": self.target_ms, "speedup": self.speedup,
+                "speedup_low": self.low, "speedup_high": self.high, "steps": self.steps,
+                "layers_before": self.layers_before, "layers_after": dict(self.profile.layers),
+                "other_ms_before": self.base.other_ms, "other_ms_after": self.profile.other_ms,
+                "measure_seconds": round(self.meter.seconds, 2), "cache_hits": self.meter.hits,
+                "cache_misses": self.meter.misses, "drift": self.drift.factor}
+
+
+def goal_for(ctx, model: nn.Module) -> MacsGoal | SpeedupGoal:
+    return SpeedupGoal(ctx, model) if ctx.config.filter_prune.target_speedup else MacsGoal(ctx, model)

@@ -1,0 +1,282 @@
+"""The latency model of latency-targeted pruning: what removing a channel saves, measured on the runtime.
+
+The model is exported and run under ONNX Runtime's profiler (the runtime `validate` uses, its threads, batch 1),
+so every node is timed in context: fused, in the layout the runtime chose. Node times are mapped back to the
+conv/linear layers they compute (through the exported graph: a fused Conv+Add+Relu belongs to its Conv), and a
+group's removal is charged the share of its layers' time that its units are: a producer with `out` channels
+loses 1/out of its time per removed channel, a consumer with `in` inputs 1/in. Nodes no layer owns (pooling,
+layout reorders) are a fixed cost. The end-to-end latency is measured after every step, so the step sizes
+are corrected by what the model mispredicted (`Drift`).
+
+Measurements are cached on disk, keyed by runtime, device, threads and the exported graph's bytes, so a second
+run on the same machine measures nothing it measured before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+ELEMENTWISE = {"Relu", "Clip", "Add", "Mul", "Sigmoid", "HardSigmoid", "HardSwish", "BatchNormalization", "Div",
+               "Sub", "LeakyRelu", "Gelu", "Erf", "Tanh", "Identity", "Cast"}
+COMPUTE = {"Conv", "Gemm", "MatMul", "ConvTranspose"}
+
+
+def cache_dir() -> Path:
+    """Where measurements are kept between runs: $COMPRESS_CACHE_DIR, else ~/.cache/idap-compress."""
+    root = os.environ.get("COMPRESS_CACHE_DIR") or Path.home() / ".cache" / "idap-compress"
+    return Path(root) / "latency"
+
+
+@dataclass
+class Profile:
+    """One model's latency on a runtime: end to end (median ms) and per conv/linear layer (ms)."""
+
+    total_ms: float
+    layers: dict[str, float]
+    other_ms: float
+    cached: bool = False
+
+    def record(self) -> dict[str, Any]:
+        return {"total_ms": self.total_ms, "layers": self.layers, "other_ms": self.other_ms}
+
+
+def _module_of(scope: str, modules: set[str]) -> str | None:
+    """The module a node's scope path names ("/layer1/layer1.0/conv2/Conv" -> "layer1.0.conv2")."""
+    comps = [c for c in scope.strip("/").split("/")[:-1] if c]
+    for i in range(len(comps)):
+        name = ".".join(comps[i:])
+        if name in modules:
+            return name
+    return None
+
+
+def node_owners(onnx_path: Path, modules: set[str]) -> dict[str, str]:
+    """Tensor or node name of the exported graph -> the conv/linear module that computes it."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    producer = {out: node for node in graph.node for out in node.output}
+    owners: dict[str, str] = {}
+
+    def owner(node, depth: int = 0) -> str | None:
+        if node.op_type in COMPUTE:
+            return _module_of(node.name, modules)
+        if node.op_type in ELEMENTWISE and depth < 6:
+            for inp in node.input:  # a fused op belongs to the compute op that feeds it
+                if inp in producer and (found := owner(producer[inp], depth + 1)):
+                    return found
+        return None
+
+    for node in graph.node:
+        found = owner(node)
+        if found:
+            owners[node.name] = found
+            for out in node.output:
+                owners[out] = found
+    return owners
+
+
+def _owner_of_event(name: str, owners: dict[str, str]) -> str | None:
+    base = name.removesuffix("_kernel_time")
+    for key in (base, base.removesuffix("_nchwc"), base.rsplit("_", 1)[0]):
+        if key in owners:
+            return owners[key]
+    return None
+
+
+class LatencyMeter:
+    """Times models the way `validate` will: exported to ONNX, on the runtime, threads and batch of the config."""
+
+    def __init__(self, config, modules_of: nn.Module, runs: int = 30, warmup: int = 5) -> None:
+        from export.runtime import cpu_name, default_threads
+
+        self.config = config
+        spec = config.model
+        self.shape = (config.validate_.batch, spec.in_chans, *spec.input_size)
+        self.runs, self.warmup = runs, warmup
+        self.threads = config.validate_.threads or default_threads()
+        self.provider = "cuda" if config.runtime.device == "cuda" and torch.cuda.is_available() else "cpu"
+        self.device = cpu_name() if self.provider == "cpu" else torch.cuda.get_device_name()
+        self.seconds = 0.0
+        self.hits = self.misses = 0
+
+    @property
+    def runtime(self) -> str:
+        return f"onnxruntime-{self.provider}"
+
+    def _key(self, onnx_bytes: bytes, what: str) -> Path:
+        h = hashlib.sha256(onnx_bytes)
+        h.update(f"{what}|{self.runtime}|{self.device}|{self.threads}|{self.shape}|{self.runs}".encode())
+        return cache_dir() / f"{h.hexdigest()[:40]}.json"
+
+    def export(self, model: nn.Module, path: Path) -> None:
+        from export.torch2onnx import torch2onnx
+
+        cfg = self.config.export.model_copy(update={"dynamic_batch": False})
+        torch2onnx(model.eval().cpu(), torch.zeros(self.shape), path, cfg, {})
+
+    def _cached(self, key: Path, compute) -> dict[str, Any]:
+        if key.is_file():
+            self.hits += 1
+            return json.loads(key.read_text())
+        self.misses += 1
+        value = compute()
+        key.parent.mkdir(parents=True, exist_ok=True)
+        tmp_key = key.with_suffix(f".{os.getpid()}.tmp")
+        tmp_key.write_text(json.dumps(value))
+        os.replace(tmp_key, key)
+        return value
+
+    def profile(self, model: nn.Module) -> Profile:
+        """The model's end-to-end and per-layer latency (from the cache when this graph was measured here)."""
+        return self.measure(model)[0]
+
+    def measure(self, model: nn.Module, base: Path | None = None) -> tuple[Profile, tuple[float, float, float]]:
+        """The model's profile and, against the base model's ONNX file, its speedup (median, low, high across
+        interleaved timing blocks); one export for both, each from the cache when measured here before."""
+        t0 = time.perf_counter()
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "m.onnx"
+                self.export(model, path)
+                data = path.read_bytes()
+                prof = self._cached(self._key(data, "profile"),
+                                    lambda: self._profile(path, {n for n, _ in model.named_modules()}).record())
+                speed = (1.0, 1.0, 1.0)
+                if base is not None:
+                    got = self._cached(self._key(base.read_bytes() + data, "speedup"),
+                                       lambda: self._speedup(base, path))
+                    speed = (got["speedup"], got["speedup_low"], got["speedup_high"])
+                return Profile(**prof), speed
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def _speedup(self, base: Path, path: Path) -> dict[str, float]:
+        from export.runtime import OrtModel
+        from export.validation import latency, speedup
+
+        models = {"base": OrtModel(base, self.threads, self.provider),
+                  "compressed": OrtModel(path, self.threads, self.provider)}
+        lat = latency(models, self.shape, warmup=3, runs=12, blocks=6, block_seconds=0.1)
+        return speedup(lat)
+
+    def _profile(self, path: Path, modules: set[str]) -> Profile:
+        """Wall time from a plain session (median of the runs); the per-node split from a profiled one (each
+        node's median over the same number of runs, the warm-up runs dropped), scaled to the wall time."""
+        import onnxruntime as ort
+
+        def session(profiling: bool):
+            opts = ort.SessionOptions()
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            opts.intra_op_num_threads = self.threads
+            if profiling:
+                opts.enable_profiling = True
+                opts.profile_file_prefix = str(path.parent / "profile")
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.provider == "cuda" \
+                else ["CPUExecutionProvider"]
+            return ort.InferenceSession(str(path), opts, providers=providers)
+
+        x = np.random.default_rng(0).standard_normal(self.shape).astype(np.float32)
+        plain = session(False)
+        feed = {plain.get_inputs()[0].name: x}
+        times = []
+        for i in range(self.warmup + self.runs):
+            t = time.perf_counter()
+            plain.run(None, feed)
+            if i >= self.warmup:
+                times.append((time.perf_counter() - t) * 1e3)
+        del plain
+        profiled = session(True)
+        for _ in range(self.warmup + self.runs):
+            profiled.run(None, feed)
+        events = json.loads(Path(profiled.end_profiling()).read_text())
+        durations: dict[str, list[float]] = {}
+        for e in events:
+            if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+                durations.setdefault(e["name"], []).append(e["dur"] / 1e3)
+        owners = node_owners(path, modules)
+        per_layer: dict[str, float] = {}
+        other = 0.0
+        for name, ds in durations.items():
+            ms = float(np.median(ds[-self.runs:]))
+            module = _owner_of_event(name, owners)
+            if module is None:
+                other += ms
+            else:
+                per_layer[module] = per_layer.get(module, 0.0) + ms
+        total = float(np.median(times))
+        # node times add up to less than the wall time (dispatch, copies): scaled to the measured median
+        profiled_sum = sum(per_layer.values()) + other
+        scale = total / profiled_sum if profiled_sum > 0 else 1.0
+        return Profile(total, {k: v * scale for k, v in per_layer.items()}, other * scale)
+
+
+@dataclass
+class Drift:
+    """Measured / predicted savings so far: the correction applied to the next step's budget."""
+
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def factor(self) -> float:
+        pairs = [(h["predicted_ms"], h["measured_ms"]) for h in self.history if h["predicted_ms"] > 0]
+        if not pairs:
+            return 1.0
+        ratio = sum(m for _, m in pairs) / sum(p for p, _ in pairs)
+        return float(min(max(ratio, 0.25), 4.0))
+
+    def add(self, predicted: float, measured: float, step: int) -> None:
+        self.history.append({"step": step, "predicted_ms": predicted, "measured_ms": measured,
+                             "error": (measured - predicted) / predicted if predicted else 0.0})
+
+
+def unit_costs(profile: Profile, members: dict[str, tuple[int, int]]) -> float:
+    """Milliseconds one unit of a group saves: each member layer's time, times the share of its width on the
+    pruned side that one unit is (1 channel of `width`, or a head's features)."""
+    return sum(profile.layers.get(layer, 0.0) * per_unit / width for layer, (width, per_unit) in members.items()
+               if width > 0)
+
+
+def best_alignment(meter: LatencyMeter, size: int = 28) -> int:
+    """The channel multiple the runtime rewards, measured: a 3x3 conv stack is timed at widths 96..128 in steps
+    of 4; an alignment is rewarded when widths off its multiples run slower than the next multiple up (more
+    channels, yet faster). The largest rewarded of 32, 16, 8 is taken (8 when none is). Cached per runtime."""
+    from export.runtime import OrtModel
+    from export.torch2onnx import torch2onnx
+
+    widths = list(range(96, 129, 4))
+
+    def measure() -> dict[str, float]:
+        out = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            for w in widths:
+                net = nn.Sequential(nn.Conv2d(w, w, 3, padding=1), nn.ReLU(), nn.Conv2d(w, w, 3, padding=1)).eval()
+                path = Path(tmp) / f"c{w}.onnx"
+                cfg = meter.config.export.model_copy(update={"dynamic_batch": False})
+                torch2onnx(net, torch.zeros(1, w, size, size), path, cfg, {})
+                rt = OrtModel(path, meter.threads, meter.provider)
+                x = np.zeros((1, w, size, size), np.float32)
+                for _ in range(5):
+                    rt.time_once(x)
+                out[str(w)] = float(np.median([rt.time_once(x) for _ in range(40)]))
+        return out
+
+    t0 = time.perf_counter()
+    times = meter._cached(meter._key(b"alignment", "alignment"), measure)
+    meter.seconds += time.perf_counter() - t0
+    for a in (32, 16, 8):
+        ratios = [times[str(w)] / times[str(-(-w // a) * a)] for w in widths if w % a and -(-w // a) * a <= 128]
+        if ratios and float(np.median(ratios)) > 1.03:
+            return a
+    return 8
