@@ -127,3 +127,38 @@ def figure_latency(summary: dict[str, Any], path: Path) -> None:
                  f"{lat['speedup']:.2f}x{spread} faster", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     _save(fig, path)
+
+
+def figure_latency_model(latency: dict[str, Any], path: Path, top: int = 30) -> None:
+    """Latency-targeted pruning: each step's predicted vs measured saving; milliseconds per layer before/after."""
+    from matplotlib.figure import Figure
+
+    steps = latency.get("steps", [])
+    layers = sorted(latency["layers_before"], key=lambda k: -latency["layers_before"][k])[:top]
+    fig = Figure(figsize=(max(9.0, 0.3 * len(layers) + 3), 8.5))
+    ax1, ax2 = fig.subplots(2, 1)
+    fig.subplots_adjust(hspace=0.5)
+    if steps:
+        xs = list(range(1, len(steps) + 1))
+        ax1.plot(xs, [s["predicted_ms"] or 0.0 for s in steps], marker="o", label="predicted by the latency model")
+        ax1.plot(xs, [s["measured_ms"] for s in steps], marker="s", label="measured (interleaved with the base)")
+        ax1.set_xticks(xs)
+        ax1.set_xlabel("pruning step")
+        ax1.legend(fontsize=8)
+    ax1.set_ylabel("ms saved by the step")
+    ax1.set_title(f"{latency['runtime']}: {latency['base_ms']:.3g} ms -> {latency['base_ms'] / latency['speedup']:.3g} "
+                  f"ms ({latency['speedup']:.2f}x, target {latency['base_ms'] / latency['target_ms']:.2f}x)",
+                  fontsize=10)
+    ax1.grid(alpha=0.3)
+    idx = range(len(layers))
+    ax2.bar([i - 0.2 for i in idx], [latency["layers_before"][k] for k in layers], width=0.4, color="tab:grey",
+            label="base")
+    ax2.bar([i + 0.2 for i in idx], [latency["layers_after"].get(k, 0.0) for k in layers], width=0.4,
+            color="tab:blue", label="compressed")
+    ax2.set_xticks(list(idx))
+    ax2.set_xticklabels(layers, rotation=90, fontsize=6)
+    ax2.set_ylabel("ms per layer (profiled)")
+    ax2.set_title(f"the {len(layers)} slowest layers of the base", fontsize=10)
+    ax2.legend(fontsize=8)
+    ax2.grid(axis="y", alpha=0.3)
+    _save(fig, path)

@@ -10,13 +10,16 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline._sections import (  # noqa: F401 - re-exported: every section is importable from pipeline.config
+    ExportConfig,
+    GatesConfig,
+    LoggingConfig,
+    RuntimeConfig,
+    Section,
+    TensorRTConfig,
+    ValidateConfig,
+)
 from pipeline.errors import UserInputError, did_you_mean
-
-
-class Section(BaseModel):
-    """Base of every config section: unknown keys are errors."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 def default_input_size(source: str, name: str) -> tuple[int, int] | None:
@@ -119,13 +122,31 @@ class CalibrateConfig(Section):
 class FilterPruneConfig(Section):
     """IDAP++ divergence-aware filter pruning (METHOD.md section 3)."""
 
+    @model_validator(mode="after")
+    def _one_target(self) -> FilterPruneConfig:
+        if self.target_flops_reduction is not None and self.target_speedup is not None:
+            raise ValueError("set one target: filter_prune.target_flops_reduction (a share of the MACs) or "
+                             "filter_prune.target_speedup (a measured speedup), not both; remove the other (on the "
+                             "command line: --set filter_prune.target_flops_reduction=null)")
+        if self.target_flops_reduction is None and self.target_speedup is None:
+            object.__setattr__(self, "target_flops_reduction", 0.5)
+        if isinstance(self.round_to, int) and self.round_to < 1:
+            raise ValueError("filter_prune.round_to must be at least 1 (or auto)")
+        return self
+
     enabled: bool = Field(True, description="run filter pruning")
     criterion: str = Field("divergence_taylor", description="importance criterion; `compress criteria` lists them")
-    target_flops_reduction: float = Field(0.5, gt=0.0, lt=1.0, description="fraction of MACs to remove")
+    target_flops_reduction: float | None = Field(None, gt=0.0, lt=1.0, description="fraction of MACs to remove "
+                                                 "(0.5 when target_speedup is unset too)")
+    target_speedup: float | None = Field(None, gt=1.0, description="instead of a MACs target: the batch latency "
+                                         "speedup over the base to reach on the validation runtime (e.g. 2.0)")
+    speedup_tolerance: float = Field(0.03, ge=0.0, lt=0.5, description="a measured speedup this close below the "
+                                     "target counts as reaching it")
     steps: int = Field(20, ge=1, description="T, the maximum number of pruning steps")
     p0: float = Field(0.05, gt=0.0, lt=1.0, description="first step's fraction of remaining units")
     alpha: float = Field(1.5, ge=0.0, description="growth of the step fraction: p_t = p0 (1 + t/T)^alpha")
-    round_to: int = Field(8, ge=1, description="channel counts are kept at multiples of this")
+    round_to: int | Literal["auto"] = Field(8, description="channel counts are kept at multiples of this; auto: "
+                                            "the multiple the validation runtime rewards, measured (8, 16 or 32)")
     ranking: Literal["global", "per_layer"] = Field("global", description="one ranking over all layers, or the "
                                                    "same share from each layer")
     max_layer_pruning_ratio: float = Field(0.9, gt=0.0, lt=1.0, description="cap per layer vs original width")
@@ -183,95 +204,6 @@ class FinetuneConfig(Section):
     enabled: bool = Field(True, description="run recovery fine-tuning")
     max_epochs: int = Field(3, ge=0, description="most epochs; recovery.stopping may end it sooner")
     lr: float = Field(0.01, gt=0.0, description="peak learning rate")
-
-
-class TensorRTConfig(Section):
-    """A TensorRT engine built from the exported ONNX (needs the `gpu` extra and a CUDA device)."""
-
-    mode: Literal["off", "auto", "required"] = Field(
-        "auto", description="auto: build when TensorRT and a GPU are present, else skip and say why; "
-        "required: missing TensorRT/GPU is an error (exit 2)")
-    precision: Literal["fp32", "fp16"] = Field("fp32", description="engine precision (fp32 is strict: no TF32)")
-    workspace_gb: float = Field(4.0, gt=0.0, description="builder workspace memory limit")
-    min_batch: int = Field(1, ge=1, description="optimization profile of the dynamic batch axis")
-    opt_batch: int = Field(1, ge=1, description="the batch the engine is tuned for")
-    max_batch: int = Field(32, ge=1, description="largest batch the engine takes (larger ones run in chunks)")
-
-    @field_validator("mode", mode="before")
-    @classmethod
-    def _yaml_off(cls, v: Any) -> Any:
-        return "off" if v is False else v  # YAML reads a bare `off` as false
-
-    @model_validator(mode="after")
-    def _ordered(self) -> TensorRTConfig:
-        if not self.min_batch <= self.opt_batch <= self.max_batch:
-            raise ValueError(f"need min_batch <= opt_batch <= max_batch, got {self.min_batch}, {self.opt_batch}, "
-                             f"{self.max_batch}")
-        return self
-
-
-class ExportConfig(Section):
-    """ONNX export of the compressed model, and optionally a TensorRT engine."""
-
-    opset: int = Field(17, ge=11, le=23, description="ONNX opset")
-    exporter: Literal["auto", "torchscript", "dynamo"] = Field(
-        "auto", description="auto: torchscript, falling back to the torch.export-based exporter when it fails")
-    input_name: str = Field("input", description="graph input name")
-    output_name: str = Field("logits", description="graph output name")
-    dynamic_batch: bool = Field(True, description="dynamic batch axis")
-    tensorrt: TensorRTConfig = Field(default_factory=TensorRTConfig)
-
-
-class GatesConfig(Section):
-    """Thresholds that fail the run with exit code 3; unset gates are not checked."""
-
-    max_top1_drop: float | None = Field(None, ge=0.0, description="points of top-1 lost vs base")
-    min_speedup: float | None = Field(None, gt=0.0, description="measured speedup vs base: the low end of its "
-                                      "spread across timing blocks must reach this")
-    min_flops_reduction: float | None = Field(None, ge=0.0, lt=1.0, description="fraction of the base's MACs "
-                                              "removed, e.g. 0.7")
-    max_latency_ms: float | None = Field(None, gt=0.0, description="compressed median latency, milliseconds")
-    max_parity_error: float | None = Field(1e-4, gt=0.0, description="max |artifact - PyTorch| of FP32 artifacts")
-    max_parity_error_fp16: float | None = Field(5e-2, gt=0.0, description="FP16 TensorRT engines, relative: "
-                                                "max |engine - PyTorch| / max |PyTorch logit|")
-
-
-class ValidateConfig(Section):
-    """Accuracy, parity and latency of the deployed artifact on the runtime that ships it."""
-
-    runtime: Literal["auto", "onnxruntime-cpu", "onnxruntime-cuda", "tensorrt"] = Field(
-        "auto", description="auto: the TensorRT engine when one was built, else ONNX Runtime on CUDA when "
-        "runtime.device is cuda, else ONNX Runtime on CPU")
-
-    warmup: int = Field(20, ge=0, description="untimed runs per model before timing")
-    runs: int = Field(100, ge=1, description="timed runs per model, at least")
-    block_seconds: float = Field(0.2, ge=0.0, description="each model's timing block lasts at least this long "
-                                 "(sub-millisecond models get more runs)")
-    blocks: int = Field(10, ge=1, description="the runs are timed in this many interleaved blocks; the speedup's "
-                        "spread is taken across blocks")
-    batch: int = Field(1, ge=1, description="latency batch")
-    threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads (default: every core of "
-                                "the process's CPU affinity)")
-    parity_samples: int = Field(16, ge=1, description="validation images compared between PyTorch and the "
-                                "artifact")
-    gates: GatesConfig = Field(default_factory=GatesConfig)
-
-
-class RuntimeConfig(Section):
-    """Where and how the run executes; not part of any stage's config hash."""
-
-    device: Literal["auto", "cpu", "cuda"] = Field("cpu", description="where stages run; auto takes CUDA when "
-                                                   "visible")
-    threads: int | None = Field(None, ge=1, description="torch intra-op threads")
-    progress: bool = Field(True, description="progress display: bars on a terminal, plain lines otherwise")
-    progress_interval: float = Field(30.0, gt=0.0, description="off a terminal: seconds between progress lines")
-
-
-class LoggingConfig(Section):
-    """What a run records besides its checkpoints; not part of any stage's config hash."""
-
-    tensorboard: bool = Field(False, description="also write TensorBoard scalars to <run_dir>/tensorboard")
-    report: bool = Field(True, description="write report.md/.html and figures/ at the end of `compress pipeline`")
 
 
 class Config(Section):

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline._report_figures import figure_dynamics, figure_latency, figure_widths
+from pipeline._report_figures import figure_dynamics, figure_latency, figure_latency_model, figure_widths
 from pipeline._report_render import Section, Table, render_html, render_md
 from pipeline.config import Config
 from pipeline.errors import UserInputError
@@ -245,12 +245,33 @@ def build_sections(rec: RunRecords, rows: list[dict[str, Any]], widths: list[dic
         sections.append(Section("Per-layer widths", [
             "Not shown: the run has no config.json (it is written when an invocation completes); pass the "
             "run's YAML with `compress report RUN_DIR --config CONFIG`."]))
+    lat_model = rec.states.get("filter_prune", {}).get("latency")
+    if lat_model:
+        steps = lat_model.get("steps", [])
+        t = Table(["step", "predicted saving (ms)", "measured saving (ms)", "latency (ms)", "speedup",
+                   "spread"], [[str(i + 1), f4(s["predicted_ms"]), f4(s["measured_ms"]), f4(s["latency_ms"]),
+                                f"{s['speedup']:.2f}x", f"{s['speedup_low']:.2f}-{s['speedup_high']:.2f}"]
+                               for i, s in enumerate(steps)])
+        sections.append(Section("Latency model", [
+            f"Pruned to a measured speedup on {lat_model['runtime']} ({lat_model['threads']} threads, "
+            f"{lat_model['device']}): base {lat_model['base_ms']:.4g} ms, target {lat_model['target_ms']:.4g} ms, "
+            f"reached {lat_model['speedup']:.2f}x in the stage (validated figure above). Each step's budget is "
+            f"spent by a knapsack over the groups' predicted savings (per-layer times from ONNX Runtime's "
+            f"profiler), then the model is timed against the base and the misprediction corrects the next budget "
+            f"(drift {lat_model['drift']:.2f}). Measuring took {lat_model['measure_seconds']:.1f} s "
+            f"({lat_model['cache_hits']} measurements from the cache, {lat_model['cache_misses']} new)."], [t],
+            [(f"{FIGURES}/latency_model.png", "predicted vs measured saving per step; ms per layer before/after")]))
     trunc = rec.states.get("layer_truncate")
     if trunc is not None:
         dec = trunc.get("decisions", [])
-        t = Table(["block", "divergence D", "MACs share", "top-1 before", "top-1 after", "decision"],
+        timed = any("ms_saved" in d for d in dec)
+        t = Table(["block", "divergence D", "MACs share", "top-1 before", "top-1 after"]
+                  + (["ms saved", "speedup after"] if timed else []) + ["decision"],
                   [[d["block"], f"{d['divergence']:.4f}", f"{100 * d['macs_share']:.1f}%", f2(d["top1_before"]),
-                    f2(d["top1_after"]), "removed" if d["accepted"] else "rolled back (essential)"] for d in dec])
+                    f2(d["top1_after"])]
+                   + ([f4(d.get("ms_saved")), f"{d.get('speedup_after', 0):.2f}x"] if timed else [])
+                   + ["removed" if d["accepted"] else ("rolled back (overshoots the target)" if d.get("overshoots")
+                                                       else "rolled back (essential)")] for d in dec])
         text = [f"Removed blocks: {', '.join(trunc.get('removed_blocks', [])) or 'none'}. "
                 f"Stopped: {trunc.get('stop_reason', '-')}. Candidates: {len(trunc.get('candidates', []))}."]
         for why, n in (trunc.get("rejected") or {}).items():
@@ -306,7 +327,8 @@ def settings_rows(rec: RunRecords) -> list[list[str]]:
     if fp.enabled:
         rows += [["filter_prune", f"criterion {fp.criterion}, {fp.ranking} ranking, widths in multiples of "
                                   f"{fp.round_to}, at most {fp.steps} steps"],
-                 ["target", f"-{fp.target_flops_reduction:.0%} MACs"],
+                 ["target", f"{fp.target_speedup:g}x faster on the validation runtime" if fp.target_speedup
+                  else f"-{fp.target_flops_reduction:.0%} MACs"],
                  ["filter_prune budget", f"top-1 at most {fp.max_accuracy_drop:g} points below its start; "
                                          f"recovery {fp.recovery_rounds} x {fp.recovery_steps} steps per step"],
                  ["filter_prune stopped", fp_stop or "-"]]
@@ -358,7 +380,8 @@ def write_report(run_dir: Path, config: Config | None = None) -> list[Path]:
     figs.mkdir(exist_ok=True)
     written = []
     jobs = {"dynamics.png": (lambda d, p: figure_dynamics(d, p, budget_lines(rec)), rows),
-            "widths.png": (figure_widths, widths), "latency.png": (figure_latency, rec.summary)}
+            "widths.png": (figure_widths, widths), "latency.png": (figure_latency, rec.summary),
+            "latency_model.png": (figure_latency_model, rec.states.get("filter_prune", {}).get("latency"))}
     for name, (draw, data) in jobs.items():
         path = figs / name
         if not data:

@@ -73,7 +73,7 @@ class SpeedupGoal:
 
     def __init__(self, ctx, model: nn.Module) -> None:
         self.cfg = ctx.config.filter_prune
-        self.meter = LatencyMeter(ctx.config, model)
+        self.meter = LatencyMeter(ctx.config)
         self.tmp = tempfile.TemporaryDirectory()
         self.base_path = Path(self.tmp.name) / "base.onnx"
         self.meter.export(model, self.base_path)
@@ -82,6 +82,7 @@ class SpeedupGoal:
         self.speedup, self.low, self.high = 1.0, 1.0, 1.0
         self.drift = Drift()
         self.steps: list[dict[str, Any]] = []
+        self._profiles: list[Profile] = []  # the profile before each step, for undo
         self.layers_before = dict(self.base.layers)
 
     @property
@@ -104,6 +105,7 @@ class SpeedupGoal:
 
     def observe(self, model: nn.Module, gflops: float, predicted_ms: float | None) -> dict[str, Any]:
         before = self.current_ms
+        self._profiles.append(self.profile)
         self.profile, (self.speedup, self.low, self.high) = self.meter.measure(model, self.base_path)
         measured = before - self.current_ms
         if predicted_ms:
@@ -114,8 +116,10 @@ class SpeedupGoal:
         return row
 
     def undo(self, row: dict[str, Any]) -> None:
-        previous = [s for s in self.steps[:-1]]
-        self.speedup = previous[-1]["speedup"] if previous else 1.0
+        self.steps.pop()
+        last = self.steps[-1] if self.steps else {"speedup": 1.0, "speedup_low": 1.0, "speedup_high": 1.0}
+        self.speedup, self.low, self.high = last["speedup"], last["speedup_low"], last["speedup_high"]
+        self.profile = self._profiles.pop() if self._profiles else self.base
 
     def done(self) -> float:
         return (1.0 - 1.0 / self.speedup) / (1.0 - 1.0 / self.cfg.target_speedup)

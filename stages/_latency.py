@@ -52,8 +52,18 @@ class Profile:
 
 
 def _module_of(scope: str, modules: set[str]) -> str | None:
-    """The module a node's scope path names ("/layer1/layer1.0/conv2/Conv" -> "layer1.0.conv2")."""
+    """The module a node's scope path names. The exporter writes each level as the child's name, qualified by
+    its parent when the parent is a container: "/layer2/layer2.0/downsample/downsample.0/Conv" is the module
+    "layer2.0.downsample.0"."""
     comps = [c for c in scope.strip("/").split("/")[:-1] if c]
+    path: list[str] = []
+    for c in comps:
+        if path and c.startswith(path[-1] + "."):
+            path[-1] = c
+        else:
+            path.append(c)
+    if ".".join(path) in modules:
+        return ".".join(path)
     for i in range(len(comps)):
         name = ".".join(comps[i:])
         if name in modules:
@@ -98,7 +108,7 @@ def _owner_of_event(name: str, owners: dict[str, str]) -> str | None:
 class LatencyMeter:
     """Times models the way `validate` will: exported to ONNX, on the runtime, threads and batch of the config."""
 
-    def __init__(self, config, modules_of: nn.Module, runs: int = 30, warmup: int = 5) -> None:
+    def __init__(self, config, runs: int = 30, warmup: int = 5) -> None:
         from export.runtime import cpu_name, default_threads
 
         self.config = config

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
 
@@ -16,8 +15,18 @@ from pipeline.models import clone, count_macs
 from stages._attention import count_heads
 from stages._criteria import CRITERIA, accumulate_gradients
 from stages._flows import UnitStats, collect_unit_stats
+from stages._goals import capped_fraction, goal_for, step_fraction  # noqa: F401 - re-exported
 from stages._graph import in_attention
-from stages._pruning import apply_plan, build_graph, classifier_layers, plan_step, producers_of, score_groups
+from stages._latency import LatencyMeter, best_alignment, unit_costs
+from stages._pruning import (
+    apply_plan,
+    build_graph,
+    classifier_layers,
+    plan_latency_step,
+    plan_step,
+    producers_of,
+    score_groups,
+)
 from stages._recovery import Budget, recover
 from stages._structure import (
     Held,
@@ -30,18 +39,6 @@ from stages._structure import (
     unrecognised_attention,
 )
 from stages._training import evaluate, teacher_and_reference
-
-
-def step_fraction(p0: float, alpha: float, t: int, steps: int) -> float:
-    """p_t = p0 * (1 + t/T)^alpha: the share of the remaining units removed at step t."""
-    return min(p0 * (1.0 + t / steps) ** alpha, 0.95)
-
-
-def capped_fraction(p: float, gflops: float, target: float) -> float:
-    """Shrink the last step so that MACs land near the target (MACs scale about as width squared)."""
-    if gflops * (1.0 - p) ** 2 >= target:
-        return p
-    return max(1.0 - math.sqrt(target / gflops), 1e-3)
 
 
 def ignored_modules(model: nn.Module, ctx: Context, outputs: list[nn.Module] = ()) -> list[nn.Module]:
@@ -72,6 +69,10 @@ class Pruner:
         self.held: dict[str, Held] = {}
         self.proved = False
         self.keep, self.graph_builds, self.score_seconds, self.proof_seconds = 1.0, 0, 0.0, 0.0
+        self.predicted_ms = 0.0  # what the last latency-budgeted step was predicted to save
+        cfg = ctx.config.filter_prune
+        # round_to: auto measures the channel multiple the validation runtime rewards (cached per machine)
+        self.round_to = best_alignment(LatencyMeter(ctx.config)) if cfg.round_to == "auto" else cfg.round_to
 
     def prunable(self, model: nn.Module, graph) -> list[tuple[str, nn.Module, Any, Any]]:
         """The groups this step may prune; groups found (or proved) unprunable join `held`, with the reason."""
@@ -92,10 +93,13 @@ class Pruner:
             self.proved = True
         return found
 
-    def step(self, model: nn.Module, p: float, stats: dict[str, Any] | None = None, description: str = "flows",
-             _retry: bool = False) -> int:
-        """Remove the share `p` of the remaining units; returns how many were removed. The model is changed in
-        place; a step whose removals would break it is undone and taken again without the offending groups."""
+    def step(self, model: nn.Module, p: float = 0.0, stats: dict[str, Any] | None = None,
+             description: str = "flows", budget_ms: float | None = None, profile=None,
+             snapshot: nn.Module | None = None, _retry: bool = False) -> int:
+        """Remove the share `p` of the remaining units, or (with `budget_ms` and the latency `profile`) the least
+        important units whose predicted saving reaches the budget; returns how many were removed. The model is
+        changed in place; a step whose removals would break it is undone and taken again without the offending
+        groups (`snapshot`, a copy of the model before the step, saves one copy when the caller has it)."""
         cfg, ctx, criterion = self.ctx.config.filter_prune, self.ctx, self.criterion
         if criterion.needs_grad:
             # one pass: the gradient pass also measures the unit statistics when they must be measured again
@@ -114,10 +118,16 @@ class Pruner:
         self.score_seconds += time.perf_counter() - t0
         for r in records:
             self.originals.setdefault(r.name, r.width)
-        self.keep *= 1.0 - p
-        plan = plan_step(records, self.originals, p, cfg.round_to, cfg.max_layer_pruning_ratio, cfg.ranking,
-                         self.keep)
-        snapshot = clone(model)
+        if budget_ms is not None:
+            unit_ms = {r.name: unit_costs(profile, r.members) for r in records}
+            plan = plan_latency_step(records, self.originals, budget_ms, self.round_to, cfg.max_layer_pruning_ratio,
+                                     unit_ms)
+            self.predicted_ms = sum(len(idx) * unit_ms[name] for name, idx in plan.items())
+        else:
+            self.keep *= 1.0 - p
+            plan = plan_step(records, self.originals, p, self.round_to, cfg.max_layer_pruning_ratio, cfg.ranking,
+                             self.keep)
+        snapshot = snapshot if snapshot is not None else clone(model)
         removed = apply_plan(graph, records, plan, model)
         model.zero_grad(set_to_none=True)
         error = runs(model, self.example)
@@ -126,7 +136,8 @@ class Pruner:
         # The step's real removals broke the model although the proof passed (a coupling that fails only for
         # some index sets): undo it, hold the groups whose removals break it, and take the step without them.
         restore(model, snapshot)
-        self.keep /= 1.0 - p
+        if budget_ms is None:
+            self.keep /= 1.0 - p
         if _retry:
             raise RuntimeError(f"a pruning step broke the model ({error}) even without the groups held for it")
         roots = {r.name: r for r in records if plan.get(r.name)}
@@ -135,7 +146,7 @@ class Pruner:
             self.held[name] = Held(name, f"removing {len(plan[name])} of its {rec.width} units breaks the model "
                                          f"({err})", "breaks forward", [n for n, m in model.named_modules()
                                                                         if m is rec.module])
-        return self.step(model, p, stats, description, _retry=True)
+        return self.step(model, p, stats, description, budget_ms, profile, _retry=True)
 
     def held_records(self, model: nn.Module) -> list[dict[str, Any]]:
         """Every group held whole, with its reason and share of the model's MACs (as the model is now)."""
@@ -163,8 +174,7 @@ class FilterPrune:
         teacher, reference = teacher_and_reference(model, ctx)
         budget = Budget(rounds=cfg.recovery_rounds, steps=cfg.recovery_steps, lr=cfg.recovery_lr,
                         lr_key="filter_prune.recovery_lr")
-        target = gflops0 * (1.0 - cfg.target_flops_reduction)
-        gflops = gflops0
+        goal = goal_for(ctx, model)
         dynamics = [{"step": 0, "fraction": 0.0, "units_removed": 0, "params_m": params0, "gflops": gflops0,
                      **start, "accepted": True}]
         for key in ("params_m", "gflops", "top1", "top5"):
@@ -172,51 +182,75 @@ class FilterPrune:
         stop = f"reached {cfg.steps} steps"
         started = time.monotonic()
         for t in ctx.track(range(cfg.steps), "pruning steps", total=cfg.steps):
-            if gflops <= target * (1.0 + cfg.flops_tolerance):
-                stop = "reached the FLOPs target"
+            if goal.reached():
+                stop = f"reached the {'speedup' if goal.name == 'speedup' else 'FLOPs'} target"
                 break
-            p = capped_fraction(step_fraction(cfg.p0, cfg.alpha, t, cfg.steps), gflops, target)
+            plan = goal.step(t)
             snapshot = clone(model)
-            removed = pruner.step(model, p, stats, f"flows, step {t + 1}")
+            removed = pruner.step(model, plan.get("p", 0.0), stats, f"flows, step {t + 1}", plan.get("budget_ms"),
+                                  plan.get("profile"), snapshot)
             if removed == 0:
-                stop = "no unit left to prune (every layer at its minimum width)"
+                stop = unreachable(goal, cfg)
                 break
             model, outcome = recover(model, ctx, budget, teacher, reference, f"recovery {t + 1}", seed=100 + t)
             gflops, params = count_macs(model, spec)
-            row = {"step": t + 1, "fraction": p, "units_removed": removed, "params_m": params, "gflops": gflops,
-                   **evaluate(model, ctx), "recovery_rounds": outcome.rounds, "recovery_stop": outcome.stopped_by}
+            row = {"step": t + 1, "fraction": plan.get("p", 0.0), "units_removed": removed, "params_m": params,
+                   "gflops": gflops, **evaluate(model, ctx), "recovery_rounds": outcome.rounds,
+                   "recovery_stop": outcome.stopped_by}
+            row.update(goal.observe(model, gflops, pruner.predicted_ms if "budget_ms" in plan else None))
             stats = None  # the model changed: later steps measure flows again
-            for key in ("params_m", "gflops", "top1", "top5", "fraction", "units_removed"):
-                ctx.metric(f"prune/{key}", row[key], step=t + 1)
+            for key in ("params_m", "gflops", "top1", "top5", "fraction", "units_removed", "speedup"):
+                if key in row:
+                    ctx.metric(f"prune/{key}", row[key], step=t + 1)
             rejected = start["top1"] - row["top1"] > cfg.max_accuracy_drop
-            done = max((t + 1) / cfg.steps, (1.0 - gflops / gflops0) / cfg.target_flops_reduction)
-            ctx.milestone(f"filter_prune step {t + 1}/{cfg.steps}: GMACs {gflops:.4g} ({gflops / gflops0 - 1:+.1%}, "
-                          f"target -{cfg.target_flops_reduction:.0%}), params {params:.3g}M, top-1 {row['top1']:.2f} "
-                          f"(start {start['top1']:.2f}), {removed} units removed, "
-                          + ("ROLLED BACK (top-1 budget)" if rejected else
-                             f"kept (ETA {eta(started, done, 1.0)})"))
+            done = max((t + 1) / cfg.steps, goal.done())
+            ctx.milestone(f"filter_prune step {t + 1}/{cfg.steps}: GMACs {gflops:.4g} ({gflops / gflops0 - 1:+.1%}), "
+                          f"{goal.describe()}, params {params:.3g}M, top-1 {row['top1']:.2f} (start "
+                          f"{start['top1']:.2f}), {removed} units removed, "
+                          + ("ROLLED BACK (top-1 budget)" if rejected else f"kept (ETA {eta(started, done, 1.0)})"))
             if rejected:
                 dynamics.append({**row, "accepted": False})
                 model = snapshot
-                gflops = dynamics[-2]["gflops"]
+                goal.undo(dynamics[-2])
                 stop = (f"step {t + 1} dropped top-1 by {start['top1'] - row['top1']:.2f} > "
                         f"max_accuracy_drop {cfg.max_accuracy_drop}; rolled back")
                 break
             dynamics.append({**row, "accepted": True})
+        else:
+            if goal.reached():
+                stop = f"reached the {'speedup' if goal.name == 'speedup' else 'FLOPs'} target"
         final = [d for d in dynamics if d["accepted"]][-1]
         ctx.log.info(f"filter_prune stopped: {stop}")
-        metrics = {"criterion": cfg.criterion, "steps_taken": len(dynamics) - 1, "stop_reason": stop,
-                   "gflops_before": gflops0, "gflops": final["gflops"], "params_m": final["params_m"],
-                   "flops_reduction": 1.0 - final["gflops"] / gflops0, "top1_start": start["top1"],
-                   "top1": final["top1"], "top5": final["top5"], "graph_builds": pruner.graph_builds,
-                   "scoring_seconds": round(pruner.score_seconds, 3)}
+        metrics = {"criterion": cfg.criterion, "goal": goal.name, "steps_taken": len(dynamics) - 1,
+                   "stop_reason": stop, "gflops_before": gflops0, "gflops": final["gflops"],
+                   "params_m": final["params_m"], "flops_reduction": 1.0 - final["gflops"] / gflops0,
+                   "top1_start": start["top1"], "top1": final["top1"], "top5": final["top5"],
+                   "graph_builds": pruner.graph_builds, "scoring_seconds": round(pruner.score_seconds, 3),
+                   "round_to": pruner.round_to}
+        latency = goal.record()
+        if latency:
+            metrics.update({"speedup": latency["speedup"], "latency_seconds": latency["measure_seconds"],
+                            "latency_cache_hits": latency["cache_hits"],
+                            "latency_cache_misses": latency["cache_misses"]})
         if heads0:
             metrics.update({"heads_before": heads0, "heads": count_heads(model)})
         held = pruner.held_records(model)
         for h in held:
-            ctx.log.warning(f"filter_prune held whole: {h['root']} and {len(h['layers']) - 1} coupled layer(s), "
-                            f"{h['macs_share']:.1%} of the MACs: {h['reason']}")
+            coupled = f" and {len(h['layers']) - 1} coupled layer(s)" if len(h["layers"]) > 1 else ""
+            ctx.log.warning(f"filter_prune held whole: {h['root']}{coupled}, {h['macs_share']:.1%} of the MACs: "
+                            f"{h['reason']}")
         metrics.update({"held_whole": len(held), "held_macs_share": round(sum(h["macs_share"] for h in held), 4),
                         "proof_seconds": round(pruner.proof_seconds, 3)})
-        return StageResult(model=model, metrics=metrics,
-                           state={"dynamics": dynamics, "stop_reason": stop, "held_whole": held})
+        state = {"dynamics": dynamics, "stop_reason": stop, "held_whole": held}
+        if latency:
+            state["latency"] = latency
+        return StageResult(model=model, metrics=metrics, state=state)
+
+
+def unreachable(goal, cfg) -> str:
+    """Why a step removed nothing: every prunable layer is at its cap (the rest is held whole)."""
+    what = (f"the speedup target {cfg.target_speedup:g}x cannot be reached" if goal.name == "speedup" else
+            "no unit left to prune")
+    return (f"{what}: every prunable layer is at its minimum width (filter_prune.max_layer_pruning_ratio "
+            f"{cfg.max_layer_pruning_ratio:g}) and the rest is held whole; raise the cap, add layer truncation, or "
+            f"lower the target")

@@ -22,6 +22,53 @@ def measure(model: nn.Module, ctx: Context, description: str) -> tuple[dict[str,
     return rows.result(), unit_div.result()
 
 
+class LatencyCurrency:
+    """Truncation under a speedup target: blocks ranked by divergence per millisecond they save (their layers'
+    share of the measured profile), each removal's saving measured, and no removal that overshoots the target
+    (width pruning aimed at it; truncation fills what it left)."""
+
+    def __init__(self, ctx: Context, model: nn.Module) -> None:
+        import tempfile
+        from pathlib import Path
+
+        from stages._latency import LatencyMeter
+
+        self.fp = ctx.config.filter_prune
+        self.meter = LatencyMeter(ctx.config)
+        self.tmp = tempfile.TemporaryDirectory()
+        self.base = Path(self.tmp.name) / "base.onnx"
+        self.meter.export(ctx.model_of("calibrate"), self.base)
+        self.profile, (self.speedup, _, _) = self.meter.measure(model, self.base)
+        self.previous: list[tuple] = []
+        self.skipped: set[str] = set()
+
+    def reached(self) -> bool:
+        return self.speedup >= self.fp.target_speedup * (1.0 - self.fp.speedup_tolerance)
+
+    def saves(self, block) -> float:
+        return sum(ms for layer, ms in self.profile.layers.items() if any(layer == m or layer.startswith(m + ".")
+                                                                          for m in block.modules))
+
+    def pick(self, blocks):
+        ranked = [(b.divergence / max(self.saves(b), 1e-6), b.name, b) for b in blocks if b.name not in self.skipped]
+        return min(ranked)[2] if ranked else None
+
+    def observe(self, model: nn.Module, block) -> dict[str, Any]:
+        predicted = self.saves(block)
+        before_ms = self.profile.total_ms
+        self.previous.append((self.profile, self.speedup))
+        self.profile, (self.speedup, low, high) = self.meter.measure(model, self.base)
+        out = {"ms_saved_predicted": round(predicted, 4), "ms_saved": round(before_ms - self.profile.total_ms, 4),
+               "speedup_after": round(self.speedup, 4)}
+        if self.speedup > self.fp.target_speedup * (1.0 + self.fp.speedup_tolerance):
+            out["overshoots"] = True
+            self.skipped.add(block.name)
+        return out
+
+    def undo(self) -> None:
+        self.profile, self.speedup = self.previous.pop()
+
+
 @STAGES.register("layer_truncate")
 class LayerTruncate:
     name = "layer_truncate"
@@ -47,8 +94,12 @@ class LayerTruncate:
         essential: set[str] = set()
         candidates, rejected = None, {}
         stop = f"removed max_layers={cfg.max_layers} blocks"
+        clock = LatencyCurrency(ctx, model) if ctx.config.filter_prune.target_speedup else None
         for t in ctx.track(itertools.count(), "truncation decisions"):
             if len(removed) >= cfg.max_layers:
+                break
+            if clock is not None and clock.reached():
+                stop = f"the speedup target is reached ({clock.speedup:.2f}x)"
                 break
             if measured is None:
                 measured = measure(model, ctx, f"block flows, round {t + 1}")
@@ -61,17 +112,26 @@ class LayerTruncate:
                                                                          why.items())) if not candidates \
                     else "no candidate left (the rest are essential)"
                 break
-            best = min(blocks, key=lambda b: (b.divergence, b.name))
+            # with a speedup target, the same currency as width pruning: divergence per millisecond saved
+            best = clock.pick(blocks) if clock else min(blocks, key=lambda b: (b.divergence, b.name))
+            if best is None:
+                stop = "every remaining block would overshoot the speedup target"
+                break
             snapshot = clone(model)
             replace_with_identity(model, best.modules)
             model, outcome = recover(model, ctx, budget, teacher, reference, f"recovery {t + 1}", seed=200 + t)
             after = evaluate(model, ctx)
             accepted = start["top1"] - after["top1"] <= cfg.max_accuracy_drop
             g_after, p_after = count_macs(model, spec)
+            latency = clock.observe(model, best) if clock else {}
+            if latency.get("overshoots"):
+                accepted = False
             decisions.append({**best.as_record(), "top1_before": current["top1"], "top1_after": after["top1"],
                               "top5_after": after["top5"], "gflops_after": g_after, "params_m_after": p_after,
                               "accepted": accepted, "recovery_rounds": outcome.rounds,
-                              "recovery_stop": outcome.stopped_by})
+                              "recovery_stop": outcome.stopped_by, **latency})
+            if clock is not None and not accepted:
+                clock.undo()
             for key, value in (("divergence", best.divergence), ("top1_after", after["top1"]),
                                ("gflops_after", g_after), ("params_m_after", p_after), ("accepted", accepted)):
                 ctx.metric(f"truncate/{key}", float(value), step=t + 1)
@@ -84,8 +144,12 @@ class LayerTruncate:
                 essential.add(best.name)
             ctx.milestone(f"layer_truncate decision {t + 1}: {best.name} (D={best.divergence:.4f}, "
                           f"{best.macs_share:.1%} of MACs): top-1 {decisions[-1]['top1_before']:.2f} -> "
-                          f"{after['top1']:.2f} (start {start['top1']:.2f}), GMACs {g_after:.4g}: "
-                          + ("removed" if accepted else "ROLLED BACK, marked essential (top-1 budget)")
+                          f"{after['top1']:.2f} (start {start['top1']:.2f}), GMACs {g_after:.4g}"
+                          + (f", saved {latency['ms_saved']:.3g} ms ({latency['speedup_after']:.2f}x)" if latency
+                             else "") + ": "
+                          + ("removed" if accepted else "ROLLED BACK, " + ("it overshoots the speedup target"
+                                                                             if latency.get("overshoots") else
+                                                                             "marked essential (top-1 budget)"))
                           + f" [{len(removed)}/{cfg.max_layers} removed]")
         gflops, params = count_macs(model, spec)
         ctx.log.info(f"layer_truncate stopped: {stop}")

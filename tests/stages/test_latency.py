@@ -1,0 +1,114 @@
+"""Latency-targeted pruning: the knapsack, the latency model's mapping and cache, the closed loop's stop reasons."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline.config import Config
+from stages._latency import LatencyMeter, best_alignment, node_owners, unit_costs
+from stages._pruning import GroupRecord, plan_latency_step
+from tests.conftest import tiny_config
+
+
+def _record(name: str, scores: list[float], unit_ms: float) -> tuple[GroupRecord, float]:
+    return GroupRecord(name, nn.Identity(), None, len(scores), torch.tensor(scores)), unit_ms
+
+
+def test_knapsack_finds_the_known_optimum():
+    """Three layers of 16 channels in chunks of 8 (a layer's chunks go weakest first). A 10 ms budget is met by
+    a1 + b1 (10 ms, importance 4.96), b1 + c1 + c2 (10 ms, 6.4) or a1 + c1 (12 ms, 1.76): the optimum loses the
+    least importance, a1 + c1, although a greedy by importance per millisecond takes c1 first and then needs more."""
+    a = _record("a", [0.12] * 8 + [5.0] * 8, 1.0)   # chunk costs 8 ms; importance 0.96 then 40
+    b = _record("b", [0.5] * 8 + [0.6] * 8, 0.25)   # 2 ms each; importance 4.0 then 4.8
+    c = _record("c", [0.1] * 8 + [0.2] * 8, 0.5)    # 4 ms each; importance 0.8 then 1.6
+    records = [r for r, _ in (a, b, c)]
+    unit_ms = {r.name: ms for r, ms in (a, b, c)}
+    plan = plan_latency_step(records, {}, 10.0, 8, 0.9, unit_ms)
+    assert {k: len(v) for k, v in plan.items()} == {"a": 8, "c": 8}
+    assert sorted(plan["a"]) == list(range(8)) and sorted(plan["c"]) == list(range(8)), "the weakest chunks go"
+    # a budget within one cheap chunk takes the cheapest importance that covers it
+    assert {k: len(v) for k, v in plan_latency_step(records, {}, 3.5, 8, 0.9, unit_ms).items()} == {"c": 8}
+
+
+def test_knapsack_takes_everything_the_caps_allow_when_the_budget_is_out_of_reach():
+    r, ms = _record("a", [1.0] * 32, 1.0)
+    plan = plan_latency_step([r], {"a": 32}, 1000.0, 8, 0.5, {"a": ms})  # at most half of the width may go
+    assert len(plan["a"]) == 16
+
+
+def test_unit_cost_charges_each_member_its_share_of_width():
+    from stages._latency import Profile
+
+    prof = Profile(10.0, {"conv1": 4.0, "conv2": 2.0}, 4.0)
+    assert unit_costs(prof, {"conv1": (64, 1), "conv2": (32, 1)}) == pytest.approx(4 / 64 + 2 / 32)
+    assert unit_costs(prof, {"conv1": (64, 16)}) == pytest.approx(1.0)  # a head of 16 features
+
+
+def _meter(tmp_path: Path, monkeypatch, **validate) -> LatencyMeter:
+    monkeypatch.setenv("COMPRESS_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = Config.model_validate(tiny_config(model={"source": "timm", "name": "resnet18", "num_classes": 4,
+                                                   "in_chans": 1, "input_size": [32, 32]},
+                                            validate={"threads": 1, **validate}))
+    return LatencyMeter(cfg, runs=5, warmup=1)
+
+
+def test_profile_maps_fused_nodes_to_their_layers_and_is_cached(tmp_path: Path, monkeypatch):
+    import timm
+
+    meter = _meter(tmp_path, monkeypatch)
+    model = timm.create_model("resnet18", num_classes=4, in_chans=1).eval()
+    first = meter.profile(model)
+    convs = {n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    assert set(first.layers) <= convs and len(first.layers) >= len(convs) - 2, set(convs) - set(first.layers)
+    assert abs(sum(first.layers.values()) + first.other_ms - first.total_ms) < 1e-6 * max(first.total_ms, 1)
+    assert meter.misses == 1 and meter.hits == 0
+    second = meter.profile(model)
+    assert meter.hits == 1 and second.layers == first.layers, "the same graph on the same machine: from the cache"
+    assert len(list((tmp_path / "cache" / "latency").glob("*.json"))) == 1
+
+
+def test_node_owners_follow_fused_ops_back_to_their_conv(tmp_path: Path):
+    import timm
+
+    from export.torch2onnx import torch2onnx
+    from pipeline.config import ExportConfig
+
+    model = timm.create_model("resnet18", num_classes=4).eval()
+    path = tmp_path / "m.onnx"
+    torch2onnx(model, torch.zeros(1, 3, 32, 32), path, ExportConfig(dynamic_batch=False), {})
+    owners = node_owners(path, {n for n, _ in model.named_modules()})
+    # a Relu (later fused into its Conv) and an Add + Relu after conv2 belong to the convs that feed them
+    assert owners["/layer1/layer1.0/act1/Relu_output_0"] == "layer1.0.conv1"
+    assert owners["/layer1/layer1.0/act2/Relu_output_0"] == "layer1.0.conv2"
+    assert owners["/fc/Gemm"] == "fc"
+
+
+def test_alignment_is_measured_once_per_machine(tmp_path: Path, monkeypatch):
+    meter = _meter(tmp_path, monkeypatch)
+    first = best_alignment(meter, size=8)
+    assert first in (8, 16, 32) and meter.misses == 1
+    assert best_alignment(meter, size=8) == first and meter.hits == 1
+
+
+def test_an_unreachable_speedup_stops_with_the_reason_in_the_summary(tmp_path: Path, monkeypatch):
+    from tests.conftest import run_cli, write_config
+
+    monkeypatch.setenv("COMPRESS_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = tiny_config(filter_prune={"target_flops_reduction": None, "target_speedup": 50.0, "steps": 3,
+                                    "p0": 0.5, "recovery_steps": 1, "max_layer_pruning_ratio": 0.3,
+                                    "max_accuracy_drop": 100.0},
+                      layer_truncate={"max_layers": 0}, finetune={"max_epochs": 0})
+    run = tmp_path / "run"
+    done = run_cli("pipeline", str(write_config(tmp_path / "c.yaml", cfg)), "--run-dir", str(run),
+                   env={"COMPRESS_CACHE_DIR": str(tmp_path / "cache")})
+    assert done.returncode == 0, done.stderr[-2000:]
+    s = json.loads((run / "summary.json").read_text())
+    target = s["targets"]["speedup"]
+    assert target["requested"] == 50.0 and target["met"] is False
+    assert "cannot be reached" in target["stop_reason"] or target["stop_reason"] == "reached 3 steps"
+    assert "WARNING target speedup 50 was NOT met" in (run / "log.txt").read_text()
