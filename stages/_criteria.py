@@ -165,7 +165,9 @@ class DivergenceTaylor(_Divergence):
         if d is None:
             return None
         t = self.taylor(group)
-        if t is None:
+        if t is None or t.shape != d.shape:
+            # Torch-Pruning's Taylor importance may count a group's units otherwise than its root does (a slice
+            # after a concatenation, GhostNet): the divergence alone then scores the group
             return d
         t = torch.nan_to_num(t.detach().float().cpu(), nan=0.0).abs()
         return d * t / t.mean().clamp(min=1e-12)

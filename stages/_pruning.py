@@ -54,8 +54,10 @@ def classifier_layers(model: nn.Module, num_classes: int, outputs: list[nn.Modul
 
 
 def score_groups(found: list[tuple[str, nn.Module, Any, Any]], model: nn.Module, criterion: Criterion,
-                 ) -> list[GroupRecord]:
-    """Score the prunable groups (`_Graph.groups`) with the criterion: channels per unit, attention per head."""
+                 unscored: list[tuple[str, str]] | None = None) -> list[GroupRecord]:
+    """Score the prunable groups (`_Graph.groups`) with the criterion: channels per unit, attention per head.
+    Groups the criterion cannot score consistently go to `unscored` as (root, why)."""
+    unscored = unscored if unscored is not None else []
     heads = {m.qkv: (n, m) for n, m in attention_modules(model).items()}
     names = {m: n for n, m in model.named_modules()}
     records = []
@@ -71,6 +73,9 @@ def score_groups(found: list[tuple[str, nn.Module, Any, Any]], model: nn.Module,
             continue
         scores = criterion(group)
         if scores is None:
+            continue
+        if len(scores) != len(group[0].idxs):  # a criterion that counts the group's units otherwise
+            unscored.append((name, f"the criterion gave {len(scores)} scores for its {len(group[0].idxs)} units"))
             continue
         records.append(GroupRecord(name, root, handler, len(scores), scores.detach().float().cpu(),
                                    members=_members(group, names)))

@@ -114,7 +114,10 @@ class Pruner:
         graph = build_graph(model, self.example)
         self.graph_builds += 1
         found = self.prunable(model, graph)
-        records = score_groups(found, model, criterion)
+        unscored: list[tuple[str, str]] = []
+        records = score_groups(found, model, criterion, unscored)
+        for name, why in unscored:
+            self.held.setdefault(name, Held(name, why, "criterion", [name]))
         self.score_seconds += time.perf_counter() - t0
         for r in records:
             self.originals.setdefault(r.name, r.width)

@@ -65,3 +65,20 @@ def test_divergence_scores_are_normalised_per_layer():
     model = build_model(SPEC).eval()
     for s in _scores(model, "divergence").values():
         assert s.mean().item() == pytest.approx(1.0, rel=1e-4)
+
+
+def test_a_criterion_that_miscounts_a_groups_units_leaves_it_unscored():
+    """A score vector of another length than the group's units would prune the wrong channels: never used."""
+    torch.manual_seed(0)
+    model = build_model(SPEC).eval()
+    dg = build_graph(model, torch.zeros(1, 1, 32, 32))
+    found, _ = dg.groups(model, classifier_layers(model, 4), {})
+
+    def short(group):  # one score too few for layer1.0.conv1 only
+        n = len(group[0].idxs)
+        return torch.ones(n - 1 if group[0].dep.target.module is model.layer1[0].conv1 else n)
+
+    unscored: list[tuple[str, str]] = []
+    names = {r.name for r in score_groups(found, model, short, unscored)}
+    assert "layer1.0.conv1" not in names and "layer1.1.conv1" in names
+    assert unscored == [("layer1.0.conv1", "the criterion gave 63 scores for its 64 units")]
