@@ -49,7 +49,13 @@ class MacsGoal:
         return {"p": capped_fraction(step_fraction(self.cfg.p0, self.cfg.alpha, t, self.cfg.steps), self.gflops,
                                      self.target)}
 
-    def observe(self, model: nn.Module, gflops: float, predicted_ms: float | None) -> dict[str, Any]:
+    def attempt(self, model: nn.Module, predicted_ms: float | None) -> dict[str, Any]:
+        return {}
+
+    def retry(self, attempt: dict[str, Any], plan: dict[str, Any]) -> dict[str, Any] | None:
+        return None  # the MACs a step removes are known before it is taken
+
+    def observe(self, model: nn.Module, gflops: float, attempt: dict[str, Any]) -> dict[str, Any]:
         self.gflops = gflops
         return {}
 
@@ -64,6 +70,9 @@ class MacsGoal:
 
     def record(self) -> dict[str, Any]:
         return {}
+
+
+RETRIES = 3  # attempts per step when a step saves far more latency than it asked for
 
 
 class SpeedupGoal:
@@ -100,18 +109,41 @@ class SpeedupGoal:
         scheduled = step_fraction(self.cfg.p0, self.cfg.alpha, t, self.cfg.steps) * self.current_ms
         remaining = self.current_ms - self.target_ms
         # the last step aims at the target itself; every step's budget is corrected by the model's drift so far
-        budget = min(scheduled, remaining) / self.drift.factor
-        return {"budget_ms": max(budget, 0.0), "profile": self.profile}
+        wanted = max(min(scheduled, remaining), 0.0)
+        return {"budget_ms": wanted / self.drift.factor, "wanted_ms": wanted, "profile": self.profile, "try": 1}
 
-    def observe(self, model: nn.Module, gflops: float, predicted_ms: float | None) -> dict[str, Any]:
-        before = self.current_ms
-        self._profiles.append(self.profile)
-        self.profile, (self.speedup, self.low, self.high) = self.meter.measure(model, self.base_path)
-        measured = before - self.current_ms
+    def attempt(self, model: nn.Module, predicted_ms: float | None) -> dict[str, Any]:
+        """Time the model as a step left it (latency does not depend on the weights: before recovery)."""
+        profile, (speedup, low, high) = self.meter.measure(model, self.base_path)
+        measured = self.current_ms - self.base.total_ms / speedup
         if predicted_ms:
             self.drift.add(predicted_ms, measured, len(self.steps) + 1)
-        row = {"predicted_ms": predicted_ms, "measured_ms": measured, "latency_ms": self.current_ms,
-               "speedup": self.speedup, "speedup_low": self.low, "speedup_high": self.high}
+        return {"profile": profile, "speedup": speedup, "low": low, "high": high, "predicted_ms": predicted_ms,
+                "measured_ms": measured}
+
+    def retry(self, attempt: dict[str, Any], plan: dict[str, Any]) -> dict[str, Any] | None:
+        """A corrected plan when the step saved far more than it asked for (the latency model underestimated what
+        the removals save: beyond the target's tolerance, or twice the step's budget and 5% of the latency), else
+        None. The step is then undone and retaken with the budget scaled by this attempt's own misprediction."""
+        if plan["try"] >= RETRIES or not attempt["predicted_ms"] or attempt["measured_ms"] <= 0:
+            return None
+        beyond = attempt["speedup"] > self.cfg.target_speedup * (1.0 + self.cfg.speedup_tolerance)
+        excess = attempt["measured_ms"] - plan["wanted_ms"]
+        too_big = attempt["measured_ms"] > 2.0 * plan["wanted_ms"] and excess > 0.05 * self.current_ms
+        if not (beyond or too_big):
+            return None
+        ratio = attempt["measured_ms"] / attempt["predicted_ms"]
+        return {**plan, "budget_ms": plan["wanted_ms"] / ratio, "try": plan["try"] + 1,
+                "why": f"saved {attempt['measured_ms']:.3g} ms of {plan['wanted_ms']:.3g} ms wanted "
+                       f"({attempt['speedup']:.2f}x)"}
+
+    def observe(self, model: nn.Module, gflops: float, attempt: dict[str, Any]) -> dict[str, Any]:
+        self._profiles.append(self.profile)
+        self.profile = attempt["profile"]
+        self.speedup, self.low, self.high = attempt["speedup"], attempt["low"], attempt["high"]
+        row = {"predicted_ms": attempt["predicted_ms"], "measured_ms": attempt["measured_ms"],
+               "latency_ms": self.current_ms, "speedup": self.speedup, "speedup_low": self.low,
+               "speedup_high": self.high}
         self.steps.append(row)
         return row
 

@@ -27,9 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-ELEMENTWISE = {"Relu", "Clip", "Add", "Mul", "Sigmoid", "HardSigmoid", "HardSwish", "BatchNormalization", "Div",
-               "Sub", "LeakyRelu", "Gelu", "Erf", "Tanh", "Identity", "Cast"}
-COMPUTE = {"Conv", "Gemm", "MatMul", "ConvTranspose"}
+from export.onnx_names import node_owners
 
 
 def cache_dir() -> Path:
@@ -51,57 +49,17 @@ class Profile:
         return {"total_ms": self.total_ms, "layers": self.layers, "other_ms": self.other_ms}
 
 
-def _module_of(scope: str, modules: set[str]) -> str | None:
-    """The module a node's scope path names. The exporter writes each level as the child's name, qualified by
-    its parent when the parent is a container: "/layer2/layer2.0/downsample/downsample.0/Conv" is the module
-    "layer2.0.downsample.0"."""
-    comps = [c for c in scope.strip("/").split("/")[:-1] if c]
-    path: list[str] = []
-    for c in comps:
-        if path and c.startswith(path[-1] + "."):
-            path[-1] = c
-        else:
-            path.append(c)
-    if ".".join(path) in modules:
-        return ".".join(path)
-    for i in range(len(comps)):
-        name = ".".join(comps[i:])
-        if name in modules:
-            return name
-    return None
-
-
-def node_owners(onnx_path: Path, modules: set[str]) -> dict[str, str]:
-    """Tensor or node name of the exported graph -> the conv/linear module that computes it."""
-    import onnx
-
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    producer = {out: node for node in graph.node for out in node.output}
-    owners: dict[str, str] = {}
-
-    def owner(node, depth: int = 0) -> str | None:
-        if node.op_type in COMPUTE:
-            return _module_of(node.name, modules)
-        if node.op_type in ELEMENTWISE and depth < 6:
-            for inp in node.input:  # a fused op belongs to the compute op that feeds it
-                if inp in producer and (found := owner(producer[inp], depth + 1)):
-                    return found
-        return None
-
-    for node in graph.node:
-        found = owner(node)
-        if found:
-            owners[node.name] = found
-            for out in node.output:
-                owners[out] = found
-    return owners
-
-
 def _owner_of_event(name: str, owners: dict[str, str]) -> str | None:
-    base = name.removesuffix("_kernel_time")
-    for key in (base, base.removesuffix("_nchwc"), base.rsplit("_", 1)[0]):
-        if key in owners:
-            return owners[key]
+    """The layer a profiler event belongs to. ONNX Runtime names a fused or rewritten node after the node it
+    started from plus a suffix: "/attn/qkv/MatMul/MatMulAddFusion", "/conv/Conv_nchwc", "/Reshape_1_new_reshape"."""
+    base = name.removesuffix("_kernel_time").rstrip("/")
+    while base:
+        for key in (base, base.removesuffix("_nchwc"), base.rsplit("_", 1)[0]):
+            if key in owners:
+                return owners[key]
+        if "/" not in base.strip("/"):
+            return None
+        base = base.rsplit("/", 1)[0]
     return None
 
 
@@ -244,7 +202,7 @@ class Drift:
         if not pairs:
             return 1.0
         ratio = sum(m for _, m in pairs) / sum(p for p, _ in pairs)
-        return float(min(max(ratio, 0.25), 4.0))
+        return float(min(max(ratio, 0.1), 10.0))
 
     def add(self, predicted: float, measured: float, step: int) -> None:
         self.history.append({"step": step, "predicted_ms": predicted, "measured_ms": measured,

@@ -158,6 +158,28 @@ class Pruner:
         return [h.record() for h in sorted(held, key=lambda h: -h.macs_share)]
 
 
+def take_step(pruner: Pruner, goal, model: nn.Module, t: int, stats: dict[str, Any] | None, snapshot: nn.Module,
+              log=None) -> tuple[int, dict[str, Any], dict[str, Any]]:
+    """One step towards the goal: (units removed, the plan taken, the goal's measurement of the result). A step
+    that saved far more latency than it asked for is undone and retaken with a corrected budget (`goal.retry`),
+    so that neither a step nor the last one overshoots by the latency model's error."""
+    plan = goal.step(t)
+    while True:
+        removed = pruner.step(model, plan.get("p", 0.0), stats, f"flows, step {t + 1}", plan.get("budget_ms"),
+                              plan.get("profile"), snapshot)
+        if removed == 0:
+            return 0, plan, {}
+        attempt = goal.attempt(model, pruner.predicted_ms if "budget_ms" in plan else None)
+        again = goal.retry(attempt, plan)
+        if again is None:
+            return removed, plan, attempt
+        if log:
+            log(f"filter_prune step {t + 1}: {again['why']}; retaking it with a {again['budget_ms']:.3g} ms budget "
+                f"(attempt {again['try']})")
+        restore(model, clone(snapshot))  # a copy: restore shares the snapshot's modules, which may be needed again
+        plan = again
+
+
 @STAGES.register("filter_prune")
 class FilterPrune:
     name = "filter_prune"
@@ -188,10 +210,8 @@ class FilterPrune:
             if goal.reached():
                 stop = f"reached the {'speedup' if goal.name == 'speedup' else 'FLOPs'} target"
                 break
-            plan = goal.step(t)
             snapshot = clone(model)
-            removed = pruner.step(model, plan.get("p", 0.0), stats, f"flows, step {t + 1}", plan.get("budget_ms"),
-                                  plan.get("profile"), snapshot)
+            removed, plan, attempt = take_step(pruner, goal, model, t, stats, snapshot, ctx.log.info)
             if removed == 0:
                 stop = unreachable(goal, cfg)
                 break
@@ -199,8 +219,8 @@ class FilterPrune:
             gflops, params = count_macs(model, spec)
             row = {"step": t + 1, "fraction": plan.get("p", 0.0), "units_removed": removed, "params_m": params,
                    "gflops": gflops, **evaluate(model, ctx), "recovery_rounds": outcome.rounds,
-                   "recovery_stop": outcome.stopped_by}
-            row.update(goal.observe(model, gflops, pruner.predicted_ms if "budget_ms" in plan else None))
+                   "recovery_stop": outcome.stopped_by, "attempts": plan.get("try", 1)}
+            row.update(goal.observe(model, gflops, attempt))
             stats = None  # the model changed: later steps measure flows again
             for key in ("params_m", "gflops", "top1", "top5", "fraction", "units_removed", "speedup"):
                 if key in row:

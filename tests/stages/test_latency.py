@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
+from export.onnx_names import node_owners
 from pipeline.config import Config
-from stages._latency import LatencyMeter, best_alignment, node_owners, unit_costs
+from stages._latency import LatencyMeter, best_alignment, unit_costs
 from stages._pruning import GroupRecord, plan_latency_step
 from tests.conftest import tiny_config
 
@@ -70,6 +71,47 @@ def test_profile_maps_fused_nodes_to_their_layers_and_is_cached(tmp_path: Path, 
     second = meter.profile(model)
     assert meter.hits == 1 and second.layers == first.layers, "the same graph on the same machine: from the cache"
     assert len(list((tmp_path / "cache" / "latency").glob("*.json"))) == 1
+
+
+class _Mixer(nn.Module):
+    """Token mixing with linear layers on 3-d input (exported as MatMul + Add, which ONNX Runtime fuses into a
+    renamed Gemm node) and a scaled matmul (fused into FusedMatMul)."""
+
+    def __init__(self, dim: int = 128) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(1, dim, 2, 2)  # 256 tokens of a 32x32 input
+        self.fc1, self.fc2, self.head = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim), nn.Linear(dim, 4)
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        t = t + self.fc2(torch.relu(self.fc1(t)))
+        t = torch.softmax(t @ t.transpose(1, 2) / 8.0, -1) @ t
+        return self.head(t.mean(1))
+
+
+def test_profile_charges_renamed_fused_nodes_to_their_layers(tmp_path: Path, monkeypatch):
+    """ONNX Runtime renames what it fuses ("/fc1/MatMul/MatMulAddFusion"): those nodes still belong to fc1. When
+    they did not, a transformer's layers carried 4% of its time and the first step's budget removed all it could."""
+    meter = _meter(tmp_path, monkeypatch)
+    profile = meter.profile(_Mixer().eval())
+    assert {"fc1", "fc2", "embed"} <= set(profile.layers)
+    # the two linear layers carry about half the time (the token matmuls belong to no layer: fixed cost)
+    assert profile.layers["fc1"] + profile.layers["fc2"] > 0.3 * profile.total_ms, profile
+
+
+def test_a_step_that_saves_far_more_than_asked_is_retaken_with_a_corrected_budget():
+    from stages._goals import RETRIES, SpeedupGoal
+
+    goal = SpeedupGoal.__new__(SpeedupGoal)
+    goal.cfg = Config.model_validate({**tiny_config(), "filter_prune": {"target_speedup": 2.0}}).filter_prune
+    goal.base = type("P", (), {"total_ms": 10.0})()
+    goal.speedup = 1.0
+    plan = {"budget_ms": 1.5, "wanted_ms": 1.5, "try": 1}
+    # predicted 1.5 ms, saved 7.5 ms (4x): beyond the target -> the budget shrinks by the measured ratio (5x)
+    again = goal.retry({"predicted_ms": 1.5, "measured_ms": 7.5, "speedup": 4.0}, plan)
+    assert again is not None and again["try"] == 2 and again["budget_ms"] == pytest.approx(0.3)
+    assert goal.retry({"predicted_ms": 1.5, "measured_ms": 1.8, "speedup": 1.22}, plan) is None, "close enough"
+    assert goal.retry({"predicted_ms": 1.5, "measured_ms": 7.5, "speedup": 4.0}, {**plan, "try": RETRIES}) is None
 
 
 def test_node_owners_follow_fused_ops_back_to_their_conv(tmp_path: Path):
