@@ -24,14 +24,18 @@ class Runtime(Protocol):
 
 
 class OrtModel:
-    """An ONNX model in ONNX Runtime on the CPU or CUDA execution provider (FP32, as exported)."""
-
-    precision = "fp32"
+    """An ONNX model in ONNX Runtime on the CPU or CUDA execution provider (FP32 as exported, or the INT8 QDQ
+    model)."""
 
     def __init__(self, path: Path, threads: int | None = None, provider: str = "cpu") -> None:
         import onnxruntime as ort
 
         name = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}[provider]
+        if provider == "cuda" and _precision_of(path) == "int8":
+            raise UserInputError(f"{Path(path).name} is an INT8 model, and ONNX Runtime's CUDA provider has no INT8 "
+                                 f"convolutions (it would dequantize and time FP32 work); run it on "
+                                 f"onnxruntime-cpu, or build a TensorRT engine from it (export.tensorrt.precision: "
+                                 f"int8)")
         problem = cuda_provider_problem() if provider == "cuda" else None
         if problem:
             raise UserInputError(f"cannot run {Path(path).name} on onnxruntime-cuda: {problem}; or set "
@@ -61,6 +65,7 @@ class OrtModel:
         self.input_name = inp.name
         self.input_shape = tuple(inp.shape[1:])
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+        self.precision = self.metadata.get("precision", "fp32")  # model.int8.onnx says int8
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
@@ -71,6 +76,17 @@ class OrtModel:
         t0 = time.perf_counter()
         self.session.run(None, feed)
         return (time.perf_counter() - t0) * 1e3
+
+
+def _precision_of(path: Path) -> str:
+    """The precision an ONNX file's metadata declares (fp32 when it declares none or cannot be read)."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - an unreadable file is reported by the session that loads it next
+        return "fp32"
+    return {p.key: p.value for p in proto.metadata_props}.get("precision", "fp32")
 
 
 def _installed(dist: str) -> str | None:

@@ -83,7 +83,7 @@ def engine_fingerprint() -> str:
 class EngineSpec:
     """What the builder is asked for."""
 
-    precision: str = "fp32"  # fp32 | fp16
+    precision: str = "fp32"  # fp32 | fp16 | int8 (from a QDQ model)
     workspace_gb: float = 4.0
     min_batch: int = 1
     opt_batch: int = 1
@@ -107,7 +107,11 @@ def build_engine(onnx_path: Path, engine_path: Path, spec: EngineSpec) -> dict[s
 
     logger = _logger(trt)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
+    # TensorRT 10: explicit batch is the only mode. An INT8 engine is built from a QDQ model (explicit
+    # quantization) as a strongly typed network: the Q/DQ nodes say what runs in INT8, the rest runs in the
+    # model's FP32, and no precision flag may be set
+    int8 = spec.precision == "int8"
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if int8 else 0)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = [f"node {parser.get_error(i).node()}: {parser.get_error(i).desc()} ({parser.get_error(i).code()})"
@@ -117,6 +121,10 @@ def build_engine(onnx_path: Path, engine_path: Path, spec: EngineSpec) -> dict[s
                              "TensorRT ONNX support matrix")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(spec.workspace_gb * (1 << 30)))
+    if int8 and not _has_qdq(network):
+        raise UserInputError(f"export.tensorrt.precision int8 needs a QDQ model, and {onnx_path.name} has no "
+                             f"QuantizeLinear/DequantizeLinear nodes; build it from the model.int8.onnx that "
+                             f"export.quantize: int8 writes")
     if spec.precision == "fp16":
         config.set_flag(trt.BuilderFlag.FP16)
     else:  # FP32 means FP32: TensorRT would otherwise use TF32 tensor cores on Ampere and newer
@@ -149,6 +157,13 @@ def build_engine(onnx_path: Path, engine_path: Path, spec: EngineSpec) -> dict[s
     }
     atomic_json(sidecar_of(engine_path), sidecar)
     return sidecar
+
+
+def _has_qdq(network: Any) -> bool:
+    import tensorrt as trt
+
+    kinds = (trt.LayerType.QUANTIZE, trt.LayerType.DEQUANTIZE)
+    return any(network.get_layer(i).type in kinds for i in range(network.num_layers))
 
 
 def sidecar_of(engine_path: Path) -> Path:

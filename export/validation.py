@@ -16,9 +16,11 @@ def _identity(items: Iterable, *_: Any, **__: Any) -> Iterable:
     return items
 
 
-def accuracy(model: Runtime, batches: Iterable, track: Callable = _identity) -> dict[str, float]:
-    """Top-1/top-5 in percent of an artifact over (images, labels) batches."""
+def accuracy(model: Runtime, batches: Iterable, track: Callable = _identity, predictions: bool = False,
+             ) -> dict[str, Any]:
+    """Top-1/top-5 in percent of an artifact over (images, labels) batches (and, asked, its top-1 predictions)."""
     c1 = c5 = n = 0
+    preds = []
     for x, y in track(batches, "accuracy"):
         logits = model(x.numpy())
         top = np.argsort(-logits, axis=1)[:, : min(5, logits.shape[1])]
@@ -26,9 +28,13 @@ def accuracy(model: Runtime, batches: Iterable, track: Callable = _identity) -> 
         c1 += int((top[:, 0] == y).sum())
         c5 += int((top == y[:, None]).any(axis=1).sum())
         n += len(y)
+        preds.append(top[:, 0])
     if n == 0:
         raise ValueError("the validation split is empty")
-    return {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "samples": n}
+    out: dict[str, Any] = {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "samples": n}
+    if predictions:
+        out["predictions"] = np.concatenate(preds)
+    return out
 
 
 SETTLE_S = 0.05  # pause before each model's block
@@ -120,25 +126,42 @@ def check_gates(summary: dict[str, Any], gates: GatesConfig) -> tuple[list[str],
         return value is not None
 
     base, comp, lat = summary.get("base"), summary["compressed"], summary["latency_ms"]
+    int8 = summary.get("quantized")  # with export.quantize: int8 the INT8 model is what ships: latency gates on it
     if gates.max_top1_drop is not None and need(base, "max_top1_drop", "no base artifact to compare with"):
         drop = base["top1"] - comp["top1"]
         if drop > gates.max_top1_drop:
             fails.append(f"top-1 dropped {drop:.2f} points (base {base['top1']:.2f} -> {comp['top1']:.2f}) > "
                          f"max_top1_drop {gates.max_top1_drop}")
-    if gates.min_speedup is not None and need(lat.get("speedup"), "min_speedup", "no base artifact to time"):
-        low = lat.get("speedup_low", lat["speedup"])  # the gate holds only if the spread's low end clears it
+    if gates.max_top1_drop_int8 is not None and need(int8, "max_top1_drop_int8", "export.quantize is not int8"):
+        if int8["top1_drop"] > gates.max_top1_drop_int8:
+            worst = ", ".join(r["layer"] for r in int8.get("sensitivity", [])[:3])
+            hint = (f"; the layers whose quantization costs most: {worst} (keep them in FP32 with "
+                    f"export.quantize_exclude)") if worst else ""
+            fails.append(f"INT8 top-1 dropped {int8['top1_drop']:.2f} points vs the FP32 compressed model "
+                         f"({comp['top1']:.2f} -> {int8['top1']:.2f}) > max_top1_drop_int8 "
+                         f"{gates.max_top1_drop_int8}{hint}")
+    if int8:
+        shipped, what = {**int8["speedup_vs_base"], "median": int8["latency_ms"]}, "INT8 "
+    else:
+        shipped, what = {"speedup": lat.get("speedup"), "speedup_low": lat.get("speedup_low"),
+                         "median": lat["compressed"]}, ""
+    if gates.min_speedup is not None and need(shipped["speedup"], "min_speedup", "no base artifact to time"):
+        low = shipped.get("speedup_low") or shipped["speedup"]  # the gate holds only if the spread's low end clears it
         if low < gates.min_speedup:
-            fails.append(f"speedup {lat['speedup']:.2f}x (low end of its spread {low:.2f}x) < min_speedup "
+            fails.append(f"{what}speedup {shipped['speedup']:.2f}x (low end of its spread {low:.2f}x) < min_speedup "
                          f"{gates.min_speedup}x")
     if gates.min_flops_reduction is not None:
         achieved = -summary.get("delta_pct", {}).get("gflops", 0.0) / 100.0
         if achieved < gates.min_flops_reduction:
             fails.append(f"MACs reduced by {achieved:.1%} < min_flops_reduction {gates.min_flops_reduction:.1%}")
-    if gates.max_latency_ms is not None and lat["compressed"] > gates.max_latency_ms:
-        fails.append(f"latency {lat['compressed']:.3f} ms (median, {lat['backend']}, batch {lat['batch']}) > "
+    if gates.max_latency_ms is not None and shipped["median"] > gates.max_latency_ms:
+        fails.append(f"{what}latency {shipped['median']:.3f} ms (median, {lat['backend']}, batch {lat['batch']}) > "
                      f"max_latency_ms {gates.max_latency_ms}")
     # FP32 artifacts must match PyTorch in absolute terms; FP16 engines relative to the logits' scale (trained
     # ImageNet models have logits of 10-20, where half precision legitimately differs by more than 5e-2)
+    if lat.get("precision") == "int8":  # an INT8 model's logits differ by design: judged by its decisions
+        unchecked.append("max_parity_error: the artifact is INT8; its top-1 agreement and drop are checked instead")
+        return fails, unchecked
     fp16 = lat.get("precision") == "fp16"
     limit = gates.max_parity_error_fp16 if fp16 else gates.max_parity_error
     key = "max_parity_error_fp16" if fp16 else "max_parity_error"

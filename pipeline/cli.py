@@ -63,6 +63,13 @@ def summary_table(summary: dict[str, Any]) -> Table:
     par = summary["parity"]
     table.add_row(f"parity vs PyTorch ({par.get('artifact', 'model.onnx')})", "", f"{par['max_abs_diff']:.1e}", "")
     table.add_row("latency precision", "", lat.get("precision", "fp32"), "")
+    q = summary.get("quantized")
+    if q:
+        v = q["speedup_vs_base"]
+        table.add_row(f"INT8 top-1 % ({q['artifact']})", "", f"{q['top1']:.2f}",
+                      f"{-q['top1_drop']:+.2f} pts vs FP32, {q['agreement']:.1f}% agree")
+        table.add_row(f"INT8 latency ms ({q['runtime']})", "", f"{q['latency_ms']:.3f}",
+                      f"{v['speedup']:.2f}x ({v['speedup_low']:.2f}-{v['speedup_high']:.2f})")
     for name, t in (summary.get("targets") or {}).items():
         mark = "met" if t["met"] else "[bold yellow]MISSED[/]"
         table.add_row(f"target {name}", f"{t['requested']:g}", f"{t['achieved']:.3f}", mark)

@@ -130,9 +130,14 @@ class FilterPruneConfig(Section):
                              "command line: --set filter_prune.target_flops_reduction=null)")
         if self.target_flops_reduction is None and self.target_speedup is None:
             object.__setattr__(self, "target_flops_reduction", 0.5)
-        if isinstance(self.round_to, int) and self.round_to < 1:
-            raise ValueError("filter_prune.round_to must be at least 1 (or auto)")
         return self
+
+    @field_validator("round_to")
+    @classmethod
+    def _round_to(cls, value: int | str) -> int | str:  # a field validator, so it is reported with the other keys
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be at least 1 (or auto)")
+        return value
 
     enabled: bool = Field(True, description="run filter pruning")
     criterion: str = Field("divergence_taylor", description="importance criterion; `compress criteria` lists them")
@@ -206,6 +211,9 @@ class FinetuneConfig(Section):
     lr: float = Field(0.01, gt=0.0, description="peak learning rate")
 
 
+INT8_RUNTIMES = ("auto", "onnxruntime-cpu", "tensorrt")  # runtimes that run a QDQ model with INT8 kernels
+
+
 class Config(Section):
     """The whole pipeline config."""
 
@@ -236,6 +244,11 @@ class Config(Section):
         if self.validate_.runtime == "tensorrt" and self.export.tensorrt.mode == "off":
             raise ValueError("validate.runtime is 'tensorrt' but export.tensorrt.mode is 'off', so no engine is "
                              "built; set export.tensorrt.mode: required (or validate.runtime: auto)")
+        if self.export.quantize == "int8" and self.validate_.runtime not in INT8_RUNTIMES:
+            raise ValueError(f"export.quantize: int8 cannot be validated on validate.runtime "
+                             f"{self.validate_.runtime!r}: ONNX Runtime's CUDA provider has no INT8 convolutions (it "
+                             f"would dequantize and time FP32 work). Set validate.runtime to one of "
+                             f"{', '.join(INT8_RUNTIMES)}, or export.quantize: null")
         trt = self.export.tensorrt
         if trt.mode != "off" and self.validate_.runtime in ("auto", "tensorrt") \
                 and not trt.min_batch <= self.validate_.batch <= trt.max_batch:
@@ -290,6 +303,8 @@ def format_validation_error(err: ValidationError, source: str) -> str:
             lines.append(f"  - {path}: unknown key.{hint}")
         elif e["type"] == "missing":
             lines.append(f"  - {path}: required key is missing; add it to the config.")
+        elif e["type"] == "value_error":  # our validators' messages name the keys and the values themselves
+            lines.append(f"  - {path}: {e['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"  - {path}: {e['msg']} (got {e.get('input')!r}).")
     lines.append("Fix these keys in the YAML file or the --set overrides and run again.")

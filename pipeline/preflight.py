@@ -87,6 +87,7 @@ def _model_problems(config: Config, warnings: list[str]) -> tuple[list[str], int
     except UserInputError as exc:
         return [str(exc)], 0
     size = 4 * sum(_numel(s) for s in shapes.values())
+    problems += exclude_problems(config, shapes, warnings)
     if spec.source == "python":
         problems += _problems_of(lambda: check_deterministic(spec))
     if spec.weights is not None and Path(spec.weights).is_file():
@@ -115,6 +116,19 @@ def _model_problems(config: Config, warnings: list[str]) -> tuple[list[str], int
     problems += [error] if error else []
     warnings += [warning] if warning else []
     return problems, size
+
+
+def exclude_problems(config: Config, shapes: dict[str, tuple[int, ...]], warnings: list[str]) -> list[str]:
+    """export.quantize_exclude names layers of the model (or ONNX nodes: "/..."), and only with quantize: int8."""
+    from pipeline.errors import did_you_mean
+
+    names = config.export.quantize_exclude
+    if names and config.export.quantize is None:
+        warnings.append("export.quantize_exclude is set but export.quantize is not int8: it has no effect")
+    layers = sorted({k.rsplit(".", 1)[0] for k in shapes if "." in k})
+    return [f"export.quantize_exclude names {n!r}, which is not a layer of the model.{did_you_mean(n, layers)} Use "
+            f"module names as model.named_modules() gives them, or ONNX node names (\"/...\")"
+            for n in names if not n.startswith("/") and n not in layers]
 
 
 def _numel(shape: tuple[int, ...]) -> int:

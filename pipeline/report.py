@@ -222,6 +222,8 @@ def build_sections(rec: RunRecords, rows: list[dict[str, Any]], widths: list[dic
             f"model's input size (summary.json `gflops`). Parity with PyTorch: max |difference| "
             f"{s['parity']['max_abs_diff']:.2e} over {s['parity']['samples']} images."], [t])
         sections.append(sec)
+        if s.get("quantized"):
+            sections.append(quantized_section(s))
     if rows:
         base_top1 = rows[0]["top1"]
         t = Table(["stage", "step", "params (M)", "GMACs", "top-1 (%)", "top-5 (%)", "Δ top-1 (pts)", "kept"],
@@ -307,6 +309,40 @@ def build_sections(rec: RunRecords, rows: list[dict[str, Any]], widths: list[dic
     sections.append(Section("Artifacts", ["Files of the run (report files excluded), with their size and sha256."],
                             [Table(["file", "bytes", "sha256"], artifact_rows(rec))]))
     return sections
+
+
+def quantized_section(s: dict[str, Any]) -> Section:
+    """The three deployable artifacts side by side, and how the INT8 one was made (export.quantize: int8)."""
+    b, c, q, lat = s["base"], s["compressed"], s["quantized"], s["latency_ms"]
+    vb, vc = q["speedup_vs_base"], q["speedup_vs_compressed"]
+
+    def mb(x: int | None) -> str:
+        return "-" if x is None else f"{x / 1e6:.2f}"
+
+    prec = lat.get("precision", "fp32")
+    rows = [[b.get("artifact", "base"), prec, f2(b["top1"]), f2(b["top5"]), f"{lat['base']:.3f}", "1.00x",
+             mb(b.get("bytes"))],
+            [s["parity"].get("artifact", "model.onnx"), prec, f2(c["top1"]), f2(c["top5"]), f"{lat['compressed']:.3f}",
+             f"{lat['speedup']:.2f}x ({lat['speedup_low']:.2f}-{lat['speedup_high']:.2f})", mb(c.get("bytes"))],
+            [q["artifact"], q["precision"], f2(q["top1"]), f2(q["top5"]), f"{q['latency_ms']:.3f}",
+             f"{vb['speedup']:.2f}x ({vb['speedup_low']:.2f}-{vb['speedup_high']:.2f})", mb(q["bytes"])]]
+    cal = q["calibration"]
+    text = [f"All three timed in the same interleaved blocks on {q['runtime']} and scored on the same images. The INT8 "
+            f"model agrees with the FP32 compressed model's top-1 on {q['agreement']:.1f}% of the images (top-1 "
+            f"{-q['top1_drop']:+.2f} pts) and runs {vc['speedup']:.2f}x ({vc['speedup_low']:.2f}-"
+            f"{vc['speedup_high']:.2f}) faster than it. Quantized: {q['quantized_layers']} layers, INT8 weights per "
+            f"channel and activations per tensor (symmetric, QDQ), {cal['method']} calibration on {cal['samples']} "
+            f"calibration images; kept in FP32: {', '.join(q['excluded_layers']) or 'none'}."]
+    tables = [Table(["artifact", "precision", "top-1 (%)", "top-5 (%)", "latency (ms)", "speedup vs base",
+                     "size (MB)"], rows)]
+    if q.get("sensitivity"):
+        text.append("The INT8 top-1 drop exceeded `max_top1_drop_int8`: each layer was quantized alone on calibration "
+                    "images and compared with the FP32 model; the worst are below. Keep them in FP32 with "
+                    "`export.quantize_exclude`.")
+        tables.append(Table(["layer", "top-1 agreement alone", "logit error alone"],
+                            [[r["layer"], f"{100 * r['agreement']:.1f}%", f"{r['logit_error']:.3f}"]
+                             for r in q["sensitivity"]]))
+    return Section("Deployed artifacts: FP32 and INT8", text, tables)
 
 
 def _runs(runs: Any) -> str:

@@ -22,7 +22,7 @@ from pipeline.errors import UserInputError
 MANIFEST = "manifest.json"
 # Everything the pipeline writes at the top of a run directory; it never writes, replaces or deletes anything else.
 OWNED = frozenset({MANIFEST, "config.json", "summary.json", "model.onnx", "model.engine", "model.engine.json",
-                   "model.int8.onnx", "model.int8.onnx.json", "log.txt", "metrics.jsonl", "report.md",
+                   "model.int8.onnx", "log.txt", "metrics.jsonl", "report.md",
                    "report.html", "figures", "tensorboard", "exports", ".lock"})
 STAGE_DIR = re.compile(r"^\d\d_[a-z_]+$")
 

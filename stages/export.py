@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import torch
 from torch import nn
@@ -17,6 +19,7 @@ from pipeline.models import count_macs
 from pipeline.rundir import now
 
 ENGINE = "model.engine"
+INT8 = "model.int8.onnx"
 
 
 def export_onnx(model: nn.Module, config: Config, path: Path, role: str) -> onnx.ModelProto:
@@ -31,11 +34,38 @@ def export_onnx(model: nn.Module, config: Config, path: Path, role: str) -> onnx
     return torch2onnx(model, example, path, cfg, meta)
 
 
-def engine_spec(config: Config):
+def engine_spec(config: Config, precision: str | None = None):
+    """The engine build asked for by the config (`precision` overrides it: validate's FP32 reference engines)."""
     from export.tensorrt import EngineSpec
 
     t = config.export.tensorrt
-    return EngineSpec(t.precision, t.workspace_gb, t.min_batch, t.opt_batch, t.max_batch)
+    return EngineSpec(precision or t.precision, t.workspace_gb, t.min_batch, t.opt_batch, t.max_batch)
+
+
+def calibration_batches(ctx: Context) -> Iterator[np.ndarray]:
+    """The first export.calibration_samples images of the calibration split, in calibrate.batch_size batches."""
+    left = ctx.config.export.calibration_samples
+    for x, _ in ctx.loader("calibration"):
+        if left <= 0:
+            return
+        yield x[:left].numpy()
+        left -= len(x)
+
+
+def export_int8(model: nn.Module, fp32: Path, ctx: Context) -> dict[str, Any]:
+    """model.int8.onnx from the exported FP32 model (export.quantize: int8); the calibration ranges and the
+    prepared model stay in the stage folder, where validate finds them to rank the layers that cost accuracy."""
+    from export.quantize import int8_model
+
+    cfg = ctx.config.export
+    work = ctx.stage_dir / "int8"
+    record = int8_model(fp32, ctx.run_dir.root / INT8, ctx.track(calibration_batches(ctx), "INT8 calibration"),
+                        cfg.calibration, cfg.calibration_percentile, cfg.quantize_exclude,
+                        {n for n, _ in model.named_modules()}, work)
+    ctx.log.info(f"INT8: {INT8} written ({record['quantized_layers']} layers quantized, "
+                 f"{len(record['excluded_layers'])} kept in FP32, {cfg.calibration} calibration on "
+                 f"{record['calibration']['samples']} images, {record['seconds']:.1f} s)")
+    return {**record, "onnx": INT8, "workdir": ctx.run_dir.rel(work)}
 
 
 def export_engine(onnx_path: Path, engine_path: Path, config: Config) -> dict[str, Any]:
@@ -71,7 +101,15 @@ class Export:
         opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
         exporter = {p.key: p.value for p in proto.metadata_props}.get("exporter")
         files = [path]
-        engine = export_engine(path, ctx.run_dir.root / ENGINE, ctx.config)
+        int8 = None
+        if ctx.config.export.quantize == "int8":
+            int8 = export_int8(model, path, ctx)
+            files.append(ctx.run_dir.root / INT8)
+        else:
+            (ctx.run_dir.root / INT8).unlink(missing_ok=True)  # never leave an older INT8 model to be shipped
+        # export.tensorrt.precision int8: the engine is built from the QDQ model (explicit quantization)
+        source = ctx.run_dir.root / INT8 if ctx.config.export.tensorrt.precision == "int8" else path
+        engine = export_engine(source, ctx.run_dir.root / ENGINE, ctx.config)
         if engine["status"] == "built":
             from export.tensorrt import sidecar_of
 
@@ -80,4 +118,6 @@ class Export:
             ctx.log.warning(f"TensorRT engine skipped: {engine['reason']}")
         metrics = {"onnx": "model.onnx", "opset": opset, "exporter": exporter, "nodes": len(proto.graph.node),
                    "bytes": path.stat().st_size, "tensorrt": engine}
+        if int8:
+            metrics["int8"] = int8
         return StageResult(metrics=metrics, files=files)

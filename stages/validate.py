@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from export.runtime import open_artifact, resolve_runtime
-from export.validation import accuracy, check_gates, compare, latency, latency_record
+from export.validation import accuracy, check_gates, compare, latency, latency_record, speedup
+from pipeline.config import INT8_RUNTIMES
 from pipeline.context import STAGES, SUMMARY, Context, StageResult
+from pipeline.errors import UserInputError
 from pipeline.models import count_macs
 from pipeline.rundir import atomic_json
-from stages.export import ENGINE, export_onnx
+from stages.export import ENGINE, INT8, export_onnx
 
 
 def _pct(new: float, old: float) -> float:
@@ -32,54 +35,60 @@ class Validate:
 
     def run(self, model: nn.Module | None, ctx: Context) -> StageResult:
         cfg, spec, root = ctx.config.validate_, ctx.config.model, ctx.run_dir.root
-        engine = ctx.manifest["stages"].get("export", {}).get("metrics", {}).get("tensorrt", {"status": "off"})
+        exported = ctx.manifest["stages"].get("export", {}).get("metrics", {})
+        engine = exported.get("tensorrt", {"status": "off"})
         runtime = resolve_runtime(cfg.runtime, engine.get("status") == "built", ctx.device.type)
         if runtime == "tensorrt" and engine.get("status") != "built":
             raise_no_engine(engine)
+        int8 = exported.get("int8") if ctx.config.export.quantize == "int8" else None
+        if ctx.config.export.quantize == "int8":
+            check_int8(runtime, int8, root)
         files = []
         base_onnx = ctx.stage_dir / "base.onnx"
         export_onnx(ctx.model_of("calibrate").eval(), ctx.config, base_onnx, "base")
         files.append(base_onnx)
-        if runtime == "tensorrt":
-            from export.tensorrt import build_engine, sidecar_of
-            from stages.export import engine_spec
-
-            base_art, comp_art = ctx.stage_dir / "base.engine", root / ENGINE
-            build_engine(base_onnx, base_art, engine_spec(ctx.config))
-            files += [base_art, sidecar_of(base_art)]
-        else:
-            base_art, comp_art = base_onnx, root / "model.onnx"
-        compressed = open_artifact(comp_art, runtime, cfg.threads)
-        base_rt = open_artifact(base_art, runtime, cfg.threads)
+        arts = artifacts(ctx, runtime, base_onnx, int8 is not None, files)
+        rts = {role: open_artifact(path, runtime, cfg.threads) for role, path in arts.items()}
+        compressed = rts["compressed"]
 
         xs = parity_batch(ctx)
         with torch.no_grad():
             ref = model.eval().cpu()(xs).numpy()
         parity_record = compare(compressed(xs.numpy()), ref)
         parity = parity_record["max_abs_diff"]
-        acc = accuracy(compressed, ctx.loader("validation"), ctx.track)
-        base_acc = accuracy(base_rt, ctx.loader("validation"), ctx.track)  # both measured the same way
-        lat = latency({"base": base_rt, "compressed": compressed}, (cfg.batch, spec.in_chans, *spec.input_size),
-                      cfg.warmup, cfg.runs, ctx.track, blocks=cfg.blocks, block_seconds=cfg.block_seconds)
+        # every artifact scored the same way, on the same images
+        scores = {role: accuracy(rt, ctx.loader("validation"), ctx.track, predictions=True)
+                  for role, rt in rts.items()}
+        acc, base_acc = scores["compressed"], scores["base"]
+        lat = latency(rts, (cfg.batch, spec.in_chans, *spec.input_size), cfg.warmup, cfg.runs, ctx.track,
+                      blocks=cfg.blocks, block_seconds=cfg.block_seconds)
         base = ctx.stage_state("calibrate")["base"]
         gflops, params = count_macs(model, spec)
-        comp = {"top1": acc["top1"], "top5": acc["top5"], "gflops": gflops, "params_m": params}
+        comp = {"top1": acc["top1"], "top5": acc["top5"], "gflops": gflops, "params_m": params,
+                "bytes": arts["compressed"].stat().st_size}
         summary: dict[str, Any] = {
             "name": ctx.config.name, "model": f"{spec.source}:{spec.name}",
             "base": {"top1": base_acc["top1"], "top5": base_acc["top5"], "gflops": base["gflops"],
-                     "params_m": base["params_m"]},
+                     "params_m": base["params_m"], "bytes": arts["base"].stat().st_size,
+                     "artifact": arts["base"].name},
             "compressed": comp,
             "delta_pct": {"top1": round(comp["top1"] - base["top1"], 2), "gflops": _pct(gflops, base["gflops"]),
                           "params_m": _pct(params, base["params_m"])},
-            "accuracy_source": f"{base_art.name} and {comp_art.name} on {runtime}, {acc['samples']} validation "
-                               f"images",
+            "accuracy_source": f"{', '.join(p.name for p in arts.values())} on {runtime}, {acc['samples']} "
+                               f"validation images",
             "latency_ms": latency_record(lat, compressed, cfg.batch, cfg.warmup),
-            "parity": {**parity_record, "samples": len(xs), "artifact": comp_art.name},
+            "parity": {**parity_record, "samples": len(xs), "artifact": arts["compressed"].name},
             "artifacts": {"onnx": "model.onnx", "tensorrt": ENGINE if engine.get("status") == "built" else None,
-                          "tensorrt_status": engine.get("status"), "tensorrt_reason": engine.get("reason")},
+                          "tensorrt_status": engine.get("status"), "tensorrt_reason": engine.get("reason"),
+                          "int8": INT8 if int8 else None},
             "removed_blocks": ctx.manifest["stages"].get("layer_truncate", {}).get("metrics", {})
             .get("removed_blocks", []),
         }
+        if int8:
+            summary["quantized"] = quantized_record(scores, lat, arts["quantized"], rts["quantized"], int8)
+            gate = cfg.gates.max_top1_drop_int8
+            if gate is not None and summary["quantized"]["top1_drop"] > gate:
+                summary["quantized"]["sensitivity"] = layer_sensitivity(ctx, int8, model)
         summary["targets"] = targets(ctx, base["gflops"], gflops, summary["latency_ms"])
         fails, unchecked = check_gates(summary, cfg.gates)
         summary["gates"] = {"passed": not fails, "failures": fails}
@@ -94,7 +103,100 @@ class Validate:
         metrics = {"top1": acc["top1"], "parity": parity, "speedup": summary["latency_ms"]["speedup"],
                    "runtime": runtime, "gates_passed": not fails,
                    "targets_met": all(t["met"] for t in summary["targets"].values())}
+        if int8:
+            q = summary["quantized"]
+            metrics.update(int8_top1=q["top1"], int8_speedup=q["speedup_vs_base"]["speedup"])
+            ctx.log.info(f"INT8 {q['artifact']}: top-1 {q['top1']:.2f} (FP32 compressed {comp['top1']:.2f}, "
+                         f"agreement {q['agreement']:.1f}%), {q['latency_ms']:.3g} ms, "
+                         f"{q['speedup_vs_base']['speedup']:.2f}x vs base, "
+                         f"{q['speedup_vs_compressed']['speedup']:.2f}x vs FP32 compressed")
         return StageResult(metrics=metrics, files=[path, *files])
+
+
+def check_int8(runtime: str, int8: dict[str, Any] | None, root: Path) -> None:
+    """The INT8 model exists and the runtime runs it in INT8."""
+    if runtime not in INT8_RUNTIMES:
+        raise UserInputError(f"export.quantize: int8 cannot be validated on {runtime}: ONNX Runtime's CUDA provider "
+                             f"has no INT8 convolutions (it would dequantize and time FP32 work); set "
+                             f"validate.runtime to one of {', '.join(INT8_RUNTIMES)}, or export.quantize: null")
+    if not int8 or not (root / INT8).is_file():
+        raise UserInputError(f"export.quantize is int8 but {root / INT8} is missing (the export stage ran without "
+                             f"it, or the file was removed); re-run the pipeline --from export")
+
+
+def artifacts(ctx: Context, runtime: str, base_onnx: Path, quantized: bool, files: list[Path]) -> dict[str, Path]:
+    """base, compressed (the float model) and quantized (INT8) artifacts in the runtime's form. On TensorRT the
+    shipped engine serves the role its precision fits, and each other role gets an engine built here: base and
+    the float model at the engine's float precision (FP32 when the shipped engine is INT8), INT8 from the QDQ
+    model."""
+    root = ctx.run_dir.root
+    if runtime != "tensorrt":
+        out = {"base": base_onnx, "compressed": root / "model.onnx"}
+        if quantized:
+            out["quantized"] = root / INT8
+        return out
+    from export.tensorrt import build_engine, sidecar_of
+    from stages.export import engine_spec
+
+    shipped_int8 = ctx.config.export.tensorrt.precision == "int8"
+    floating = "fp32" if shipped_int8 else ctx.config.export.tensorrt.precision
+    todo = {"base": (base_onnx, floating)}
+    if shipped_int8:
+        todo["compressed"] = (root / "model.onnx", floating)
+    elif quantized:
+        todo["quantized"] = (root / INT8, "int8")
+    out = {"compressed": root / ENGINE} if not shipped_int8 else {"quantized": root / ENGINE}
+    for role, (source, precision) in todo.items():
+        path = ctx.stage_dir / f"{role}.engine"
+        build_engine(source, path, engine_spec(ctx.config, precision))
+        files += [path, sidecar_of(path)]
+        out[role] = path
+    return {role: out[role] for role in ("base", "compressed", "quantized") if role in out}
+
+
+def quantized_record(scores: dict[str, dict[str, Any]], lat: dict[str, dict[str, Any]], path: Path, rt,
+                     int8: dict[str, Any]) -> dict[str, Any]:
+    """summary.json's `quantized`: the INT8 artifact's accuracy (and its top-1 agreement with the FP32 compressed
+    model: INT8 parity is judged by decisions, not logits), latency and speedups, and how it was quantized."""
+    q, c = scores["quantized"], scores["compressed"]
+    return {"artifact": path.name, "precision": rt.precision, "runtime": rt.backend, "top1": q["top1"],
+            "top5": q["top5"], "top1_drop": round(c["top1"] - q["top1"], 4),
+            "agreement": round(100.0 * float((q["predictions"] == c["predictions"]).mean()), 4),
+            "latency_ms": lat["quantized"]["median_ms"], "latency_p10": lat["quantized"]["p10_ms"],
+            "latency_p90": lat["quantized"]["p90_ms"], "speedup_vs_base": speedup(lat, "base", "quantized"),
+            "speedup_vs_compressed": speedup(lat, "compressed", "quantized"), "bytes": path.stat().st_size,
+            "calibration": int8["calibration"], "quantized_layers": int8["quantized_layers"],
+            "excluded_layers": int8["excluded_layers"]}
+
+
+def layer_sensitivity(ctx: Context, int8: dict[str, Any], model: nn.Module, top: int = 5) -> list[dict[str, Any]]:
+    """The layers whose quantization costs most (each quantized alone on calibration images, ONNX Runtime CPU)."""
+    from export.quantize import layers_of, sensitivity
+    from stages.export import calibration_batches
+
+    work = ctx.run_dir.root / int8["workdir"]
+    prepared, ranges = work / "prepared.onnx", work / "ranges.json"
+    if not prepared.is_file() or not ranges.is_file():
+        raise UserInputError(f"the INT8 calibration files in {work} are missing; re-run the pipeline --from export")
+    layers = layers_of(prepared, {n for n, _ in model.named_modules()})
+    excluded = set(int8["excluded_nodes"])
+    layers = {k: v for k, v in layers.items() if not set(v) & excluded}
+    batches = []
+    for x in calibration_batches(ctx):
+        batches.append(x)
+        if sum(len(b) for b in batches) >= SENSITIVITY_SAMPLES:
+            break
+    ctx.log.info(f"INT8 top-1 drop exceeds validate.gates.max_top1_drop_int8: quantizing each of {len(layers)} "
+                 f"layers alone to find the ones that cost most")
+    rows = sensitivity(prepared, ranges, int8["calibration"]["method"], layers, batches, top,
+                       ctx.config.validate_.threads)
+    for r in rows:
+        ctx.log.info(f"INT8 sensitivity: {r['layer']}: top-1 agreement {100 * r['agreement']:.1f}%, logit error "
+                     f"{r['logit_error']:.3f}")
+    return rows
+
+
+SENSITIVITY_SAMPLES = 128
 
 
 def targets(ctx: Context, base_gflops: float, gflops: float, latency: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -122,8 +224,6 @@ def targets(ctx: Context, base_gflops: float, gflops: float, latency: dict[str, 
 
 
 def raise_no_engine(engine: dict[str, Any]) -> None:
-    from pipeline.errors import UserInputError
-
     why = engine.get("reason") or f"export.tensorrt.mode produced {engine.get('status')!r}"
     raise UserInputError(f"validate.runtime is 'tensorrt' but the export stage built no engine ({why}); set "
                          f"export.tensorrt.mode: required on a machine with the gpu extra, or validate.runtime: auto")

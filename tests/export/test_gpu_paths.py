@@ -207,3 +207,130 @@ def test_the_engine_is_rebuilt_when_tensorrt_or_the_gpu_changes(monkeypatch):
     values = list(hashes.values())
     assert len({h[export] for h in values}) == 3, "each version or GPU gives the export stage another hash"
     assert len({h[export - 1] for h in values}) == 1, "stages before export are not affected"
+
+
+def _recording_trt(layer_types: list[str]) -> types.ModuleType:
+    """A TensorRT 10 stand-in that records what the builder is asked for; the network holds `layer_types`."""
+    trt = _fake_trt("10.16.1")
+    calls: dict[str, list] = {"network_flags": [], "set_flag": [], "clear_flag": []}
+    trt.calls = calls
+    trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=5)
+    trt.BuilderFlag = types.SimpleNamespace(FP16="FP16", TF32="TF32", INT8="INT8")
+    trt.LayerType = types.SimpleNamespace(QUANTIZE="Q", DEQUANTIZE="DQ", CONVOLUTION="CONV")
+    trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="ws")
+
+    class Tensor:
+        name, shape, dtype = "input", (-1, 1, 8, 8), "float32"
+
+    class Network:
+        num_layers, num_inputs, num_outputs = len(layer_types), 1, 1
+
+        def get_layer(self, i):
+            return types.SimpleNamespace(type=getattr(trt.LayerType, layer_types[i]))
+
+        def get_input(self, i):
+            return Tensor()
+
+        def get_output(self, i):
+            return Tensor()
+
+    class Config:
+        def set_memory_pool_limit(self, *a):
+            pass
+
+        def set_flag(self, f):
+            calls["set_flag"].append(f)
+
+        def clear_flag(self, f):
+            calls["clear_flag"].append(f)
+
+        def add_optimization_profile(self, p):
+            pass
+
+    class Profile:
+        def set_shape(self, *a):
+            pass
+
+    class Builder:
+        def __init__(self, logger):
+            pass
+
+        def create_network(self, flags):
+            calls["network_flags"].append(flags)
+            return Network()
+
+        def create_builder_config(self):
+            return Config()
+
+        def create_optimization_profile(self):
+            return Profile()
+
+        def build_serialized_network(self, network, config):
+            return b"plan"
+
+    class OnnxParser:
+        num_errors = 0
+
+        def __init__(self, network, logger):
+            pass
+
+        def parse_from_file(self, path):
+            return True
+
+    trt.Builder, trt.OnnxParser = Builder, OnnxParser
+    return trt
+
+
+@pytest.mark.parametrize("precision, layers, strongly_typed, flags", [
+    ("int8", ["DEQUANTIZE", "CONVOLUTION", "QUANTIZE"], True, []),
+    ("fp16", ["CONVOLUTION"], False, ["FP16"]),
+    ("fp32", ["CONVOLUTION"], False, []),
+])
+def test_an_int8_engine_is_a_strongly_typed_build_of_the_qdq_model(trt_here, monkeypatch, tmp_path: Path,
+                                                                     precision, layers, strongly_typed, flags):
+    """Explicit quantization in TensorRT 10: the Q/DQ nodes decide what runs in INT8, the network is strongly
+    typed and no precision flag is set; FP16 and FP32 builds are weakly typed as before."""
+    import torch
+
+    fake = _recording_trt(layers)
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "stand-in GPU")
+    (tmp_path / "m.onnx").write_bytes(b"onnx")
+    side = tensorrt.build_engine(tmp_path / "m.onnx", tmp_path / "m.engine", tensorrt.EngineSpec(precision=precision))
+    assert fake.calls["network_flags"] == [1 << 5 if strongly_typed else 0]
+    assert fake.calls["set_flag"] == flags and side["precision"] == precision
+    assert (tmp_path / "m.engine").read_bytes() == b"plan"
+
+
+def test_an_int8_engine_from_a_model_without_qdq_is_refused(trt_here, monkeypatch, tmp_path: Path):
+    monkeypatch.setitem(sys.modules, "tensorrt", _recording_trt(["CONVOLUTION"]))
+    (tmp_path / "m.onnx").write_bytes(b"onnx")
+    with pytest.raises(UserInputError, match="needs a QDQ model.*export.quantize: int8"):
+        tensorrt.build_engine(tmp_path / "m.onnx", tmp_path / "m.engine", tensorrt.EngineSpec(precision="int8"))
+    assert not (tmp_path / "m.engine").exists()
+
+
+@pytest.mark.parametrize("precision, built, shipped_role", [
+    ("int8", {"base": ("base.onnx", "fp32"), "compressed": ("model.onnx", "fp32")}, "quantized"),
+    ("fp16", {"base": ("base.onnx", "fp16"), "quantized": ("model.int8.onnx", "int8")}, "compressed"),
+])
+def test_validate_on_tensorrt_builds_each_role_the_shipped_engine_does_not_fill(monkeypatch, tmp_path: Path,
+                                                                                precision, built, shipped_role):
+    from pipeline.config import Config
+    from stages import validate
+
+    cfg = Config.model_validate(tiny_config(export={"quantize": "int8", "tensorrt": {"precision": precision}}))
+    builds = {}
+
+    def build(source, path, spec):
+        builds[path.stem] = (source.name, spec.precision)
+        path.write_bytes(b"plan")
+
+    monkeypatch.setattr(tensorrt, "build_engine", build)
+    ctx = types.SimpleNamespace(config=cfg, run_dir=types.SimpleNamespace(root=tmp_path), stage_dir=tmp_path / "v")
+    ctx.stage_dir.mkdir()
+    files: list[Path] = []
+    arts = validate.artifacts(ctx, "tensorrt", tmp_path / "v" / "base.onnx", True, files)
+    assert builds == built
+    assert arts[shipped_role] == tmp_path / "model.engine"
+    assert set(arts) == {"base", "compressed", "quantized"}

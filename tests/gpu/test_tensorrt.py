@@ -89,3 +89,40 @@ def test_resnet50_pipeline_builds_an_engine(tmp_path: Path):
     assert done.returncode == 0, done.stderr[-3000:]
     s = json.loads((run / "summary.json").read_text())
     assert s["latency_ms"]["backend"] == "tensorrt" and s["gates"]["passed"]
+
+
+def test_int8_engine_from_the_qdq_model_agrees_with_onnx_runtime(tmp_path: Path):
+    """Explicit quantization: the engine built from model.int8.onnx decides as ONNX Runtime's INT8 kernels do."""
+    from export.quantize import int8_model
+
+    torch.manual_seed(0)
+    model = build_model(DEMO).eval()
+    fp32 = tmp_path / "m.onnx"
+    torch2onnx(model, torch.zeros(2, DEMO.in_chans, *DEMO.input_size), fp32, ExportConfig(), {})
+    rng = np.random.default_rng(0)
+    batches = [rng.standard_normal((16, DEMO.in_chans, *DEMO.input_size)).astype(np.float32) for _ in range(4)]
+    int8_model(fp32, tmp_path / "q.onnx", batches, "minmax", 99.999, [], {n for n, _ in model.named_modules()},
+               tmp_path / "work")
+    side = tensorrt.build_engine(tmp_path / "q.onnx", tmp_path / "q.engine",
+                                 tensorrt.EngineSpec(precision="int8", max_batch=16))
+    assert side["precision"] == "int8"
+    engine, ort_int8 = open_artifact(tmp_path / "q.engine", "tensorrt"), open_artifact(tmp_path / "q.onnx",
+                                                                                       "onnxruntime-cpu")
+    x = rng.standard_normal((16, DEMO.in_chans, *DEMO.input_size)).astype(np.float32)
+    a, b = engine(x), ort_int8(x)
+    assert engine.precision == "int8"
+    assert np.abs(a - b).max() / np.abs(b).max() < 0.1
+
+
+def test_pipeline_with_an_int8_engine_validates_three_engines(tmp_path: Path):
+    cfg = tiny_config(
+        export={"quantize": "int8", "tensorrt": {"mode": "required", "precision": "int8", "max_batch": 64}},
+        validate={"runtime": "tensorrt", "warmup": 10, "runs": 50, "gates": {"max_parity_error": 1e-3}},
+        runtime={"progress": False, "device": "cuda"})
+    run = tmp_path / "run"
+    done = run_cli("pipeline", str(write_config(tmp_path / "c.yaml", cfg)), "--run-dir", str(run))
+    assert done.returncode == 0, done.stderr[-3000:]
+    s = json.loads((run / "summary.json").read_text())
+    assert s["quantized"]["artifact"] == "model.engine" and s["quantized"]["precision"] == "int8"
+    assert s["latency_ms"]["precision"] == "fp32" and s["parity"]["artifact"] == "compressed.engine"
+    assert json.loads((run / "model.engine.json").read_text())["source_onnx"] == "model.int8.onnx"
