@@ -76,7 +76,7 @@ def test_log_has_one_line_per_step_decision_and_epoch(finished):
     log = (run / "log.txt").read_text()
     dynamics = torch.load(run / "03_filter_prune" / "checkpoint.pt", weights_only=True)["state"]["dynamics"]
     decisions = torch.load(run / "04_layer_truncate" / "checkpoint.pt", weights_only=True)["state"]["decisions"]
-    steps = re.findall(r"filter_prune step (\d+)/\d+: GMACs [\d.]+ \([-+][\d.]+%, target -\d+%\), params [\d.]+M, "
+    steps = re.findall(r"filter_prune step (\d+)/\d+: GMACs [\d.]+ \([-+][\d.]+%\), target -\d+% MACs, params [\d.]+M, "
                        r"top-1 [\d.]+ ", log)
     assert [int(s) for s in steps] == [d["step"] for d in dynamics[1:]]
     assert len(re.findall(r"layer_truncate decision \d+: ", log)) == len(decisions) >= 1
