@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: install install-gpu demo test test-slow gpu-check lint bench bench-quick bench-arch bench-matrix readme-demo clean
+.PHONY: install install-gpu demo test test-slow gpu-check lint bench bench-quick bench-arch bench-matrix bench-int8 bench-latency readme-demo clean
 
 install: $(STAMP)
 
@@ -40,6 +40,14 @@ gpu-check: install
 
 bench: install
 	$(BIN)/python -m benchmarks.run
+	$(BIN)/python -m benchmarks.run --int8
+	$(BIN)/python -m benchmarks.run --latency-target
+
+bench-int8: install
+	$(BIN)/python -m benchmarks.run --int8
+
+bench-latency: install
+	$(BIN)/python -m benchmarks.run --latency-target
 
 bench-quick: install
 	$(BIN)/python -m benchmarks.run --quick

@@ -49,3 +49,25 @@ def test_bench_arch_rewrites_only_its_own_section(tmp_path):
     assert text.startswith("# Benchmarks\n\n## Criteria\n\nkept\n") and text.count(run.ARCH_START) == 1
     assert "Net2" in text and "| Net |" not in text
     assert run._arch_block(path).startswith(run.ARCH_START)
+
+
+def test_int8_section_comes_from_its_results_and_keeps_the_others(tmp_path):
+    from benchmarks import int8, run
+
+    rows = {r: {"median_ms": m, "p10_ms": m - 1, "p90_ms": m + 1, "bytes": 4e6 * m / 100, "speedup": 100 / m,
+                "low": 90 / m, "high": 110 / m} for r, m in zip(int8.ROLES, (100.0, 50.0, 20.0, 45.0), strict=True)}
+    fast = {"speedup": 2.5, "speedup_low": 2.4, "speedup_high": 2.6}
+    demo = [{"seed": s, "base FP32": 98.0, "pruned FP32": 97.0 + s, "pruned INT8": 96.5 + s, "base INT8": 97.8,
+             "int8_drop": 0.5, "agreement": 99.0, "speedup_vs_base": 4.0, "speedup_vs_compressed": 1.5,
+             "gflops_delta": -70.0} for s in (0, 2)]
+    body = int8.markdown({"resnet50": {"rows": rows, "pruning": {"achieved": 2.01, "macs_ratio": 2.4, "steps": 3},
+                                       "pruned_int8_vs_pruned_fp32": fast, "base_int8_vs_base_fp32": fast},
+                          "demo": demo})
+    assert "| pruned INT8 | 20.0 | 19.0-21.0 | 5.00x | 4.50-5.50 | 0.8 |" in body
+    assert "| mean ± sd | 98.00 ± 0.00 | 98.00 ± 1.41 | 97.50 ± 1.41 | 97.80 ± 0.00 |" in body
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text("# Benchmarks\n\n## Criteria\n\nkept\n")
+    for _ in range(2):
+        run._write_arch(path, body, *run._markers("int8"))
+    text = path.read_text()
+    assert text.count("<!-- bench-int8: start -->") == 1 and "## Criteria\n\nkept\n" in text
