@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: install install-gpu demo test test-slow gpu-check lint bench bench-quick bench-arch bench-matrix bench-int8 bench-latency readme-demo clean
+.PHONY: install install-gpu demo test test-slow gpu-check lint bench bench-quick bench-arch bench-matrix bench-int8 bench-latency bench-equal-latency readme-demo clean
 
 install: $(STAMP)
 
@@ -42,12 +42,16 @@ bench: install
 	$(BIN)/python -m benchmarks.run
 	$(BIN)/python -m benchmarks.run --int8
 	$(BIN)/python -m benchmarks.run --latency-target
+	$(BIN)/python -m benchmarks.run --equal-latency
 
 bench-int8: install
 	$(BIN)/python -m benchmarks.run --int8
 
 bench-latency: install
 	$(BIN)/python -m benchmarks.run --latency-target
+
+bench-equal-latency: install
+	$(BIN)/python -m benchmarks.run --equal-latency
 
 bench-quick: install
 	$(BIN)/python -m benchmarks.run --quick

@@ -36,7 +36,8 @@ def _header(seeds: list[int], quick: bool) -> str:
 ARCH_START, ARCH_END = "<!-- bench-arch: start -->", "<!-- bench-arch: end -->"
 MATRIX_START, MATRIX_END = "<!-- bench-matrix: start -->", "<!-- bench-matrix: end -->"
 # sections their own make target rewrites (the rest of BENCHMARKS.md is kept): flag -> (make target, markers)
-OWNED = {"arch": "bench-arch", "matrix": "bench-matrix", "int8": "bench-int8", "latency_target": "bench-latency"}
+OWNED = {"arch": "bench-arch", "matrix": "bench-matrix", "int8": "bench-int8", "latency_target": "bench-latency",
+         "equal_latency": "bench-equal-latency"}
 
 
 def _markers(section: str) -> tuple[str, str]:
@@ -89,6 +90,8 @@ def main() -> None:
                         "accuracy over 3 seeds, about 20 minutes); rewrites that section and keeps the rest")
     parser.add_argument("--latency-target", action="store_true", help="only the latency-target section (ResNet-50 "
                         "at 1.5/2/3x and the ten architectures at 2x, about 60 minutes); rewrites that section")
+    parser.add_argument("--equal-latency", action="store_true", help="only accuracy at equal latency (latency- vs "
+                        "MACs-targeted on demo and digits, 3 seeds, about 45 minutes); rewrites that section")
     args = parser.parse_args()
     seeds = [0, 1, 2]
     owned = next((k for k in OWNED if getattr(args, k) or args.only == k), None)

@@ -156,6 +156,9 @@ class LayerTruncate:
         metrics = {"removed_blocks": removed, "decisions": len(decisions), "candidates": len(candidates or []),
                    "stop_reason": stop, "gflops_before": gflops0, "gflops": gflops, "params_m": params,
                    "flops_reduction": 1.0 - gflops / gflops0, "top1_start": start["top1"], **current}
+        if clock is not None:  # what timing the blocks cost, as filter_prune reports it
+            metrics.update({"latency_seconds": round(clock.meter.seconds, 2), "latency_cache_hits": clock.meter.hits,
+                            "latency_cache_misses": clock.meter.misses})
         state = {"decisions": decisions, "removed_blocks": removed, "candidates": candidates or [],
                  "rejected": rejected, "stop_reason": stop}
         return StageResult(model=model, metrics=metrics, state=state)

@@ -71,3 +71,18 @@ def test_int8_section_comes_from_its_results_and_keeps_the_others(tmp_path):
         run._write_arch(path, body, *run._markers("int8"))
     text = path.read_text()
     assert text.count("<!-- bench-int8: start -->") == 1 and "## Criteria\n\nkept\n" in text
+
+
+def test_equal_latency_calls_ties_by_the_seed_noise():
+    from benchmarks import equal_latency
+
+    def rec(top1, speedup, seconds=10.0, hits=0, misses=8):
+        return {"top1": top1, "base_top1": 98.0, "speedup": speedup, "low": speedup - 0.2, "high": speedup + 0.2,
+                "gflops_delta": -70.0, "measuring_seconds": seconds, "hits": hits, "misses": misses,
+                "pruning_seconds": 60.0, "stage_seconds": 200.0}
+
+    rows = [{"dataset": "demo", "seed": s, "macs": rec(96.0 + s, 3.0), "latency": rec(96.2 + s, 3.05),
+             "again": rec(96.2 + s, 3.05, 0.5, 8, 0)} for s in (0, 1, 2)]
+    text = equal_latency.markdown({"rows": rows})
+    assert "paired difference +0.20 ± 0.00 points (tie within the seed std)" in text
+    assert "measuring on a first run: 5% of the pipeline's stage time" in text and "24 of 24" in text
