@@ -91,12 +91,13 @@ def test_factory_errors_exit_2_naming_the_file_and_the_fix(tmp_path: Path):
         "mynet.py": "is not a factory",
         "broken.py:build": "importing",
         "notmodule.py:build": "returned int, not a torch.nn.Module",
-        "random_width.py:build": "built different models on two calls",
+        "random_width.py:build": "built different models on 2 calls",
     }
     (folder / "broken.py").write_text("import torch\n\ndef build(:\n    pass\n")
     (folder / "notmodule.py").write_text("def build(width=1):\n    return 42\n")
     (folder / "random_width.py").write_text(
-        "import random\nfrom torch import nn\n\ndef build(width=1):\n    c = random.choice([8, 16, 24, 32, 40])\n"
+        "import itertools\nfrom torch import nn\n\nCALLS = itertools.count()\n\ndef build(width=1):\n"
+        "    c = 8 * (1 + next(CALLS) % 5)  # a width that changes from call to call, like an unseeded draw\n"
         "    return nn.Sequential(nn.Conv2d(1, c, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 10))\n")
     for name, expected in cases.items():
         done = run_cli("pipeline", "mine.yaml", "--dry-run", "--set", f"model.name={name}", cwd=folder, timeout=120)
