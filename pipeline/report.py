@@ -379,7 +379,10 @@ def settings_rows(rec: RunRecords) -> list[list[str]]:
                                        f"{v.blocks} blocks, {lat.get('threads') or v.threads or 'all'} threads"
                                        + (f" on {lat['device']}" if lat.get("device") else "")])
     rows.append(["export", f"ONNX opset {cfg.export.opset} ({cfg.export.exporter}); TensorRT "
-                           f"{cfg.export.tensorrt.mode} ({cfg.export.tensorrt.precision})"])
+                           f"{cfg.export.tensorrt.mode} ({cfg.export.tensorrt.precision})"
+                           + (f"; INT8 ({cfg.export.calibration} calibration on {cfg.export.calibration_samples} "
+                              f"images, {len(cfg.export.quantize_exclude)} layers excluded)"
+                              if cfg.export.quantize == "int8" else "")])
     return rows
 
 
