@@ -87,9 +87,9 @@ def main() -> None:
     parser.add_argument("--matrix", action="store_true", help="only the architecture matrix (30 models nobody "
                         "named, about 25 minutes); rewrites that section of BENCHMARKS.md and keeps the rest")
     parser.add_argument("--int8", action="store_true", help="only the INT8 section (ResNet-50 latency, the demo's "
-                        "accuracy over 3 seeds, about 20 minutes); rewrites that section and keeps the rest")
+                        "accuracy over 3 seeds, about 10 minutes); rewrites that section and keeps the rest")
     parser.add_argument("--latency-target", action="store_true", help="only the latency-target section (ResNet-50 "
-                        "at 1.5/2/3x and the ten architectures at 2x, about 60 minutes); rewrites that section")
+                        "at 1.5/2/3x and the ten architectures at 2x, about 16 minutes); rewrites that section")
     parser.add_argument("--equal-latency", action="store_true", help="only accuracy at equal latency (latency- vs "
                         "MACs-targeted on demo and digits, 3 seeds, about 45 minutes); rewrites that section")
     args = parser.parse_args()
