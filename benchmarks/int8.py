@@ -46,7 +46,7 @@ def resnet50_latency(quick: bool) -> dict[str, Any]:
     batches = [rng.standard_normal((8, *shape[1:])).astype(np.float32) for _ in range(4)]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        paths, sizes = {}, {}
+        paths = {}
         for key, m in (("base", models["base"]), ("pruned", models["pruned"])):
             fp32 = tmp / f"{key}.onnx"
             torch2onnx(m.eval(), torch.zeros(*shape), fp32, cfg.export, {"role": key})

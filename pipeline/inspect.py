@@ -76,7 +76,7 @@ def inspect_model(config: Config, onnx: bool = True) -> Inspection:
     from stages._blocks import find_candidates, measure_blocks
     from stages._graph import build_graph, in_attention
     from stages._pruning import classifier_layers, producers_of
-    from stages._structure import Held, fill_shares, module_macs, prove, unrecognised_attention
+    from stages._structure import Held, fill_shares, module_macs, prove, spread_copy, unrecognised_attention
 
     spec = config.model
     seconds: dict[str, float] = {}
@@ -148,7 +148,7 @@ def inspect_model(config: Config, onnx: bool = True) -> Inspection:
 
     if onnx and groups:
         t0 = time.perf_counter()
-        trial = _pruned_copy(model, example, [g["root"] for g in groups])
+        trial = spread_copy(model, example, [g["root"] for g in groups], build_graph)
         try:
             result.onnx = _onnx_check(trial, example, config)
         except Exception as exc:  # noqa: BLE001
@@ -168,24 +168,3 @@ def _heads(model: nn.Module) -> list[nn.Module]:
     return list(attention_modules(model).values())
 
 
-def _pruned_copy(model: nn.Module, example: torch.Tensor, roots: list[str]) -> nn.Module:
-    """A copy of the model with a few units of every proven group removed (what the proof ran)."""
-    import copy
-
-    from stages._attention import attention_modules, qkv_indices
-    from stages._graph import build_graph
-    from stages._structure import prune_group, spread_units
-
-    pruned = copy.deepcopy(model).eval()
-    dg = build_graph(pruned, example)
-    modules = dict(pruned.named_modules())
-    heads = {m.qkv: m for m in attention_modules(pruned).values()}
-    for name in roots:
-        mod = modules[name]
-        pruner = dg.get_pruner_of_module(mod)
-        if mod in heads:
-            if heads[mod].num_heads > 1:
-                prune_group(dg, mod, pruner.prune_out_channels, qkv_indices(heads[mod], [0]), pruned, heads[mod])
-        elif pruner.get_out_channels(mod) > 1:
-            prune_group(dg, mod, pruner.prune_out_channels, spread_units(pruner.get_out_channels(mod)), pruned)
-    return pruned

@@ -178,23 +178,29 @@ def _logits(out: Any) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else next(t for t in out if isinstance(t, torch.Tensor))
 
 
-def _trial(model: nn.Module, example: torch.Tensor, roots: list[str], build_graph, expected: tuple) -> str | None:
-    """Remove a few spread units (one head) of each named group on a copy; None when the copy still runs with
-    an output of the same shape, else the error."""
+def spread_copy(model: nn.Module, example: torch.Tensor, roots: list[str], build_graph) -> nn.Module:
+    """A copy of the model with a few spread units (one head) of each named group removed: what the proof runs
+    and `compress inspect` exports."""
     trial = copy.deepcopy(model).eval()
+    dg = build_graph(trial, example)
+    modules = dict(trial.named_modules())
+    heads = {m.qkv: m for m in attention_modules(trial).values()}
+    for name in roots:
+        mod = modules[name]
+        pruner = dg.get_pruner_of_module(mod)
+        if mod in heads:
+            attention = heads[mod]
+            if attention.num_heads > 1:
+                prune_group(dg, mod, pruner.prune_out_channels, qkv_indices(attention, [0]), trial, attention)
+        elif (width := pruner.get_out_channels(mod)) > 1:
+            prune_group(dg, mod, pruner.prune_out_channels, spread_units(width), trial)
+    return trial
+
+
+def _trial(model: nn.Module, example: torch.Tensor, roots: list[str], build_graph, expected: tuple) -> str | None:
+    """None when the spread copy still runs with an output of the same shape, else the error."""
     try:
-        dg = build_graph(trial, example)
-        modules = dict(trial.named_modules())
-        heads = {m.qkv: m for m in attention_modules(trial).values()}
-        for name in roots:
-            mod = modules[name]
-            pruner = dg.get_pruner_of_module(mod)
-            if mod in heads:
-                attention = heads[mod]
-                if attention.num_heads > 1:
-                    prune_group(dg, mod, pruner.prune_out_channels, qkv_indices(attention, [0]), trial, attention)
-            elif (width := pruner.get_out_channels(mod)) > 1:
-                prune_group(dg, mod, pruner.prune_out_channels, spread_units(width), trial)
+        trial = spread_copy(model, example, roots, build_graph)
         with torch.no_grad():
             out = _logits(trial(example))
     except Exception as exc:  # noqa: BLE001 - any failure of the pruned copy is what this looks for
