@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -166,6 +166,63 @@ def latency_stats(samples_ms: list[float]) -> dict[str, float]:
     a = np.asarray(samples_ms)
     return {"median_ms": float(np.median(a)), "p10_ms": float(np.percentile(a, 10)),
             "p90_ms": float(np.percentile(a, 90)), "mean_ms": float(a.mean()), "runs": int(a.size)}
+
+
+def _cpu_jiffies() -> tuple[float, float, float] | None:
+    """(busy, steal, total) CPU seconds of the whole machine so far, from /proc/stat; None off Linux."""
+    try:
+        fields = [float(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    hz = os.sysconf("SC_CLK_TCK")
+    user, nice, system, idle, iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq) / hz, steal / hz, sum(fields) / hz
+
+
+class MachineLoad:
+    """What the rest of the machine did while this process timed models: how many cores other processes kept busy
+    on average, and (in a VM) the share of CPU time the hypervisor gave to other guests (steal). A latency figure
+    taken while others competed for the cores the timing threads use moves on the next run, and the speedup's
+    spread cannot show it: it is measured within the run. Use as `with MachineLoad() as load: ...`."""
+
+    def __enter__(self) -> MachineLoad:
+        self._start = (_cpu_jiffies(), time.process_time(), time.perf_counter())
+        self._end = self._start
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._end = (_cpu_jiffies(), time.process_time(), time.perf_counter())
+
+    def record(self) -> dict[str, float | None]:
+        (j0, own0, t0), (j1, own1, t1) = self._start, self._end
+        if j0 is None or j1 is None or j1[2] <= j0[2] or t1 <= t0:
+            return {"other_cores": None, "steal_share": None, "cores": os.cpu_count()}
+        others = max((j1[0] - j0[0]) - (own1 - own0), 0.0)
+        return {"other_cores": round(others / (t1 - t0), 3), "steal_share": round((j1[1] - j0[1]) / (j1[2] - j0[2]), 4),
+                "cores": os.cpu_count(), "seconds": round(t1 - t0, 2)}
+
+    def warning(self, threads: int | None) -> str | None:
+        return busy_warning(self.record(), threads)
+
+
+def busy_warning(load: dict[str, Any] | None, threads: int | None) -> str | None:
+    """A sentence for the log and the report when, by a MachineLoad record (summary.json `latency_ms.machine`),
+    others competed for the cores `threads` timing threads need (more than a tenth of a core per thread beyond
+    the cores left free, or 5% steal); else None."""
+    if not load or load.get("other_cores") is None:
+        return None
+    cores = load.get("cores") or 1
+    threads = threads or cores  # a GPU runtime: the CPU threads that feed it
+    free = max(cores - threads, 0)
+    busy = [f"other processes kept {load['other_cores']:.2f} of the {cores} cores busy"
+            if load["other_cores"] > free + 0.1 * threads else "",
+            f"the hypervisor gave {load['steal_share']:.0%} of the CPU time to other guests (steal)"
+            if (load.get("steal_share") or 0) > 0.05 else ""]
+    busy = [b for b in busy if b]
+    if not busy:
+        return None
+    return (f"while timing with {threads} threads, {' and '.join(busy)}: the latency figures may move on the "
+            f"next run by more than their spread; time on an idle machine for figures to gate on")
 
 
 def default_threads() -> int:

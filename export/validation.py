@@ -84,8 +84,10 @@ def speedup(lat: dict[str, dict[str, Any]], base: str = "base", compressed: str 
             "blocks": int(ratios.size)}
 
 
-def latency_record(lat: dict[str, dict[str, Any]], rt: Runtime, batch: int, warmup: int) -> dict[str, Any]:
-    """summary.json's `latency_ms`: medians, p10/p90 per model, the speedup with its spread, the set-up."""
+def latency_record(lat: dict[str, dict[str, Any]], rt: Runtime, batch: int, warmup: int,
+                   load: dict[str, Any] | None = None) -> dict[str, Any]:
+    """summary.json's `latency_ms`: medians, p10/p90 per model, the speedup with its spread, the set-up, and
+    how busy the rest of the machine was while timing (`load`, from MachineLoad)."""
     out: dict[str, Any] = {"backend": rt.backend, "batch": batch, "precision": rt.precision}
     for role in ("base", "compressed"):
         if role in lat:
@@ -99,6 +101,8 @@ def latency_record(lat: dict[str, dict[str, Any]], rt: Runtime, batch: int, warm
         out.update(speedup=None, speedup_low=None, speedup_high=None)
     out.update(runs={role: v["runs"] for role, v in lat.items()}, warmup=warmup, threads=getattr(rt, "threads", None),
                device=getattr(rt, "device", None))
+    if load is not None:
+        out["machine"] = load
     return out
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from export.runtime import busy_warning
 from pipeline._report_figures import figure_dynamics, figure_latency, figure_latency_model, figure_widths
 from pipeline._report_render import Section, Table, render_html, render_md
 from pipeline.config import Config
@@ -220,7 +221,8 @@ def build_sections(rec: RunRecords, rows: list[dict[str, Any]], widths: list[dic
         sec = Section("Base vs compressed", [
             f"Accuracy: {s.get('accuracy_source', 'validation split')}. GMACs are multiply-accumulates at the "
             f"model's input size (summary.json `gflops`). Parity with PyTorch: max |difference| "
-            f"{s['parity']['max_abs_diff']:.2e} over {s['parity']['samples']} images."], [t])
+            f"{s['parity']['max_abs_diff']:.2e} over {s['parity']['samples']} images."
+            + (f" WARNING: {busy}." if (busy := busy_warning(lat.get("machine"), lat.get("threads"))) else "")], [t])
         sections.append(sec)
         if s.get("quantized"):
             sections.append(quantized_section(s))

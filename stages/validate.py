@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from export.runtime import open_artifact, resolve_runtime
+from export.runtime import MachineLoad, open_artifact, resolve_runtime
 from export.validation import accuracy, check_gates, compare, latency, latency_record, speedup
 from pipeline.config import INT8_RUNTIMES
 from pipeline.context import STAGES, SUMMARY, Context, StageResult
@@ -60,8 +60,12 @@ class Validate:
         scores = {role: accuracy(rt, ctx.loader("validation"), ctx.track, predictions=True)
                   for role, rt in rts.items()}
         acc, base_acc = scores["compressed"], scores["base"]
-        lat = latency(rts, (cfg.batch, spec.in_chans, *spec.input_size), cfg.warmup, cfg.runs, ctx.track,
-                      blocks=cfg.blocks, block_seconds=cfg.block_seconds)
+        with MachineLoad() as load:
+            lat = latency(rts, (cfg.batch, spec.in_chans, *spec.input_size), cfg.warmup, cfg.runs, ctx.track,
+                          blocks=cfg.blocks, block_seconds=cfg.block_seconds)
+        busy = load.warning(getattr(compressed, "threads", None))
+        if busy:
+            ctx.log.warning(busy)
         base = ctx.stage_state("calibrate")["base"]
         gflops, params = count_macs(model, spec)
         comp = {"top1": acc["top1"], "top5": acc["top5"], "gflops": gflops, "params_m": params,
@@ -76,7 +80,7 @@ class Validate:
                           "params_m": _pct(params, base["params_m"])},
             "accuracy_source": f"{', '.join(p.name for p in arts.values())} on {runtime}, {acc['samples']} "
                                f"validation images",
-            "latency_ms": latency_record(lat, compressed, cfg.batch, cfg.warmup),
+            "latency_ms": latency_record(lat, compressed, cfg.batch, cfg.warmup, load.record()),
             "parity": {**parity_record, "samples": len(xs), "artifact": arts["compressed"].name},
             "artifacts": {"onnx": "model.onnx", "tensorrt": ENGINE if engine.get("status") == "built" else None,
                           "tensorrt_status": engine.get("status"), "tensorrt_reason": engine.get("reason"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -158,3 +159,43 @@ def test_min_flops_reduction_gate():
     fails, _ = check_gates(s, GatesConfig(min_flops_reduction=0.7))
     assert len(fails) == 1 and "42.0% < min_flops_reduction 70.0%" in fails[0]
     assert check_gates(s, GatesConfig(min_flops_reduction=0.4)) == ([], [])
+
+
+@pytest.mark.skipif(not Path("/proc/stat").is_file(), reason="reads Linux's /proc/stat")
+def test_machine_load_counts_other_processes_not_our_own_work():
+    """A latency figure taken while another process keeps a core busy is flagged; our own timing work is not."""
+    import subprocess
+    import sys
+    import time
+
+    from export.runtime import MachineLoad
+
+    with MachineLoad() as own:
+        t = time.perf_counter()
+        while time.perf_counter() - t < 1.0:
+            pass
+    burner = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 2.5: pass"])
+    try:
+        time.sleep(0.5)
+        with MachineLoad() as busy:
+            time.sleep(1.0)
+    finally:
+        burner.wait()
+    assert own.record()["other_cores"] < 0.5, own.record()
+    assert busy.record()["other_cores"] > 0.7, busy.record()
+    threads = os.cpu_count() or 1  # timing on every core: any other busy core competes with it
+    assert busy.warning(threads) and "other processes kept" in busy.warning(threads)
+    assert own.warning(threads) is None or "steal" in own.warning(threads)
+
+
+def test_busy_warning_counts_only_the_cores_the_timing_threads_need():
+    """One busy core beside 2 timing threads on 4 cores leaves them room; on 2 cores it competes; steal over 5%
+    is flagged whatever the cores; a record without figures (off Linux) warns of nothing."""
+    from export.runtime import busy_warning
+
+    one_busy = {"other_cores": 1.0, "steal_share": 0.0, "cores": 4}
+    assert busy_warning(one_busy, 2) is None
+    assert "1.00 of the 2 cores" in busy_warning({**one_busy, "cores": 2}, 2)
+    assert "steal" in busy_warning({"other_cores": 0.0, "steal_share": 0.2, "cores": 4}, 2)
+    assert busy_warning({"other_cores": None, "steal_share": None, "cores": 2}, 2) is None
+    assert busy_warning(None, 2) is None
