@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 
 from pipeline.models import count_macs
-from stages._latency import Drift, LatencyMeter, Profile
+from stages._latency import STEP_TIMING, Drift, LatencyMeter, Profile
 
 
 def step_fraction(p0: float, alpha: float, t: int, steps: int) -> float:
@@ -85,8 +85,7 @@ class SpeedupGoal:
         self.meter = LatencyMeter(ctx.config)
         self.tmp = tempfile.TemporaryDirectory()
         self.base_path = Path(self.tmp.name) / "base.onnx"
-        self.meter.export(model, self.base_path)
-        self.base = self.meter.profile(model)
+        self.base = self.meter.measure(model, save_as=self.base_path)[0]
         self.profile: Profile = self.base
         self.speedup, self.low, self.high = 1.0, 1.0, 1.0
         self.drift = Drift()
@@ -102,19 +101,33 @@ class SpeedupGoal:
     def current_ms(self) -> float:
         return self.base.total_ms / self.speedup
 
+    def _reaches(self, speedup: float) -> bool:
+        return speedup >= self.cfg.target_speedup * (1.0 - self.cfg.speedup_tolerance)
+
     def reached(self) -> bool:
-        return self.speedup >= self.cfg.target_speedup * (1.0 - self.cfg.speedup_tolerance)
+        return self._reaches(self.speedup)
+
+    def spread_ms(self, low: float, high: float) -> float:
+        """How far apart the latencies a measurement cannot tell apart are: the width of its spread in ms."""
+        return max(self.base.total_ms * (1.0 / low - 1.0 / high), 0.0) if low > 0 and high > 0 else 0.0
 
     def step(self, t: int) -> dict[str, Any]:
-        scheduled = step_fraction(self.cfg.p0, self.cfg.alpha, t, self.cfg.steps) * self.current_ms
+        # The share of the latency a MACs-targeted step of the same schedule removes (it cuts p of the units, and a
+        # layer loses about 1-(1-p)^2 of its work as both its widths shrink), so both goals take equal steps; and
+        # never less than the last measurement could resolve, or the loop would steer by timing noise (on a
+        # sub-millisecond model a few units' saving is within it).
+        p = step_fraction(self.cfg.p0, self.cfg.alpha, t, self.cfg.steps)
+        scheduled = max((1.0 - (1.0 - p) ** 2) * self.current_ms, self.spread_ms(self.low, self.high))
         remaining = self.current_ms - self.target_ms
         # the last step aims at the target itself; every step's budget is corrected by the model's drift so far
         wanted = max(min(scheduled, remaining), 0.0)
         return {"budget_ms": wanted / self.drift.factor, "wanted_ms": wanted, "profile": self.profile, "try": 1}
 
     def attempt(self, model: nn.Module, predicted_ms: float | None) -> dict[str, Any]:
-        """Time the model as a step left it (latency does not depend on the weights: before recovery)."""
-        profile, (speedup, low, high) = self.meter.measure(model, self.base_path)
+        """Time the model as a step left it (latency does not depend on the weights: before recovery), briefly: a
+        step only needs to know where it landed to within the step's size. A step that appears to reach the target
+        is timed again for longer, so that the stage does not stop on a lucky reading."""
+        profile, (speedup, low, high) = self.meter.measure(model, self.base_path, STEP_TIMING, self._reaches)
         measured = self.current_ms - self.base.total_ms / speedup
         if predicted_ms:
             self.drift.add(predicted_ms, measured, len(self.steps) + 1)
@@ -127,9 +140,12 @@ class SpeedupGoal:
         None. The step is then undone and retaken with the budget scaled by this attempt's own misprediction."""
         if plan["try"] >= RETRIES or not attempt["predicted_ms"] or attempt["measured_ms"] <= 0:
             return None
-        beyond = attempt["speedup"] > self.cfg.target_speedup * (1.0 + self.cfg.speedup_tolerance)
+        # only what the measurement can tell from its own noise: the spread's low end beyond the target, or an
+        # excess wider than the spread (a timing that merely wobbles is not a step to undo)
+        beyond = attempt["low"] > self.cfg.target_speedup * (1.0 + self.cfg.speedup_tolerance)
         excess = attempt["measured_ms"] - plan["wanted_ms"]
-        too_big = attempt["measured_ms"] > 2.0 * plan["wanted_ms"] and excess > 0.05 * self.current_ms
+        too_big = (attempt["measured_ms"] > 2.0 * plan["wanted_ms"] and excess > 0.05 * self.current_ms
+                   and excess > self.spread_ms(attempt["low"], attempt["high"]))
         if not (beyond or too_big):
             return None
         ratio = attempt["measured_ms"] / attempt["predicted_ms"]
@@ -165,7 +181,8 @@ class SpeedupGoal:
                 "speedup_low": self.low, "speedup_high": self.high, "steps": self.steps,
                 "layers_before": self.layers_before, "layers_after": dict(self.profile.layers),
                 "other_ms_before": self.base.other_ms, "other_ms_after": self.profile.other_ms,
-                "measure_seconds": round(self.meter.seconds, 2), "cache_hits": self.meter.hits,
+                "measure_seconds": round(self.meter.seconds, 2), "confirmations": self.meter.confirmations,
+                "cache_hits": self.meter.hits,
                 "cache_misses": self.meter.misses, "drift": self.drift.factor}
 
 

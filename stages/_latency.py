@@ -19,6 +19,7 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,14 @@ import torch
 from torch import nn
 
 from export.onnx_names import node_owners
+
+# Interleaved timing of a model against the base, as (blocks, seconds per block and model). A pruning step's
+# check is short (on the demo's 0.2 ms model 1 s, against 1.9 s for FIRM_TIMING and 5 s for validate's default):
+# the loop only needs to know where a step landed to within the step's size, and its spread sets the smallest
+# step the loop will take. FIRM_TIMING times a step that appears to reach the target, and layer_truncate's
+# decisions.
+STEP_TIMING = (4, 0.05)
+FIRM_TIMING = (6, 0.1)
 
 
 def cache_dir() -> Path:
@@ -47,6 +56,11 @@ class Profile:
 
     def record(self) -> dict[str, Any]:
         return {"total_ms": self.total_ms, "layers": self.layers, "other_ms": self.other_ms}
+
+    def scaled(self, total_ms: float) -> Profile:
+        """The same split of the time at another end-to-end latency."""
+        k = total_ms / self.total_ms
+        return Profile(total_ms, {n: v * k for n, v in self.layers.items()}, self.other_ms * k, self.cached)
 
 
 def _owner_of_event(name: str, owners: dict[str, str]) -> str | None:
@@ -78,21 +92,35 @@ class LatencyMeter:
         self.device = cpu_name() if self.provider == "cpu" else torch.cuda.get_device_name()
         self.seconds = 0.0
         self.hits = self.misses = 0
+        self.confirmations = 0  # timings repeated at FIRM_TIMING because the short one appeared to reach a target
+        self._base: tuple[Path, Any, str] | None = None  # (file, open session, digest) of the base model
 
     @property
     def runtime(self) -> str:
         return f"onnxruntime-{self.provider}"
 
-    def _key(self, onnx_bytes: bytes, what: str) -> Path:
+    def _key(self, onnx_bytes: bytes, what: str, against: str = "") -> Path:
         h = hashlib.sha256(onnx_bytes)
-        h.update(f"{what}|{self.runtime}|{self.device}|{self.threads}|{self.shape}|{self.runs}".encode())
+        h.update(f"{what}|{against}|{self.runtime}|{self.device}|{self.threads}|{self.shape}|{self.runs}".encode())
         return cache_dir() / f"{h.hexdigest()[:40]}.json"
 
+    def _open_base(self, base: Path):
+        """The base model's session, opened once per file and kept: every step is timed against it."""
+        from export.runtime import OrtModel
+
+        if self._base is None or self._base[0] != base:
+            self._base = (base, OrtModel(base, self.threads, self.provider),
+                          hashlib.sha256(base.read_bytes()).hexdigest())
+        return self._base
+
     def export(self, model: nn.Module, path: Path) -> None:
+        """Export as the run's artifact is exported (a dynamic batch axis when export.dynamic_batch is set: it
+        changes the kernels ONNX Runtime picks), so that what is timed here is what `validate` times."""
         from export.torch2onnx import torch2onnx
 
-        cfg = self.config.export.model_copy(update={"dynamic_batch": False})
-        torch2onnx(model.eval().cpu(), torch.zeros(self.shape), path, cfg, {})
+        dynamic = self.config.export.dynamic_batch
+        example = torch.zeros(2 if dynamic else self.shape[0], *self.shape[1:])
+        torch2onnx(model.eval().cpu(), example, path, self.config.export, {})
 
     def _cached(self, key: Path, compute) -> dict[str, Any]:
         if key.is_file():
@@ -110,38 +138,58 @@ class LatencyMeter:
         """The model's end-to-end and per-layer latency (from the cache when this graph was measured here)."""
         return self.measure(model)[0]
 
-    def measure(self, model: nn.Module, base: Path | None = None) -> tuple[Profile, tuple[float, float, float]]:
+    def measure(self, model: nn.Module, base: Path | None = None, timing: tuple[int, float] = FIRM_TIMING,
+                confirm: Callable[[float], bool] | None = None, save_as: Path | None = None,
+                ) -> tuple[Profile, tuple[float, float, float]]:
         """The model's profile and, against the base model's ONNX file, its speedup (median, low, high across
-        interleaved timing blocks); one export for both, each from the cache when measured here before."""
+        `timing`'s interleaved blocks); one export for both, each from the cache when measured here before. When
+        `confirm` says yes to the speedup, the same file is timed again at FIRM_TIMING and that figure returned.
+        `save_as` keeps a copy of the exported file (the base model, timed against in later calls).
+        With a base, the profile's end-to-end latency is the compressed model's median from the same interleaved
+        timing (no second timing of the same model)."""
         t0 = time.perf_counter()
         try:
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "m.onnx"
                 self.export(model, path)
                 data = path.read_bytes()
-                prof = self._cached(self._key(data, "profile"),
-                                    lambda: self._profile(path, {n for n, _ in model.named_modules()}).record())
-                speed = (1.0, 1.0, 1.0)
+                if save_as is not None:
+                    save_as.write_bytes(data)
+                speed, total = (1.0, 1.0, 1.0), None
                 if base is not None:
-                    got = self._cached(self._key(base.read_bytes() + data, "speedup"),
-                                       lambda: self._speedup(base, path))
+                    got = self._timed(base, path, data, timing)
+                    if confirm is not None and timing != FIRM_TIMING and confirm(got["speedup"]):
+                        self.confirmations += 1
+                        got = self._timed(base, path, data, FIRM_TIMING)
                     speed = (got["speedup"], got["speedup_low"], got["speedup_high"])
-                return Profile(**prof), speed
+                    total = got["compressed_ms"]
+                prof = self._cached(self._key(data, "profile"),
+                                    lambda: self._profile(path, {n for n, _ in model.named_modules()},
+                                                          total).record())
+                profile = Profile(**prof)
+                if total is not None and profile.total_ms > 0 and abs(profile.total_ms - total) > 1e-12:
+                    profile = profile.scaled(total)  # a profile cached by another timing: the split, at this total
+                return profile, speed
         finally:
             self.seconds += time.perf_counter() - t0
 
-    def _speedup(self, base: Path, path: Path) -> dict[str, float]:
+    def _timed(self, base: Path, path: Path, data: bytes, timing: tuple[int, float]) -> dict[str, float]:
+        blocks, block_seconds = timing
+        return self._cached(self._key(data, f"speedup|{blocks}|{block_seconds}", self._open_base(base)[2]),
+                            lambda: self._speedup(base, path, blocks, block_seconds))
+
+    def _speedup(self, base: Path, path: Path, blocks: int, block_seconds: float) -> dict[str, float]:
         from export.runtime import OrtModel
         from export.validation import latency, speedup
 
-        models = {"base": OrtModel(base, self.threads, self.provider),
-                  "compressed": OrtModel(path, self.threads, self.provider)}
-        lat = latency(models, self.shape, warmup=3, runs=12, blocks=6, block_seconds=0.1)
-        return speedup(lat)
+        models = {"base": self._open_base(base)[1], "compressed": OrtModel(path, self.threads, self.provider)}
+        lat = latency(models, self.shape, warmup=3, runs=2 * blocks, blocks=blocks, block_seconds=block_seconds)
+        return {**speedup(lat), "compressed_ms": lat["compressed"]["median_ms"]}
 
-    def _profile(self, path: Path, modules: set[str]) -> Profile:
-        """Wall time from a plain session (median of the runs); the per-node split from a profiled one (each
-        node's median over the same number of runs, the warm-up runs dropped), scaled to the wall time."""
+    def _profile(self, path: Path, modules: set[str], total_ms: float | None = None) -> Profile:
+        """Wall time from a plain session (median of the runs; `total_ms` when the caller timed it already); the
+        per-node split from a profiled one (each node's median over the same number of runs, the warm-up runs
+        dropped), scaled to the wall time."""
         import onnxruntime as ort
 
         def session(profiling: bool):
@@ -156,16 +204,18 @@ class LatencyMeter:
             return ort.InferenceSession(str(path), opts, providers=providers)
 
         x = np.random.default_rng(0).standard_normal(self.shape).astype(np.float32)
-        plain = session(False)
-        feed = {plain.get_inputs()[0].name: x}
-        times = []
-        for i in range(self.warmup + self.runs):
-            t = time.perf_counter()
-            plain.run(None, feed)
-            if i >= self.warmup:
-                times.append((time.perf_counter() - t) * 1e3)
-        del plain
+        times = [total_ms] if total_ms is not None else []
+        if total_ms is None:
+            plain = session(False)
+            feed = {plain.get_inputs()[0].name: x}
+            for i in range(self.warmup + self.runs):
+                t = time.perf_counter()
+                plain.run(None, feed)
+                if i >= self.warmup:
+                    times.append((time.perf_counter() - t) * 1e3)
+            del plain
         profiled = session(True)
+        feed = {profiled.get_inputs()[0].name: x}
         for _ in range(self.warmup + self.runs):
             profiled.run(None, feed)
         events = json.loads(Path(profiled.end_profiling()).read_text())
