@@ -77,6 +77,19 @@ def _owner_of_event(name: str, owners: dict[str, str]) -> str | None:
     return None
 
 
+def graph_digest(onnx_bytes: bytes) -> str:
+    """What latency depends on: the graph, its attributes and every tensor's shape and type, not the weights'
+    values (a model timed before recovery fine-tuning is the same model after it). sha256 of the model with
+    every initializer's values dropped."""
+    import onnx
+
+    proto = onnx.load_from_string(onnx_bytes)
+    for init in proto.graph.initializer:
+        for f in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+            init.ClearField(f)
+    return hashlib.sha256(proto.SerializeToString(deterministic=True)).hexdigest()
+
+
 class LatencyMeter:
     """Times models the way `validate` will: exported to ONNX, on the runtime, threads and batch of the config."""
 
@@ -100,7 +113,7 @@ class LatencyMeter:
         return f"onnxruntime-{self.provider}"
 
     def _key(self, onnx_bytes: bytes, what: str, against: str = "") -> Path:
-        h = hashlib.sha256(onnx_bytes)
+        h = hashlib.sha256(graph_digest(onnx_bytes).encode())
         h.update(f"{what}|{against}|{self.runtime}|{self.device}|{self.threads}|{self.shape}|{self.runs}".encode())
         return cache_dir() / f"{h.hexdigest()[:40]}.json"
 
@@ -109,8 +122,7 @@ class LatencyMeter:
         from export.runtime import OrtModel
 
         if self._base is None or self._base[0] != base:
-            self._base = (base, OrtModel(base, self.threads, self.provider),
-                          hashlib.sha256(base.read_bytes()).hexdigest())
+            self._base = (base, OrtModel(base, self.threads, self.provider), graph_digest(base.read_bytes()))
         return self._base
 
     def export(self, model: nn.Module, path: Path) -> None:
@@ -183,6 +195,12 @@ class LatencyMeter:
         from export.validation import latency, speedup
 
         models = {"base": self._open_base(base)[1], "compressed": OrtModel(path, self.threads, self.provider)}
+        # the base's session is warm from earlier steps; a new session's first runs are slow (its memory arena and
+        # thread pool are still being set up), which read as a step saving nothing: warm it as long as a block
+        x = np.zeros(self.shape, np.float32)
+        start = time.perf_counter()
+        while time.perf_counter() - start < block_seconds:
+            models["compressed"].time_once(x)
         lat = latency(models, self.shape, warmup=3, runs=2 * blocks, blocks=blocks, block_seconds=block_seconds)
         return {**speedup(lat), "compressed_ms": lat["compressed"]["median_ms"]}
 
@@ -242,7 +260,10 @@ class LatencyMeter:
 
 @dataclass
 class Drift:
-    """Measured / predicted savings so far: the correction applied to the next step's budget."""
+    """Measured / predicted savings so far: the correction applied to the next step's budget. The ratio starts
+    from one pseudo-step at 1 (the latency model taken at its word), so that one step's reading cannot swing the
+    next budget tenfold: a first step that saves nothing (its widths fell off the runtime's preferred multiple,
+    measured on the demo) would otherwise make the second step ten times too large, and be undone."""
 
     history: list[dict[str, float]] = field(default_factory=list)
 
@@ -251,7 +272,8 @@ class Drift:
         pairs = [(h["predicted_ms"], h["measured_ms"]) for h in self.history if h["predicted_ms"] > 0]
         if not pairs:
             return 1.0
-        ratio = sum(m for _, m in pairs) / sum(p for p, _ in pairs)
+        prior = sum(p for p, _ in pairs) / len(pairs)
+        ratio = (sum(m for _, m in pairs) + prior) / (sum(p for p, _ in pairs) + prior)
         return float(min(max(ratio, 0.1), 10.0))
 
     def add(self, predicted: float, measured: float, step: int) -> None:

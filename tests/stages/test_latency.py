@@ -208,3 +208,40 @@ def test_a_short_timing_that_appears_to_reach_the_target_is_timed_again_on_the_s
     assert meter.confirmations == 1 and len(exports) == 2, "one export per call, the firm timing on the same file"
     assert meter.misses == misses + 1 and meter.hits >= 2, "the short timing and profile from the cache, the firm new"
     assert STEP_TIMING != FIRM_TIMING and firm[1] <= firm[0] <= firm[2]
+
+
+def test_measurements_are_keyed_by_the_graph_not_the_weights(tmp_path: Path, monkeypatch):
+    """Recovery fine-tuning changes the weights, not the latency: the same widths hit the cache (layer_truncate
+    starts on what filter_prune's last step measured); a narrower layer is a new graph."""
+    import timm
+
+    from stages._latency import graph_digest
+
+    meter = _meter(tmp_path, monkeypatch)
+    model = timm.create_model("resnet18", num_classes=4, in_chans=1).eval()
+
+    def train_a_little():  # every tensor distinct, as after training (the exporter merges equal initializers)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+
+    train_a_little()
+    meter.profile(model)
+    train_a_little()
+    meter.profile(model)
+    assert (meter.misses, meter.hits) == (1, 1)
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    meter.export(model, a)
+    model.fc = nn.Linear(model.fc.in_features, 3)
+    meter.export(model, b)
+    assert graph_digest(a.read_bytes()) != graph_digest(b.read_bytes())
+
+
+def test_one_step_that_saves_nothing_does_not_swing_the_next_budget_tenfold():
+    """Drift starts from the latency model's word; consistent readings move it all the way."""
+    d = Drift()
+    d.add(0.05, 0.0, 1)
+    assert 0.4 < d.factor < 0.6
+    for step in range(2, 12):
+        d.add(0.05, 0.1, step)
+    assert d.factor > 1.7
