@@ -204,7 +204,7 @@ class FilterPrune:
                      **start, "accepted": True}]
         for key in ("params_m", "gflops", "top1", "top5"):
             ctx.metric(f"prune/{key}", dynamics[0][key], step=0)
-        stop = f"reached {cfg.steps} steps"
+        stop = f"took all {cfg.steps} step{'' if cfg.steps == 1 else 's'} (filter_prune.steps)"
         started = time.monotonic()
         for t in ctx.track(range(cfg.steps), "pruning steps", total=cfg.steps):
             if goal.reached():

@@ -94,7 +94,7 @@ def test_missed_target_warns_and_its_gate_exits_3(finished, tmp_path: Path, caps
     summary = json.loads((copy / "summary.json").read_text())
     target = summary["targets"]["flops_reduction"]
     assert target["requested"] == 0.5 and target["met"] is False and target["achieved"] < 0.5
-    assert target["stop_reason"] == "reached 1 steps"
+    assert target["stop_reason"] == "took all 1 step (filter_prune.steps)"
     assert "WARNING target flops_reduction 0.5 was NOT met" in (copy / "log.txt").read_text()
     assert "WARNING: target flops_reduction 0.5 was not met" in err and "MISSED" in err
     assert "Target flops_reduction 0.5: **MISSED**" in (copy / "report.md").read_text()
