@@ -180,7 +180,8 @@ def test_an_unreachable_speedup_stops_with_the_reason_in_the_summary(tmp_path: P
     s = json.loads((run / "summary.json").read_text())
     target = s["targets"]["speedup"]
     assert target["requested"] == 50.0 and target["met"] is False
-    assert "cannot be reached" in target["stop_reason"] or target["stop_reason"] == "took all 3 steps (filter_prune.steps)"
+    assert ("cannot be reached" in target["stop_reason"]
+            or target["stop_reason"] == "took all 3 steps (filter_prune.steps)")
     assert "WARNING target speedup 50 was NOT met" in (run / "log.txt").read_text()
 
 
