@@ -91,7 +91,8 @@ def main() -> None:
     parser.add_argument("--latency-target", action="store_true", help="only the latency-target section (ResNet-50 "
                         "at 1.5/2/3x and the ten architectures at 2x, about 16 minutes); rewrites that section")
     parser.add_argument("--equal-latency", action="store_true", help="only accuracy at equal latency (latency- vs "
-                        "MACs-targeted on demo and digits, 3 seeds, about 45 minutes); rewrites that section")
+                        "MACs-targeted and Torch-Pruning's recipe on demo and digits, 3 seeds, about 40 minutes); "
+                        "rewrites that section")
     args = parser.parse_args()
     seeds = [0, 1, 2]
     owned = next((k for k in OWNED if getattr(args, k) or args.only == k), None)
