@@ -81,8 +81,10 @@ def test_equal_latency_calls_ties_by_the_seed_noise():
                 "gflops_delta": -70.0, "measuring_seconds": seconds, "hits": hits, "misses": misses,
                 "pruning_seconds": 60.0, "stage_seconds": 200.0}
 
-    rows = [{"dataset": "demo", "seed": s, "macs": rec(96.0 + s, 3.0), "latency": rec(96.2 + s, 3.05),
-             "again": rec(96.2 + s, 3.05, 0.5, 8, 0)} for s in (0, 1, 2)]
+    rows = [{"dataset": "demo", "seed": s, "macs": rec(96.0 + s, 3.0), "tp": rec(95.5 + s, 4.0 + s),
+             "latency": rec(96.2 + s, 3.05), "again": rec(96.2 + s, 3.05, 0.5, 8, 0)} for s in (0, 1, 2)]
     text = equal_latency.markdown({"rows": rows})
     assert "paired difference +0.20 ± 0.00 points (tie within the seed std)" in text
+    assert "Torch-Pruning's recipe 96.50 ± 1.00 at 5.00x on average" in text
+    assert "| demo | 0 | 98.00 | 96.00, 3.00x (2.80-3.20), -70% | 95.50, 4.00x (3.80-4.20), -70% |" in text
     assert "measuring on a first run: 5% of the pipeline's stage time" in text and "24 of 24" in text

@@ -47,7 +47,14 @@ def test_kill_points_cover_every_stage():
     assert set(KILL_POINTS) == set(PIPELINE)
 
 
-@pytest.mark.parametrize("stage", PIPELINE)
+# load is killed at the same point as export (work done, nothing saved yet), train resumes as finetune does (a test
+# below kills finetune mid-epoch), calibrate is recomputed whole as validate is: those three run with -m slow,
+# which keeps the default suite near 20 minutes on 2 cores
+SLOW_KILLS = {"load", "train", "calibrate"}
+
+
+@pytest.mark.parametrize("stage", [pytest.param(s, marks=pytest.mark.slow) if s in SLOW_KILLS else s
+                                   for s in PIPELINE])
 def test_sigkill_inside_stage_then_resume(setup, tmp_path: Path, stage: str):
     config, baseline = setup
     run = tmp_path / "run"
