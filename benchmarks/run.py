@@ -89,7 +89,7 @@ def main() -> None:
     parser.add_argument("--int8", action="store_true", help="only the INT8 section (ResNet-50 latency, the demo's "
                         "accuracy over 3 seeds, about 10 minutes); rewrites that section and keeps the rest")
     parser.add_argument("--latency-target", action="store_true", help="only the latency-target section (ResNet-50 "
-                        "at 1.5/2/3x and the ten architectures at 2x, about 16 minutes); rewrites that section")
+                        "at 1.5/2/3x and the ten architectures at 2x, about 10 minutes); rewrites that section")
     parser.add_argument("--equal-latency", action="store_true", help="only accuracy at equal latency (latency- vs "
                         "MACs-targeted and Torch-Pruning's recipe on demo and digits, 3 seeds, about 40 minutes); "
                         "rewrites that section")
