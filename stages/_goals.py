@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 
 from pipeline.models import count_macs
-from stages._latency import STEP_TIMING, Drift, LatencyMeter, Profile
+from stages._latency import STEP_TIMING, Drift, LatencyMeter, LayerFit, Profile
 
 
 def step_fraction(p0: float, alpha: float, t: int, steps: int) -> float:
@@ -49,7 +49,7 @@ class MacsGoal:
         return {"p": capped_fraction(step_fraction(self.cfg.p0, self.cfg.alpha, t, self.cfg.steps), self.gflops,
                                      self.target)}
 
-    def attempt(self, model: nn.Module, predicted_ms: float | None) -> dict[str, Any]:
+    def attempt(self, model: nn.Module, predicted: tuple[float, dict[str, float]] | None) -> dict[str, Any]:
         return {}
 
     def retry(self, attempt: dict[str, Any], plan: dict[str, Any]) -> dict[str, Any] | None:
@@ -89,6 +89,7 @@ class SpeedupGoal:
         self.profile: Profile = self.base
         self.speedup, self.low, self.high = 1.0, 1.0, 1.0
         self.drift = Drift()
+        self.fit = LayerFit()
         self.steps: list[dict[str, Any]] = []
         self._profiles: list[Profile] = []  # the profile before each step, for undo
         self.layers_before = dict(self.base.layers)
@@ -121,16 +122,20 @@ class SpeedupGoal:
         remaining = self.current_ms - self.target_ms
         # the last step aims at the target itself; every step's budget is corrected by the model's drift so far
         wanted = max(min(scheduled, remaining), 0.0)
-        return {"budget_ms": wanted / self.drift.factor, "wanted_ms": wanted, "profile": self.profile, "try": 1}
+        return {"budget_ms": wanted / self.drift.factor, "wanted_ms": wanted, "profile": self.profile,
+                "scale": self.fit.factors(self.profile), "try": 1}
 
-    def attempt(self, model: nn.Module, predicted_ms: float | None) -> dict[str, Any]:
+    def attempt(self, model: nn.Module, predicted: tuple[float, dict[str, float]] | None) -> dict[str, Any]:
         """Time the model as a step left it (latency does not depend on the weights: before recovery), briefly: a
         step only needs to know where it landed to within the step's size. A step that appears to reach the target
-        is timed again for longer, so that the stage does not stop on a lucky reading."""
+        is timed again for longer, so that the stage does not stop on a lucky reading. `predicted` is what the
+        step was predicted to save, in all and per layer (uncorrected): both corrections learn from it."""
         profile, (speedup, low, high) = self.meter.measure(model, self.base_path, STEP_TIMING, self._reaches)
         measured = self.current_ms - self.base.total_ms / speedup
+        predicted_ms = predicted[0] if predicted else None
         if predicted_ms:
             self.drift.add(predicted_ms, measured, len(self.steps) + 1)
+            self.fit.add(self.profile, profile, predicted[1])
         return {"profile": profile, "speedup": speedup, "low": low, "high": high, "predicted_ms": predicted_ms,
                 "measured_ms": measured}
 
@@ -183,7 +188,8 @@ class SpeedupGoal:
                 "other_ms_before": self.base.other_ms, "other_ms_after": self.profile.other_ms,
                 "measure_seconds": round(self.meter.seconds, 2), "confirmations": self.meter.confirmations,
                 "cache_hits": self.meter.hits,
-                "cache_misses": self.meter.misses, "drift": self.drift.factor}
+                "cache_misses": self.meter.misses, "drift": self.drift.factor,
+                "layer_fit": round(self.fit.overall(), 3)}
 
 
 def goal_for(ctx, model: nn.Module) -> MacsGoal | SpeedupGoal:

@@ -188,14 +188,16 @@ def apply_plan(dg, records: list[GroupRecord], plan: dict[str, list[int]], model
 
 
 def plan_latency_step(records: list[GroupRecord], originals: dict[str, int], budget_ms: float, round_to: int,
-                      max_ratio: float, unit_ms: dict[str, float], bins: int = 400) -> dict[str, list[int]]:
+                      max_ratio: float, unit_ms: dict[str, float], bins: int = 400,
+                      weights: dict[str, float] | None = None) -> dict[str, list[int]]:
     """Choose unit indices to remove so that the predicted saving reaches `budget_ms` at the least importance.
 
     A multiple-choice knapsack solved exactly over discretised milliseconds: each layer either keeps its width or
     loses its k weakest aligned chunks (chunks of a layer cost the same, so the weakest go first), for a saving
     of k chunks' predicted milliseconds (`unit_ms`: what one unit saves, from the latency model) and an
     importance of their units' scores (per layer normalised, features per unit counted, so that a head and its
-    head_dim channels weigh alike). When the budget cannot be met within the per-layer caps, everything the caps
+    head_dim channels weigh alike) times the group's `weights` (1 when not given; filter_prune passes the work a
+    unit does, `work_per_unit`). When the budget cannot be met within the per-layer caps, everything the caps
     allow is taken.
     """
     layers: list[tuple[GroupRecord, list[tuple[float, float, list[int]]]]] = []
@@ -206,10 +208,11 @@ def plan_latency_step(records: list[GroupRecord], originals: dict[str, int], bud
         align = r.align(round_to)
         floor = _min_keep(r.width, originals.get(r.name, r.width), align, max_ratio)
         choices, ms, lost, idx = [(0.0, 0.0, [])], 0.0, 0.0, []
+        weight = (weights or {}).get(r.name, 1.0)
         for _, chunk in _chunks(r, floor, align):
             idx = idx + chunk
             ms += cost * len(chunk)
-            lost += float(r.scores[chunk].sum()) * r.unit
+            lost += float(r.scores[chunk].sum()) * r.unit * weight
             choices.append((ms, lost, list(idx)))
         if len(choices) > 1:
             layers.append((r, choices))
@@ -238,3 +241,21 @@ def plan_latency_step(records: list[GroupRecord], originals: dict[str, int], bud
             plan[r.name] = idx
         b = max(0, b - int(ms / step))
     return plan
+
+
+def work_per_unit(records: list[GroupRecord], macs: dict[str, float]) -> dict[str, float]:
+    """The MACs one unit of each group carries (its member layers' MACs times the share of their width one unit
+    is), relative to the groups' mean: the latency knapsack's weight on a unit's score.
+
+    Scores normalised per layer say which units of a layer matter, not how a unit of one layer weighs against
+    one of another; counted per unit, a channel of a 64-wide layer weighed as much as one of a 512-wide layer
+    although it is eight times the share of its layer's work. Narrow high-resolution layers also have the most
+    milliseconds per channel, so a knapsack buying milliseconds per unit of score stripped them first (timm
+    ResNet-50 at 2x: layer1 and layer2 cut to their cap while layer4 kept every channel; 2.28x fewer MACs for
+    2.0x, latency efficiency 0.88). Weighed by the work it does, a unit is cheap to remove where its
+    milliseconds are expensive per MAC, which is what latency-targeted pruning is for (the same run: 1.89x fewer
+    MACs for 1.98x, efficiency 1.05)."""
+    work = {r.name: sum(macs.get(layer, 0.0) * per_unit / width for layer, (width, per_unit) in r.members.items()
+                        if width > 0) for r in records}
+    mean = sum(work.values()) / len(work) if work else 0.0
+    return {name: w / mean for name, w in work.items()} if mean > 0 else {}

@@ -17,7 +17,7 @@ from stages._criteria import CRITERIA, accumulate_gradients
 from stages._flows import UnitStats, collect_unit_stats
 from stages._goals import capped_fraction, goal_for, step_fraction  # noqa: F401 - re-exported
 from stages._graph import in_attention
-from stages._latency import LatencyMeter, best_alignment, unit_costs
+from stages._latency import LatencyMeter, best_alignment, member_costs, unit_costs
 from stages._pruning import (
     apply_plan,
     build_graph,
@@ -26,6 +26,7 @@ from stages._pruning import (
     plan_step,
     producers_of,
     score_groups,
+    work_per_unit,
 )
 from stages._recovery import Budget, recover
 from stages._structure import (
@@ -70,6 +71,7 @@ class Pruner:
         self.proved = False
         self.keep, self.graph_builds, self.score_seconds, self.proof_seconds = 1.0, 0, 0.0, 0.0
         self.predicted_ms = 0.0  # what the last latency-budgeted step was predicted to save
+        self.predicted_layers: dict[str, float] = {}  # the same per layer, uncorrected (for LayerFit)
         cfg = ctx.config.filter_prune
         # round_to: auto measures the channel multiple the validation runtime rewards (cached per machine)
         self.round_to = best_alignment(LatencyMeter(ctx.config)) if cfg.round_to == "auto" else cfg.round_to
@@ -95,9 +97,10 @@ class Pruner:
 
     def step(self, model: nn.Module, p: float = 0.0, stats: dict[str, Any] | None = None,
              description: str = "flows", budget_ms: float | None = None, profile=None,
-             snapshot: nn.Module | None = None, _retry: bool = False) -> int:
+             snapshot: nn.Module | None = None, scale: dict[str, float] | None = None, _retry: bool = False) -> int:
         """Remove the share `p` of the remaining units, or (with `budget_ms` and the latency `profile`) the least
-        important units whose predicted saving reaches the budget; returns how many were removed. The model is
+        important units whose predicted saving (each layer's corrected by `scale`) reaches the budget; returns how
+        many were removed. The model is
         changed in place; a step whose removals would break it is undone and taken again without the offending
         groups (`snapshot`, a copy of the model before the step, saves one copy when the caller has it)."""
         cfg, ctx, criterion = self.ctx.config.filter_prune, self.ctx, self.criterion
@@ -122,10 +125,16 @@ class Pruner:
         for r in records:
             self.originals.setdefault(r.name, r.width)
         if budget_ms is not None:
-            unit_ms = {r.name: unit_costs(profile, r.members) for r in records}
+            unit_ms = {r.name: unit_costs(profile, r.members, scale) for r in records}
+            weights = work_per_unit(records, module_macs(model, self.example))
             plan = plan_latency_step(records, self.originals, budget_ms, self.round_to, cfg.max_layer_pruning_ratio,
-                                     unit_ms)
+                                     unit_ms, weights=weights)
             self.predicted_ms = sum(len(idx) * unit_ms[name] for name, idx in plan.items())
+            self.predicted_layers = {}
+            for r in records:
+                for layer, ms in member_costs(profile, r.members).items():
+                    self.predicted_layers[layer] = self.predicted_layers.get(layer, 0.0) + ms * len(plan.get(r.name,
+                                                                                                            ()))
         else:
             self.keep *= 1.0 - p
             plan = plan_step(records, self.originals, p, self.round_to, cfg.max_layer_pruning_ratio, cfg.ranking,
@@ -149,7 +158,7 @@ class Pruner:
             self.held[name] = Held(name, f"removing {len(plan[name])} of its {rec.width} units breaks the model "
                                          f"({err})", "breaks forward", [n for n, m in model.named_modules()
                                                                         if m is rec.module])
-        return self.step(model, p, stats, description, budget_ms, profile, _retry=True)
+        return self.step(model, p, stats, description, budget_ms, profile, scale=scale, _retry=True)
 
     def held_records(self, model: nn.Module) -> list[dict[str, Any]]:
         """Every group held whole, with its reason and share of the model's MACs (as the model is now)."""
@@ -166,10 +175,10 @@ def take_step(pruner: Pruner, goal, model: nn.Module, t: int, stats: dict[str, A
     plan = goal.step(t)
     while True:
         removed = pruner.step(model, plan.get("p", 0.0), stats, f"flows, step {t + 1}", plan.get("budget_ms"),
-                              plan.get("profile"), snapshot)
+                              plan.get("profile"), snapshot, plan.get("scale"))
         if removed == 0:
             return 0, plan, {}
-        attempt = goal.attempt(model, pruner.predicted_ms if "budget_ms" in plan else None)
+        attempt = goal.attempt(model, (pruner.predicted_ms, pruner.predicted_layers) if "budget_ms" in plan else None)
         again = goal.retry(attempt, plan)
         if again is None:
             return removed, plan, attempt

@@ -11,7 +11,7 @@ from torch import nn
 
 from export.onnx_names import node_owners
 from pipeline.config import Config
-from stages._latency import Drift, LatencyMeter, best_alignment, unit_costs
+from stages._latency import Drift, LatencyMeter, LayerFit, Profile, best_alignment, unit_costs
 from stages._pruning import GroupRecord, plan_latency_step
 from tests.conftest import tiny_config
 
@@ -48,6 +48,41 @@ def test_unit_cost_charges_each_member_its_share_of_width():
     prof = Profile(10.0, {"conv1": 4.0, "conv2": 2.0}, 4.0)
     assert unit_costs(prof, {"conv1": (64, 1), "conv2": (32, 1)}) == pytest.approx(4 / 64 + 2 / 32)
     assert unit_costs(prof, {"conv1": (64, 16)}) == pytest.approx(1.0)  # a head of 16 features
+
+
+def test_units_weigh_the_work_they_do_so_a_narrow_layer_is_not_stripped_for_its_milliseconds_per_channel():
+    """Flat scores (every unit 1 after per-layer normalisation): a 64-wide layer at high resolution has more
+    milliseconds per channel than a 512-wide one, so counted per unit the knapsack strips it, though each of its
+    channels is a larger share of the model's work; weighed by the MACs a unit carries, it takes the wide layer's
+    units, whose milliseconds are dearer per MAC."""
+    from stages._pruning import work_per_unit
+
+    narrow = GroupRecord("narrow", nn.Identity(), None, 64, torch.ones(64), members={"n.conv": (64, 1)})
+    wide = GroupRecord("wide", nn.Identity(), None, 512, torch.ones(512), members={"w.conv": (512, 1)})
+    # same MACs per layer; the wide layer's time is 1.25x its share of the MACs (slow per MAC)
+    unit_ms = {"narrow": 0.8 / 64, "wide": 1.0 / 512}
+    budget = 8 * 0.8 / 64  # one chunk of the narrow layer
+    assert set(plan_latency_step([narrow, wide], {}, budget, 8, 0.9, unit_ms)) == {"narrow"}, "per unit"
+    weights = work_per_unit([narrow, wide], {"n.conv": 1e6, "w.conv": 1e6})
+    assert weights["narrow"] == pytest.approx(8 * weights["wide"])
+    plan = plan_latency_step([narrow, wide], {}, budget, 8, 0.9, unit_ms, weights=weights)
+    assert set(plan) == {"wide"} and len(plan["wide"]) == 56, "7 chunks of 8: 0.109 ms, the first to reach 0.1"
+
+
+def test_layer_fit_corrects_each_layer_by_what_its_removals_saved():
+    """A layer that saved half its predicted milliseconds (a fixed kernel cost, or both its widths cut in one
+    step) is charged about half next time; a layer never cut takes the ratio of all layers measured so far."""
+    fit = LayerFit()
+    before = Profile(10.0, {"a": 4.0, "b": 4.0, "c": 2.0}, 0.0)
+    after = Profile(7.0, {"a": 2.0, "b": 3.0, "c": 2.0}, 0.0)
+    fit.add(before, after, {"a": 2.0, "b": 2.0})  # a saved all its 2 ms predicted; b 1 of its 2
+    factors = fit.factors(after)
+    assert fit.overall() == pytest.approx(0.75)
+    assert factors["c"] == pytest.approx(0.75), "not measured: the overall ratio"
+    assert factors["b"] < 0.6 < 0.95 < factors["a"] <= 1.0, factors  # shrunk a little towards the overall ratio
+    assert unit_costs(after, {"a": (10, 1), "b": (10, 1)}, factors) == pytest.approx(
+        0.2 * factors["a"] + 0.3 * factors["b"])
+    assert LayerFit().factors(after) == {"a": 1.0, "b": 1.0, "c": 1.0}, "nothing measured: the model as it is"
 
 
 def _meter(tmp_path: Path, monkeypatch, **validate) -> LatencyMeter:
@@ -106,7 +141,7 @@ def _speedup_goal(speedup: float = 1.0, low: float = 1.0, high: float = 1.0):
     goal.cfg = Config.model_validate({**tiny_config(), "filter_prune": {"target_speedup": 2.0}}).filter_prune
     goal.base = type("P", (), {"total_ms": 10.0})()
     goal.speedup, goal.low, goal.high = speedup, low, high
-    goal.drift, goal.profile = Drift(), None
+    goal.drift, goal.fit, goal.profile = Drift(), LayerFit(), Profile(10.0, {}, 0.0)
     return goal
 
 
