@@ -88,8 +88,9 @@ def prune_to_speedup(source: str, name: str, target: float, size: int | None = N
     if models is not None:
         models.update(base=base, pruned=model, config=cfg)
     record = goal.record()
-    errors = [abs(s["measured_ms"] - s["predicted_ms"]) / s["measured_ms"] for s in record["steps"]
-              if s["predicted_ms"] and s["measured_ms"] > 0]
+    pairs = [(s.get("predicted_since_ms", s["predicted_ms"]), s.get("measured_since_ms", s["measured_ms"]))
+             for s in record["steps"] if s["timed"]]  # a timing after untimed steps covers them too
+    errors = [abs(m - p) / m for p, m in pairs if p and m > 0]
     return {"model": f"{source}:{name}", "size": cfg.model.input_size[0], "target": target,
             "achieved": val["speedup"], "low": val["speedup_low"], "high": val["speedup_high"],
             "stage_speedup": record["speedup"], "error": val["speedup"] / target - 1.0, "steps": steps,

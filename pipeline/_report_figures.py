@@ -150,14 +150,20 @@ def figure_latency_model(latency: dict[str, Any], path: Path, top: int = 30) -> 
     fig = Figure(figsize=(max(9.0, 0.3 * len(layers) + 3), 8.5))
     ax1, ax2 = fig.subplots(2, 1)
     fig.subplots_adjust(hspace=0.5)
-    if steps:
-        xs = list(range(1, len(steps) + 1))
-        ax1.plot(xs, [s["predicted_ms"] or 0.0 for s in steps], marker="o", label="predicted by the latency model")
-        ax1.plot(xs, [s["measured_ms"] for s in steps], marker="s", label="measured (interleaved with the base)")
-        ax1.set_xticks(xs)
-        ax1.set_xlabel("pruning step")
+    # a timing after untimed steps measured them too: it is plotted against their predictions summed
+    timed = [(i + 1, s) for i, s in enumerate(steps) if s.get("timed", True)]
+    if timed:
+        xs = [i for i, _ in timed]
+        ax1.plot(xs, [s.get("predicted_since_ms", s["predicted_ms"]) or 0.0 for _, s in timed], marker="o",
+                 label="predicted by the latency model")
+        ax1.plot(xs, [s.get("measured_since_ms", s["measured_ms"]) for _, s in timed], marker="s",
+                 label="measured (interleaved with the base)")
+        ax1.set_xticks(list(range(1, len(steps) + 1)))
+        untimed = len(steps) - len(timed)
+        ax1.set_xlabel("pruning step" + (f" ({untimed} far from the target not timed: their saving is in the next "
+                                         f"timed step's)" if untimed else ""))
         ax1.legend(fontsize=8)
-    ax1.set_ylabel("ms saved by the step")
+    ax1.set_ylabel("ms saved since the last timing")
     ax1.set_title(f"{latency['runtime']}: {latency['base_ms']:.3g} ms -> {latency['base_ms'] / latency['speedup']:.3g} "
                   f"ms ({latency['speedup']:.2f}x, target {latency['base_ms'] / latency['target_ms']:.2f}x)",
                   fontsize=10)

@@ -252,17 +252,30 @@ def build_sections(rec: RunRecords, rows: list[dict[str, Any]], widths: list[dic
     lat_model = rec.states.get("filter_prune", {}).get("latency")
     if lat_model:
         steps = lat_model.get("steps", [])
+        def measured(s: dict[str, Any]) -> str:
+            if not s.get("timed", True):
+                return "not timed (far from the target)"
+            if s.get("steps_since", 1) > 1:  # the timing covers the untimed steps before it
+                return (f"{f4(s['measured_since_ms'])} over the last {s['steps_since']} steps (predicted "
+                        f"{f4(s['predicted_since_ms'])})")
+            return f4(s["measured_ms"])
+
         t = Table(["step", "predicted saving (ms)", "measured saving (ms)", "latency (ms)", "speedup",
-                   "spread"], [[str(i + 1), f4(s["predicted_ms"]), f4(s["measured_ms"]), f4(s["latency_ms"]),
-                                f"{s['speedup']:.2f}x", f"{s['speedup_low']:.2f}-{s['speedup_high']:.2f}"]
+                   "spread"], [[str(i + 1), f4(s["predicted_ms"]), measured(s),
+                                f4(s["latency_ms"]) + ("" if s.get("timed", True) else " (predicted)"),
+                                f"{s['speedup']:.2f}x" + ("" if s.get("timed", True) else " (predicted)"),
+                                f"{s['speedup_low']:.2f}-{s['speedup_high']:.2f}" if s.get("timed", True) else "-"]
                                for i, s in enumerate(steps)])
+        untimed = sum(not s.get("timed", True) for s in steps)
         sections.append(Section("Latency model", [
             f"Pruned to a measured speedup on {lat_model['runtime']} ({lat_model['threads']} threads, "
             f"{lat_model['device']}): base {lat_model['base_ms']:.4g} ms, target {lat_model['target_ms']:.4g} ms, "
             f"reached {lat_model['speedup']:.2f}x in the stage (validated figure above). Each step's budget is "
             f"spent by a knapsack over the groups' predicted savings (per-layer times from ONNX Runtime's "
             f"profiler), then the model is timed against the base and the misprediction corrects the next budget "
-            f"(drift {lat_model['drift']:.2f}). Measuring took {lat_model['measure_seconds']:.1f} s "
+            f"(drift {lat_model['drift']:.2f})"
+            + (f"; {untimed} step(s) far from the target were not timed, the timing after each measured it with the "
+               f"step before" if untimed else "") + f". Measuring took {lat_model['measure_seconds']:.1f} s "
             f"({lat_model['cache_hits']} measurements from the cache, {lat_model['cache_misses']} new)."], [t],
             [(f"{FIGURES}/latency_model.png", "predicted vs measured saving per step; ms per layer before/after")]))
     trunc = rec.states.get("layer_truncate")

@@ -73,6 +73,10 @@ class MacsGoal:
 
 
 RETRIES = 3  # attempts per step when a step saves far more latency than it asked for
+# A step may go untimed while the latency it is predicted to leave is at least this many times the target's
+# (and the step before it was timed): far from the target, where a step lands only sets the next budget, and the
+# next timing measures both steps against the latency model's prediction for both.
+UNTIMED_FAR = 1.5
 
 
 class SpeedupGoal:
@@ -92,7 +96,12 @@ class SpeedupGoal:
         self.fit = LayerFit()
         self.steps: list[dict[str, Any]] = []
         self._profiles: list[Profile] = []  # the profile before each step, for undo
+        self._anchors: list[dict[str, Any]] = []  # likewise the anchor
         self.layers_before = dict(self.base.layers)
+        self.t = 0
+        # the last timed model (its latency and profile) and what the untimed steps since were predicted to save
+        self.anchor: dict[str, Any] = {"ms": self.base.total_ms, "profile": self.base, "predicted_ms": 0.0,
+                                       "layers": {}, "steps": 0}
 
     @property
     def target_ms(self) -> float:
@@ -117,6 +126,7 @@ class SpeedupGoal:
         # layer loses about 1-(1-p)^2 of its work as both its widths shrink), so both goals take equal steps; and
         # never less than the last measurement could resolve, or the loop would steer by timing noise (on a
         # sub-millisecond model a few units' saving is within it).
+        self.t = t
         p = step_fraction(self.cfg.p0, self.cfg.alpha, t, self.cfg.steps)
         scheduled = max((1.0 - (1.0 - p) ** 2) * self.current_ms, self.spread_ms(self.low, self.high))
         remaining = self.current_ms - self.target_ms
@@ -129,21 +139,50 @@ class SpeedupGoal:
         """Time the model as a step left it (latency does not depend on the weights: before recovery), briefly: a
         step only needs to know where it landed to within the step's size. A step that appears to reach the target
         is timed again for longer, so that the stage does not stop on a lucky reading. `predicted` is what the
-        step was predicted to save, in all and per layer (uncorrected): both corrections learn from it."""
-        profile, (speedup, low, high) = self.meter.measure(model, self.base_path, STEP_TIMING, self._reaches)
-        measured = self.current_ms - self.base.total_ms / speedup
+        step was predicted to save, in all and per layer (uncorrected): both corrections learn from it, against
+        the saving measured since the last timed model. A step far from the target after a timed one is not
+        timed (UNTIMED_FAR): it is taken to land where the corrected latency model says."""
         predicted_ms = predicted[0] if predicted else None
+        if predicted_ms and self._may_go_untimed(predicted_ms):
+            return self._estimate(predicted_ms, predicted[1])
+        profile, (speedup, low, high) = self.meter.measure(model, self.base_path, STEP_TIMING, self._reaches)
+        now = self.base.total_ms / speedup
+        since = self.anchor["ms"] - now
         if predicted_ms:
-            self.drift.add(predicted_ms, measured, len(self.steps) + 1)
-            self.fit.add(self.profile, profile, predicted[1])
+            layers = dict(self.anchor["layers"])
+            for layer, ms in predicted[1].items():
+                layers[layer] = layers.get(layer, 0.0) + ms
+            self.drift.add(self.anchor["predicted_ms"] + predicted_ms, since, len(self.steps) + 1)
+            self.fit.add(self.anchor["profile"], profile, layers)
         return {"profile": profile, "speedup": speedup, "low": low, "high": high, "predicted_ms": predicted_ms,
-                "measured_ms": measured}
+                "measured_ms": self.current_ms - now, "timed": True,
+                "predicted_since_ms": self.anchor["predicted_ms"] + (predicted_ms or 0.0), "measured_since_ms": since,
+                "steps_since": self.anchor["steps"] + 1}
+
+    def _may_go_untimed(self, predicted_ms: float) -> bool:
+        """Far from the target, neither the first step nor the last, and the step before was timed."""
+        if not self.steps or self.t >= self.cfg.steps - 1 or not self.steps[-1]["timed"]:
+            return False
+        return self.current_ms - predicted_ms * self.drift.factor >= UNTIMED_FAR * self.target_ms
+
+    def _estimate(self, predicted_ms: float, layers: dict[str, float]) -> dict[str, Any]:
+        """Where an untimed step is taken to land: each layer loses its prediction corrected by LayerFit and the
+        drift so far (the profile the next step's costs come from); the end-to-end latency loses their sum."""
+        factors, drift = self.fit.factors(self.profile), self.drift.factor
+        after = {layer: max(ms - layers.get(layer, 0.0) * factors.get(layer, 1.0) * drift, 0.0)
+                 for layer, ms in self.profile.layers.items()}
+        total = max(self.current_ms - (sum(self.profile.layers.values()) - sum(after.values())), 1e-9)
+        speedup = self.base.total_ms / total
+        return {"profile": Profile(total, after, self.profile.other_ms), "speedup": speedup, "low": speedup,
+                "high": speedup, "predicted_ms": predicted_ms, "measured_ms": None, "timed": False,
+                "predicted_layers": layers}
 
     def retry(self, attempt: dict[str, Any], plan: dict[str, Any]) -> dict[str, Any] | None:
         """A corrected plan when the step saved far more than it asked for (the latency model underestimated what
         the removals save: beyond the target's tolerance, or twice the step's budget and 5% of the latency), else
         None. The step is then undone and retaken with the budget scaled by this attempt's own misprediction."""
-        if plan["try"] >= RETRIES or not attempt["predicted_ms"] or attempt["measured_ms"] <= 0:
+        if (plan["try"] >= RETRIES or not attempt.get("timed", True) or not attempt["predicted_ms"]
+                or attempt["measured_ms"] <= 0):
             return None
         # only what the measurement can tell from its own noise: the spread's low end beyond the target, or an
         # excess wider than the spread (a timing that merely wobbles is not a step to undo)
@@ -160,11 +199,24 @@ class SpeedupGoal:
 
     def observe(self, model: nn.Module, gflops: float, attempt: dict[str, Any]) -> dict[str, Any]:
         self._profiles.append(self.profile)
+        self._anchors.append(self.anchor)
         self.profile = attempt["profile"]
         self.speedup, self.low, self.high = attempt["speedup"], attempt["low"], attempt["high"]
         row = {"predicted_ms": attempt["predicted_ms"], "measured_ms": attempt["measured_ms"],
                "latency_ms": self.current_ms, "speedup": self.speedup, "speedup_low": self.low,
-               "speedup_high": self.high}
+               "speedup_high": self.high, "timed": attempt["timed"]}
+        if attempt["timed"]:
+            if attempt["steps_since"] > 1:  # this timing measured the untimed steps before it too
+                row.update(predicted_since_ms=attempt["predicted_since_ms"],
+                           measured_since_ms=attempt["measured_since_ms"], steps_since=attempt["steps_since"])
+            self.anchor = {"ms": self.current_ms, "profile": self.profile, "predicted_ms": 0.0, "layers": {},
+                           "steps": 0}
+        else:
+            layers = dict(self.anchor["layers"])
+            for layer, ms in attempt["predicted_layers"].items():
+                layers[layer] = layers.get(layer, 0.0) + ms
+            self.anchor = {**self.anchor, "predicted_ms": self.anchor["predicted_ms"] + attempt["predicted_ms"],
+                           "layers": layers, "steps": self.anchor["steps"] + 1}
         self.steps.append(row)
         return row
 
@@ -173,6 +225,7 @@ class SpeedupGoal:
         last = self.steps[-1] if self.steps else {"speedup": 1.0, "speedup_low": 1.0, "speedup_high": 1.0}
         self.speedup, self.low, self.high = last["speedup"], last["speedup_low"], last["speedup_high"]
         self.profile = self._profiles.pop() if self._profiles else self.base
+        self.anchor = self._anchors.pop() if self._anchors else self.anchor
 
     def done(self) -> float:
         return (1.0 - 1.0 / self.speedup) / (1.0 - 1.0 / self.cfg.target_speedup)
@@ -184,6 +237,8 @@ class SpeedupGoal:
         return {"runtime": self.meter.runtime, "device": self.meter.device, "threads": self.meter.threads,
                 "base_ms": self.base.total_ms, "target_ms": self.target_ms, "speedup": self.speedup,
                 "speedup_low": self.low, "speedup_high": self.high, "steps": self.steps,
+                "speedup_timed": self.steps[-1].get("timed", True) if self.steps else True,
+                "untimed_steps": sum(not s.get("timed", True) for s in self.steps),
                 "layers_before": self.layers_before, "layers_after": dict(self.profile.layers),
                 "other_ms_before": self.base.other_ms, "other_ms_after": self.profile.other_ms,
                 "measure_seconds": round(self.meter.seconds, 2), "confirmations": self.meter.confirmations,

@@ -177,6 +177,61 @@ def test_a_saving_within_the_timing_noise_is_not_retaken_and_steps_are_not_small
     assert goal.step(0)["wanted_ms"] == pytest.approx((1 - 0.95 ** 2) * 10.0 / 1.087), "a tight spread: the schedule"
 
 
+class _ScriptedMeter:
+    """Stands in for LatencyMeter.measure: returns the next (latency ms, per-layer ms) it was given, and counts."""
+
+    def __init__(self, base_ms: float, readings: list[tuple[float, dict[str, float]]]) -> None:
+        self.base_ms, self.readings, self.calls = base_ms, list(readings), 0
+
+    def measure(self, model, base, timing, confirm=None, save_as=None):
+        self.calls += 1
+        total, layers = self.readings.pop(0)
+        s = self.base_ms / total
+        return Profile(total, layers, total - sum(layers.values())), (s, s * 0.99, s * 1.01)
+
+
+def test_a_step_far_from_the_target_after_a_timed_one_is_not_timed_and_the_next_timing_covers_both():
+    """Far from the target a step's landing only sets the next budget: every other step there goes untimed (no
+    export, no timing), taken to land where the corrected model says, and the next timing charges the drift and
+    the per-layer fit with both steps' predictions. The first step, steps near the target and the last step are
+    always timed."""
+    from stages._goals import UNTIMED_FAR
+
+    goal = _speedup_goal()  # base 10 ms, target 2x: 5 ms
+    goal.cfg = goal.cfg.model_copy(update={"steps": 10})
+    goal.base = Profile(10.0, {"a": 5.0, "b": 5.0}, 0.0)
+    goal.profile, goal.steps, goal._profiles, goal._anchors, goal.t = goal.base, [], [], [], 0
+    goal.anchor = {"ms": 10.0, "profile": goal.base, "predicted_ms": 0.0, "layers": {}, "steps": 0}
+    goal.meter = _ScriptedMeter(10.0, [(9.0, {"a": 4.0, "b": 5.0}), (8.0, {"a": 3.5, "b": 4.5}),
+                                       (6.0, {"a": 3.0, "b": 3.0})])
+    goal.base_path = None
+
+    def step(t: int, predicted: tuple[float, dict[str, float]]) -> dict:
+        goal.t = t
+        return goal.observe(None, 0.0, goal.attempt(None, predicted))
+
+    first = step(0, (1.0, {"a": 1.0}))
+    assert first["timed"] and goal.meter.calls == 1, "the first step is timed"
+    assert 9.0 - 0.5 >= UNTIMED_FAR * goal.target_ms
+    second = step(1, (0.5, {"b": 0.5}))
+    assert not second["timed"] and goal.meter.calls == 1, "far from the target after a timed step: not timed"
+    assert second["measured_ms"] is None and second["latency_ms"] == pytest.approx(8.5), "lands where predicted"
+    third = step(2, (0.5, {"a": 0.5}))
+    assert third["timed"] and goal.meter.calls == 2, "the step after an untimed one is timed"
+    assert third["steps_since"] == 2 and third["predicted_since_ms"] == pytest.approx(1.0)
+    assert third["measured_since_ms"] == pytest.approx(1.0), "9 ms -> 8 ms over both steps"
+    assert goal.drift.history[-1]["predicted_ms"] == pytest.approx(1.0)
+    assert goal.fit.predicted == pytest.approx({"a": 1.5, "b": 0.5}), "both steps' per-layer predictions"
+    assert goal.fit.measured == pytest.approx({"a": 1.5, "b": 0.5})  # 5 -> 3.5 and 5 -> 4.5 ms
+    goal.t = 5
+    assert goal._may_go_untimed(0.1), "8 ms, a small step: far"
+    goal.t = goal.cfg.steps - 1
+    assert not goal._may_go_untimed(0.1), "the last step is timed"
+    near = step(3, (2.0, {"a": 1.0, "b": 1.0}))  # 8 ms, leaving about 6 ms < 7.5: near the target
+    assert near["timed"] and goal.meter.calls == 3
+    assert [s["timed"] for s in goal.steps] == [True, False, True, True]
+
+
 def test_node_owners_follow_fused_ops_back_to_their_conv(tmp_path: Path):
     import timm
 
