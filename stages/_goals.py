@@ -98,7 +98,7 @@ class SpeedupGoal:
         self._profiles: list[Profile] = []  # the profile before each step, for undo
         self._anchors: list[dict[str, Any]] = []  # likewise the anchor
         self.layers_before = dict(self.base.layers)
-        self.t = 0
+        self.t, self.try_ = 0, 1  # the step and its attempt (retry() counts the attempts)
         # the last timed model (its latency and profile) and what the untimed steps since were predicted to save
         self.anchor: dict[str, Any] = {"ms": self.base.total_ms, "profile": self.base, "predicted_ms": 0.0,
                                        "layers": {}, "steps": 0}
@@ -117,6 +117,18 @@ class SpeedupGoal:
     def reached(self) -> bool:
         return self._reaches(self.speedup)
 
+    def _beyond(self, low: float) -> bool:
+        """The low end of a timing's spread past the target's tolerance: the step overshot."""
+        return low > self.cfg.target_speedup * (1.0 + self.cfg.speedup_tolerance)
+
+    def _confirm(self, speedup: float, low: float) -> bool:
+        """Whether a short timing must be repeated at length: it appears to reach the target, and the step could
+        stand on it (the stage may stop there). A step clearly beyond the target is retaken smaller instead, so
+        timing it longer would buy nothing, unless it is the last attempt, which stands whatever it measured
+        (on a sub-millisecond model with a latency cliff, confirming every overshoot cost 10 long timings, 19 s,
+        in one digits run)."""
+        return self._reaches(speedup) and (not self._beyond(low) or self.try_ >= RETRIES)
+
     def spread_ms(self, low: float, high: float) -> float:
         """How far apart the latencies a measurement cannot tell apart are: the width of its spread in ms."""
         return max(self.base.total_ms * (1.0 / low - 1.0 / high), 0.0) if low > 0 and high > 0 else 0.0
@@ -126,7 +138,7 @@ class SpeedupGoal:
         # layer loses about 1-(1-p)^2 of its work as both its widths shrink), so both goals take equal steps; and
         # never less than the last measurement could resolve, or the loop would steer by timing noise (on a
         # sub-millisecond model a few units' saving is within it).
-        self.t = t
+        self.t, self.try_ = t, 1
         p = step_fraction(self.cfg.p0, self.cfg.alpha, t, self.cfg.steps)
         scheduled = max((1.0 - (1.0 - p) ** 2) * self.current_ms, self.spread_ms(self.low, self.high))
         remaining = self.current_ms - self.target_ms
@@ -145,7 +157,7 @@ class SpeedupGoal:
         predicted_ms = predicted[0] if predicted else None
         if predicted_ms and self._may_go_untimed(predicted_ms):
             return self._estimate(predicted_ms, predicted[1])
-        profile, (speedup, low, high) = self.meter.measure(model, self.base_path, STEP_TIMING, self._reaches)
+        profile, (speedup, low, high) = self.meter.measure(model, self.base_path, STEP_TIMING, self._confirm)
         now = self.base.total_ms / speedup
         since = self.anchor["ms"] - now
         if predicted_ms:
@@ -186,14 +198,15 @@ class SpeedupGoal:
             return None
         # only what the measurement can tell from its own noise: the spread's low end beyond the target, or an
         # excess wider than the spread (a timing that merely wobbles is not a step to undo)
-        beyond = attempt["low"] > self.cfg.target_speedup * (1.0 + self.cfg.speedup_tolerance)
+        beyond = self._beyond(attempt["low"])
         excess = attempt["measured_ms"] - plan["wanted_ms"]
         too_big = (attempt["measured_ms"] > 2.0 * plan["wanted_ms"] and excess > 0.05 * self.current_ms
                    and excess > self.spread_ms(attempt["low"], attempt["high"]))
         if not (beyond or too_big):
             return None
         ratio = attempt["measured_ms"] / attempt["predicted_ms"]
-        return {**plan, "budget_ms": plan["wanted_ms"] / ratio, "try": plan["try"] + 1,
+        self.try_ = plan["try"] + 1
+        return {**plan, "budget_ms": plan["wanted_ms"] / ratio, "try": self.try_,
                 "why": f"saved {attempt['measured_ms']:.3g} ms of {plan['wanted_ms']:.3g} ms wanted "
                        f"({attempt['speedup']:.2f}x)"}
 

@@ -153,11 +153,12 @@ class LatencyMeter:
         return self.measure(model)[0]
 
     def measure(self, model: nn.Module, base: Path | None = None, timing: tuple[int, float] = FIRM_TIMING,
-                confirm: Callable[[float], bool] | None = None, save_as: Path | None = None,
+                confirm: Callable[[float, float], bool] | None = None, save_as: Path | None = None,
                 ) -> tuple[Profile, tuple[float, float, float]]:
         """The model's profile and, against the base model's ONNX file, its speedup (median, low, high across
         `timing`'s interleaved blocks); one export for both, each from the cache when measured here before. When
-        `confirm` says yes to the speedup, the same file is timed again at FIRM_TIMING and that figure returned.
+        `confirm` says yes to the speedup (median and low end), the same file is timed again at FIRM_TIMING and that
+        figure returned.
         `save_as` keeps a copy of the exported file (the base model, timed against in later calls).
         With a base, the profile's end-to-end latency is the compressed model's median from the same interleaved
         timing (no second timing of the same model)."""
@@ -173,7 +174,7 @@ class LatencyMeter:
                 speed, total = (1.0, 1.0, 1.0), None
                 if base is not None:
                     got = self._timed(base, path, graph, timing)
-                    if confirm is not None and timing != FIRM_TIMING and confirm(got["speedup"]):
+                    if confirm is not None and timing != FIRM_TIMING and confirm(got["speedup"], got["speedup_low"]):
                         self.confirmations += 1
                         got = self._timed(base, path, graph, FIRM_TIMING)
                     speed = (got["speedup"], got["speedup_low"], got["speedup_high"])

@@ -142,6 +142,7 @@ def _speedup_goal(speedup: float = 1.0, low: float = 1.0, high: float = 1.0):
     goal.base = type("P", (), {"total_ms": 10.0})()
     goal.speedup, goal.low, goal.high = speedup, low, high
     goal.drift, goal.fit, goal.profile = Drift(), LayerFit(), Profile(10.0, {}, 0.0)
+    goal.try_ = 1
     return goal
 
 
@@ -232,6 +233,25 @@ def test_a_step_far_from_the_target_after_a_timed_one_is_not_timed_and_the_next_
     assert [s["timed"] for s in goal.steps] == [True, False, True, True]
 
 
+def test_a_short_timing_clearly_beyond_the_target_is_not_timed_again_unless_it_is_the_last_attempt():
+    """A step that overshoots the target is retaken smaller: timing it longer first buys nothing. One that reaches
+    it within the tolerance may stop the stage, and so does the last attempt whatever it measured: both are
+    confirmed at length."""
+    from stages._goals import RETRIES
+
+    goal = _speedup_goal()  # target 2x, tolerance 3%
+    goal.try_ = 1
+    assert goal._confirm(2.01, 1.98), "reaches the target: the stage may stop on it"
+    assert not goal._confirm(1.9, 1.85), "short of the target"
+    assert not goal._confirm(2.6, 2.5), "clearly beyond: retaken smaller, not confirmed"
+    assert goal._confirm(2.6, 2.0), "the spread reaches back within the tolerance: it may stand"
+    goal.try_ = RETRIES
+    assert goal._confirm(2.6, 2.5), "the last attempt stands on what it measures"
+    again = goal.retry({"predicted_ms": 1.0, "measured_ms": 6.0, "speedup": 2.5, "low": 2.4, "high": 2.6,
+                        "timed": True}, {"budget_ms": 1.0, "wanted_ms": 1.0, "try": 1})
+    assert again["try"] == 2 and goal.try_ == 2, "retry() counts the attempt"
+
+
 def test_node_owners_follow_fused_ops_back_to_their_conv(tmp_path: Path):
     import timm
 
@@ -292,10 +312,10 @@ def test_a_short_timing_that_appears_to_reach_the_target_is_timed_again_on_the_s
     real_export = meter.export
     monkeypatch.setattr(meter, "export", lambda m, p: (exports.append(p), real_export(m, p)))
     seen = []
-    _, short = meter.measure(model, base_path, STEP_TIMING, lambda s: seen.append(s) or False)
+    _, short = meter.measure(model, base_path, STEP_TIMING, lambda s, low: seen.append(s) or False)
     assert meter.confirmations == 0 and len(seen) == 1 and short[0] == seen[0]
     misses = meter.misses
-    _, firm = meter.measure(model, base_path, STEP_TIMING, lambda s: True)
+    _, firm = meter.measure(model, base_path, STEP_TIMING, lambda s, low: True)
     assert meter.confirmations == 1 and len(exports) == 2, "one export per call, the firm timing on the same file"
     assert meter.misses == misses + 1 and meter.hits >= 2, "the short timing and profile from the cache, the firm new"
     assert STEP_TIMING != FIRM_TIMING and firm[1] <= firm[0] <= firm[2]
