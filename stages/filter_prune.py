@@ -100,9 +100,9 @@ class Pruner:
              snapshot: nn.Module | None = None, scale: dict[str, float] | None = None, _retry: bool = False) -> int:
         """Remove the share `p` of the remaining units, or (with `budget_ms` and the latency `profile`) the least
         important units whose predicted saving (each layer's corrected by `scale`) reaches the budget; returns how
-        many were removed. The model is
-        changed in place; a step whose removals would break it is undone and taken again without the offending
-        groups (`snapshot`, a copy of the model before the step, saves one copy when the caller has it)."""
+        many were removed. The model is changed in place; a step whose removals would break it is undone and taken
+        again without the offending groups (`snapshot`, a copy of the model before the step, saves one copy when
+        the caller has it)."""
         cfg, ctx, criterion = self.ctx.config.filter_prune, self.ctx, self.criterion
         if criterion.needs_grad:
             # one pass: the gradient pass also measures the unit statistics when they must be measured again
@@ -132,9 +132,9 @@ class Pruner:
             self.predicted_ms = sum(len(idx) * unit_ms[name] for name, idx in plan.items())
             self.predicted_layers = {}
             for r in records:
+                removing = len(plan.get(r.name, ()))
                 for layer, ms in member_costs(profile, r.members).items():
-                    self.predicted_layers[layer] = self.predicted_layers.get(layer, 0.0) + ms * len(plan.get(r.name,
-                                                                                                            ()))
+                    self.predicted_layers[layer] = self.predicted_layers.get(layer, 0.0) + ms * removing
         else:
             self.keep *= 1.0 - p
             plan = plan_step(records, self.originals, p, self.round_to, cfg.max_layer_pruning_ratio, cfg.ranking,
