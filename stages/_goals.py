@@ -73,6 +73,12 @@ class MacsGoal:
 
 
 RETRIES = 3  # attempts per step when a step saves far more latency than it asked for
+
+
+def _summed(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    """Per-layer milliseconds added up."""
+    return {layer: a.get(layer, 0.0) + b.get(layer, 0.0) for layer in a.keys() | b.keys()}
+
 # A step may go untimed while the latency it is predicted to leave is at least this many times the target's
 # (and the step before it was timed): far from the target, where a step lands only sets the next budget, and the
 # next timing measures both steps against the latency model's prediction for both.
@@ -95,8 +101,7 @@ class SpeedupGoal:
         self.drift = Drift()
         self.fit = LayerFit()
         self.steps: list[dict[str, Any]] = []
-        self._profiles: list[Profile] = []  # the profile before each step, for undo
-        self._anchors: list[dict[str, Any]] = []  # likewise the anchor
+        self._before: list[tuple[Profile, dict[str, Any]]] = []  # (profile, anchor) before each step, for undo
         self.layers_before = dict(self.base.layers)
         self.t, self.try_ = 0, 1  # the step and its attempt (retry() counts the attempts)
         # the last timed model (its latency and profile) and what the untimed steps since were predicted to save
@@ -161,11 +166,8 @@ class SpeedupGoal:
         now = self.base.total_ms / speedup
         since = self.anchor["ms"] - now
         if predicted_ms:
-            layers = dict(self.anchor["layers"])
-            for layer, ms in predicted[1].items():
-                layers[layer] = layers.get(layer, 0.0) + ms
             self.drift.add(self.anchor["predicted_ms"] + predicted_ms, since, len(self.steps) + 1)
-            self.fit.add(self.anchor["profile"], profile, layers)
+            self.fit.add(self.anchor["profile"], profile, _summed(self.anchor["layers"], predicted[1]))
         return {"profile": profile, "speedup": speedup, "low": low, "high": high, "predicted_ms": predicted_ms,
                 "measured_ms": self.current_ms - now, "timed": True,
                 "predicted_since_ms": self.anchor["predicted_ms"] + (predicted_ms or 0.0), "measured_since_ms": since,
@@ -193,8 +195,7 @@ class SpeedupGoal:
         """A corrected plan when the step saved far more than it asked for (the latency model underestimated what
         the removals save: beyond the target's tolerance, or twice the step's budget and 5% of the latency), else
         None. The step is then undone and retaken with the budget scaled by this attempt's own misprediction."""
-        if (plan["try"] >= RETRIES or not attempt.get("timed", True) or not attempt["predicted_ms"]
-                or attempt["measured_ms"] <= 0):
+        if plan["try"] >= RETRIES or not attempt["timed"] or not attempt["predicted_ms"] or attempt["measured_ms"] <= 0:
             return None
         # only what the measurement can tell from its own noise: the spread's low end beyond the target, or an
         # excess wider than the spread (a timing that merely wobbles is not a step to undo)
@@ -211,8 +212,7 @@ class SpeedupGoal:
                        f"({attempt['speedup']:.2f}x)"}
 
     def observe(self, model: nn.Module, gflops: float, attempt: dict[str, Any]) -> dict[str, Any]:
-        self._profiles.append(self.profile)
-        self._anchors.append(self.anchor)
+        self._before.append((self.profile, self.anchor))
         self.profile = attempt["profile"]
         self.speedup, self.low, self.high = attempt["speedup"], attempt["low"], attempt["high"]
         row = {"predicted_ms": attempt["predicted_ms"], "measured_ms": attempt["measured_ms"],
@@ -225,11 +225,9 @@ class SpeedupGoal:
             self.anchor = {"ms": self.current_ms, "profile": self.profile, "predicted_ms": 0.0, "layers": {},
                            "steps": 0}
         else:
-            layers = dict(self.anchor["layers"])
-            for layer, ms in attempt["predicted_layers"].items():
-                layers[layer] = layers.get(layer, 0.0) + ms
             self.anchor = {**self.anchor, "predicted_ms": self.anchor["predicted_ms"] + attempt["predicted_ms"],
-                           "layers": layers, "steps": self.anchor["steps"] + 1}
+                           "layers": _summed(self.anchor["layers"], attempt["predicted_layers"]),
+                           "steps": self.anchor["steps"] + 1}
         self.steps.append(row)
         return row
 
@@ -237,8 +235,8 @@ class SpeedupGoal:
         self.steps.pop()
         last = self.steps[-1] if self.steps else {"speedup": 1.0, "speedup_low": 1.0, "speedup_high": 1.0}
         self.speedup, self.low, self.high = last["speedup"], last["speedup_low"], last["speedup_high"]
-        self.profile = self._profiles.pop() if self._profiles else self.base
-        self.anchor = self._anchors.pop() if self._anchors else self.anchor
+        if self._before:
+            self.profile, self.anchor = self._before.pop()
 
     def done(self) -> float:
         return (1.0 - 1.0 / self.speedup) / (1.0 - 1.0 / self.cfg.target_speedup)
@@ -250,8 +248,8 @@ class SpeedupGoal:
         return {"runtime": self.meter.runtime, "device": self.meter.device, "threads": self.meter.threads,
                 "base_ms": self.base.total_ms, "target_ms": self.target_ms, "speedup": self.speedup,
                 "speedup_low": self.low, "speedup_high": self.high, "steps": self.steps,
-                "speedup_timed": self.steps[-1].get("timed", True) if self.steps else True,
-                "untimed_steps": sum(not s.get("timed", True) for s in self.steps),
+                "speedup_timed": self.steps[-1]["timed"] if self.steps else True,
+                "untimed_steps": sum(not s["timed"] for s in self.steps),
                 "layers_before": self.layers_before, "layers_after": dict(self.profile.layers),
                 "other_ms_before": self.base.other_ms, "other_ms_after": self.profile.other_ms,
                 "measure_seconds": round(self.meter.seconds, 2), "confirmations": self.meter.confirmations,

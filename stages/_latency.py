@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from export.onnx_names import node_owners
+from stages._pruning import per_unit
 
 # Interleaved timing of a model against the base, as (blocks, seconds per block and model). A pruning step's
 # check is short (on the demo's 0.2 ms model 1 s, against 1.9 s for FIRM_TIMING and 5 s for validate's default):
@@ -285,18 +286,12 @@ class Drift:
                              "error": (measured - predicted) / predicted if predicted else 0.0})
 
 
-def member_costs(profile: Profile, members: dict[str, tuple[int, int]]) -> dict[str, float]:
-    """Milliseconds one unit of a group saves in each member layer, as the latency model has it: the layer's time
-    times the share of its width on the pruned side that one unit is (1 channel of `width`, or a head's features)."""
-    return {layer: profile.layers.get(layer, 0.0) * per_unit / width for layer, (width, per_unit) in members.items()
-            if width > 0}
-
-
 def unit_costs(profile: Profile, members: dict[str, tuple[int, int]], scale: dict[str, float] | None = None,
                ) -> float:
-    """Milliseconds one unit of a group saves: its member layers' costs, each corrected by what that layer's
-    removals were measured to save so far (`scale`, from LayerFit; 1 when not given)."""
-    return sum(ms * (scale or {}).get(layer, 1.0) for layer, ms in member_costs(profile, members).items())
+    """Milliseconds one unit of a group saves: in each member layer its share of the layer's time (`per_unit`),
+    corrected by what that layer's removals were measured to save so far (`scale`, from LayerFit; 1 when not
+    given)."""
+    return sum(ms * (scale or {}).get(layer, 1.0) for layer, ms in per_unit(profile.layers, members).items())
 
 
 # LayerFit's prior: a layer not yet measured counts as if a saving of this share of its time had been predicted

@@ -17,11 +17,12 @@ from stages._criteria import CRITERIA, accumulate_gradients
 from stages._flows import UnitStats, collect_unit_stats
 from stages._goals import capped_fraction, goal_for, step_fraction  # noqa: F401 - re-exported
 from stages._graph import in_attention
-from stages._latency import LatencyMeter, best_alignment, member_costs, unit_costs
+from stages._latency import LatencyMeter, best_alignment, unit_costs
 from stages._pruning import (
     apply_plan,
     build_graph,
     classifier_layers,
+    per_unit,
     plan_latency_step,
     plan_step,
     producers_of,
@@ -133,7 +134,7 @@ class Pruner:
             self.predicted_layers = {}
             for r in records:
                 removing = len(plan.get(r.name, ()))
-                for layer, ms in member_costs(profile, r.members).items():
+                for layer, ms in per_unit(profile.layers, r.members).items():
                     self.predicted_layers[layer] = self.predicted_layers.get(layer, 0.0) + ms * removing
         else:
             self.keep *= 1.0 - p

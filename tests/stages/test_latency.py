@@ -152,11 +152,12 @@ def test_a_step_that_saves_far_more_than_asked_is_retaken_with_a_corrected_budge
     goal = _speedup_goal()
     plan = {"budget_ms": 1.5, "wanted_ms": 1.5, "try": 1}
     # predicted 1.5 ms, saved 7.5 ms (4x): beyond the target -> the budget shrinks by the measured ratio (5x)
-    again = goal.retry({"predicted_ms": 1.5, "measured_ms": 7.5, "speedup": 4.0, "low": 3.9, "high": 4.1}, plan)
+    big = {"predicted_ms": 1.5, "measured_ms": 7.5, "speedup": 4.0, "low": 3.9, "high": 4.1, "timed": True}
+    again = goal.retry(big, plan)
     assert again is not None and again["try"] == 2 and again["budget_ms"] == pytest.approx(0.3)
-    assert goal.retry({"predicted_ms": 1.5, "measured_ms": 1.8, "speedup": 1.22, "low": 1.2, "high": 1.24},
-                      plan) is None, "close enough"
-    assert goal.retry({"predicted_ms": 1.5, "measured_ms": 7.5, "speedup": 4.0, "low": 3.9, "high": 4.1},
+    assert goal.retry({"predicted_ms": 1.5, "measured_ms": 1.8, "speedup": 1.22, "low": 1.2, "high": 1.24,
+                       "timed": True}, plan) is None, "close enough"
+    assert goal.retry(big,
                       {**plan, "try": RETRIES}) is None
 
 
@@ -167,7 +168,7 @@ def test_a_saving_within_the_timing_noise_is_not_retaken_and_steps_are_not_small
     goal = _speedup_goal()
     plan = {"budget_ms": 0.2, "wanted_ms": 0.2, "try": 1}
     # 10 ms base: 1.09x measured (0.8 ms saved of 0.2 wanted), but the spread 1.0-1.2x spans 1.7 ms
-    noisy = {"predicted_ms": 0.2, "measured_ms": 0.8, "speedup": 1.087, "low": 1.0, "high": 1.2}
+    noisy = {"predicted_ms": 0.2, "measured_ms": 0.8, "speedup": 1.087, "low": 1.0, "high": 1.2, "timed": True}
     assert goal.retry(noisy, plan) is None
     firm = {**noisy, "low": 1.08, "high": 1.095}  # the same saving, measured tightly: retaken
     assert goal.retry(firm, plan) is not None
@@ -201,7 +202,7 @@ def test_a_step_far_from_the_target_after_a_timed_one_is_not_timed_and_the_next_
     goal = _speedup_goal()  # base 10 ms, target 2x: 5 ms
     goal.cfg = goal.cfg.model_copy(update={"steps": 10})
     goal.base = Profile(10.0, {"a": 5.0, "b": 5.0}, 0.0)
-    goal.profile, goal.steps, goal._profiles, goal._anchors, goal.t = goal.base, [], [], [], 0
+    goal.profile, goal.steps, goal._before, goal.t = goal.base, [], [], 0
     goal.anchor = {"ms": 10.0, "profile": goal.base, "predicted_ms": 0.0, "layers": {}, "steps": 0}
     goal.meter = _ScriptedMeter(10.0, [(9.0, {"a": 4.0, "b": 5.0}), (8.0, {"a": 3.5, "b": 4.5}),
                                        (6.0, {"a": 3.0, "b": 3.0})])
