@@ -54,8 +54,8 @@ def validate_cmd(
     """Score and time an existing artifact on the config's validation split; gates as in the pipeline (exit 3)."""
     from torch.utils.data import DataLoader
 
-    from export.runtime import RUNTIMES, MachineLoad, open_artifact
-    from export.validation import accuracy, check_gates, latency, latency_record
+    from export.runtime import RUNTIMES, open_artifact
+    from export.validation import accuracy, check_gates, clean_latency, latency_record
     from pipeline.config import load_config
     from pipeline.data import build_splits
     from pipeline.errors import did_you_mean
@@ -83,14 +83,14 @@ def validate_cmd(
                         num_workers=cfg.data.num_workers)
     scores = {role: accuracy(rt, loader) for role, rt in models.items()}
     spec = cfg.model
-    with MachineLoad() as load:
-        lat = latency(models, (vcfg.batch, spec.in_chans, *spec.input_size), vcfg.warmup, vcfg.runs,
-                      blocks=vcfg.blocks, block_seconds=vcfg.block_seconds)
     comp_rt = models["compressed"]
+    lat, load = clean_latency(models, (vcfg.batch, spec.in_chans, *spec.input_size), vcfg.warmup, vcfg.runs,
+                              getattr(comp_rt, "threads", None), blocks=vcfg.blocks, block_seconds=vcfg.block_seconds,
+                              warn=lambda m: console.print(f"WARNING: {m}", markup=False, highlight=False))
     result = {
         "artifact": str(artifact), "base_artifact": str(base) if base else None, "config": str(config),
         "compressed": scores["compressed"], "base": scores.get("base"),
-        "latency_ms": latency_record(lat, comp_rt, vcfg.batch, vcfg.warmup, load.record()),
+        "latency_ms": latency_record(lat, comp_rt, vcfg.batch, vcfg.warmup, load),
         "parity": None,
     }
     fails, unchecked = check_gates(result, vcfg.gates)
@@ -109,9 +109,9 @@ def validate_cmd(
     Console().print(table)
     for note in unchecked:
         console.print(f"gate not checked: {note}", markup=False)
-    busy = load.warning(getattr(comp_rt, "threads", None))
-    if busy:
-        console.print(f"WARNING: {busy}", markup=False, highlight=False)
+    if load["contended"]:
+        console.print(f"WARNING: CONTENDED: {load['contended']}; these latency figures may not hold on the next run",
+                      markup=False, highlight=False)
     if output is not None:
         atomic_json(output, result)
         console.print(f"results: {output}", markup=False, highlight=False)

@@ -136,7 +136,9 @@ def figure_latency(summary: dict[str, Any], path: Path) -> None:
                   f"faster than base")
     else:
         title += " faster"
-    ax.set_title(title, fontsize=10)
+    if lat.get("contended"):  # the caveat travels with the figure, not only with the log
+        title += "\nCONTENDED: timed on a busy machine; may not hold on the next run"
+    ax.set_title(title, fontsize=10, color="darkred" if lat.get("contended") else "black")
     ax.grid(axis="y", alpha=0.3)
     _save(fig, path)
 

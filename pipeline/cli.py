@@ -58,8 +58,10 @@ def summary_table(summary: dict[str, Any]) -> Table:
     table.add_row("params (M)", f"{b['params_m']:.3f}", f"{c['params_m']:.3f}", f"{d['params_m']:+.1f}%")
     lat = summary["latency_ms"]
     spread = f" ({lat['speedup_low']:.2f}-{lat['speedup_high']:.2f})" if "speedup_low" in lat else ""
+    busy = lat.get("contended")
     table.add_row(f"latency ms ({lat['backend']}, b{lat['batch']})", f"{lat['base']:.3f}",
-                  f"{lat['compressed']:.3f}", f"{lat['speedup']:.2f}x{spread}")
+                  f"{lat['compressed']:.3f}", f"{lat['speedup']:.2f}x{spread}" + (" CONTENDED" if busy else ""),
+                  style="yellow" if busy else None)
     par = summary["parity"]
     table.add_row(f"parity vs PyTorch ({par.get('artifact', 'model.onnx')})", "", f"{par['max_abs_diff']:.1e}", "")
     table.add_row("latency precision", "", lat.get("precision", "fp32"), "")
@@ -77,6 +79,10 @@ def summary_table(summary: dict[str, Any]) -> Table:
 
 
 def _warn_missed_targets(summary: dict[str, Any]) -> None:
+    busy = summary["latency_ms"].get("contended")
+    if busy:
+        console.print(f"WARNING: the latency figures above are CONTENDED: {busy}. No latency gate passed on them.",
+                      style="bold yellow", markup=False, highlight=False)
     for name, t in (summary.get("targets") or {}).items():
         if not t["met"]:
             console.print(f"WARNING: target {name} {t['requested']:g} was not met (achieved {t['achieved']:.3f}): "
@@ -132,8 +138,11 @@ def pipeline_cmd(
         return
     try:
         summary = run_pipeline(cfg, rd, console, start, until, fresh)
-    except (UserInputError, Interrupted):
-        raise  # bad input alters nothing on disk, the report included; a stopped run exits at once
+    except UserInputError:
+        raise  # bad input alters nothing on disk, the report included
+    except Interrupted:
+        _auto_report(rd, cfg)  # says where it stopped; a second signal during it still stops at once
+        raise
     except BaseException:
         _auto_report(rd, cfg)  # what finished and where it stopped
         raise

@@ -74,6 +74,7 @@ class Context:
     tracker: Tracker
     manifest: dict[str, Any]
     resume_key: str = ""  # identifies this attempt's inputs: a mid-stage checkpoint with another key is stale
+    config_hash: str = ""  # the stage's fingerprint: its own inputs chained onto every upstream stage's
     ddp: bool = False  # every rank runs this stage (torchrun): train on shards, reduce metrics
     sink: MetricsLog | None = None
     _splits: Splits | None = None

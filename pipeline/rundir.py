@@ -25,6 +25,9 @@ OWNED = frozenset({MANIFEST, "config.json", "summary.json", "model.onnx", "model
                    "model.int8.onnx", "log.txt", "metrics.jsonl", "report.md",
                    "report.html", "figures", "tensorboard", "exports", ".lock"})
 STAGE_DIR = re.compile(r"^\d\d_[a-z_]+$")
+# The temporary files this tool names (atomic_write's, and probe_dir's): `.<name>.<8 random chars>.tmp` and
+# `.compress-probe-<8>`. A process killed with SIGKILL inside a write leaves one behind; nothing else matches.
+TEMP_FILE = re.compile(r"^\.(?:.+\.[a-z0-9_]{8}\.tmp|compress-probe-[a-z0-9_]{8})$")
 
 
 def now() -> str:
@@ -266,6 +269,22 @@ class RunDir:
                 raise UserInputError(f"run directory {str(root)!r}: about {need_bytes / 1e6:,.0f} MB is needed "
                                      f"for checkpoints and artifacts but {free / 1e6:,.0f} MB is free on its file "
                                      f"system; free some space or pass a --run-dir elsewhere")
+
+    def remove_orphans(self) -> list[str]:
+        """Delete the temporary files an earlier, killed process of this tool left in the run directory (its own
+        naming pattern, TEMP_FILE, in the folders it writes); returns what was removed, relative to the root."""
+        folders = [self.root] + [p for p in self.root.iterdir() if p.is_dir() and not p.is_symlink() and
+                                 (STAGE_DIR.match(p.name) or p.name in OWNED)]
+        removed = []
+        for folder in folders:
+            for p in folder.iterdir():
+                if TEMP_FILE.match(p.name) and p.is_file() and not p.is_symlink():
+                    try:
+                        p.unlink()
+                        removed.append(self.rel(p))
+                    except OSError:
+                        continue
+        return removed
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         atomic_json(self.manifest_path, manifest)

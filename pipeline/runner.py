@@ -28,7 +28,7 @@ from pipeline.context import (  # noqa: F401 - re-exported for callers of the ru
 from pipeline.errors import UserInputError
 from pipeline.metrics import MetricsLog
 from pipeline.models import structure_of
-from pipeline.plan import PlanItem, make_plan, upstream_fingerprint
+from pipeline.plan import DATA_FILES, PlanItem, make_plan, upstream_fingerprint
 from pipeline.rundir import RunDir, atomic_json, atomic_torch_save, now
 from pipeline.signals import Interrupted, critical
 
@@ -117,11 +117,17 @@ def run_pipeline(config: Config, run_dir: RunDir, console: Console, start: str |
         manifest, plan = _on_main(main, lambda: _prepare(config, run_dir, PIPELINE, start, until, fresh))
         sink = MetricsLog(run_dir.root, config.logging.tensorboard, enabled=main)
         session = _Session(config, run_dir, device, _logger(run_dir, console, main), console, sink,
-                           RunClock(total=sum(item.action == "run" for item in plan)))
+                           RunClock(total=sum(item.action in ("run", "off") for item in plan)))
+        if main:
+            orphans = run_dir.remove_orphans()
+            if orphans:
+                session.log.info(f"removed {len(orphans)} temporary file(s) a killed earlier run left: "
+                                 f"{', '.join(orphans[:5])}")
+            manifest = _supersede(run_dir, manifest, plan)
         for item in plan:
             if item.action == "skip":
                 session.log.info(f"[{item.index}] {item.name}: reused ({item.reason})")
-            elif item.action != "run":
+            elif item.action not in ("run", "off"):
                 continue
             else:
                 session.clock.index += 1
@@ -168,6 +174,38 @@ def _prepare(config: Config, run_dir: RunDir, names: list[str], start: str | Non
     return manifest, make_plan(config, run_dir, manifest, names, start, until)
 
 
+def _supersede(run_dir: RunDir, manifest: dict[str, Any], plan: list[PlanItem]) -> dict[str, Any]:
+    """Before the first stage re-runs: mark the records of the stages that will run, and the top-level
+    summary.json, as the previous run's until this one finishes (a kill at any instant after this leaves
+    artifacts that say they are not current)."""
+    runs = [i for i in plan if i.action in ("run", "off")]
+    if not runs:
+        return manifest
+    stamp = now()
+    with critical():
+        for item in runs:
+            entry = manifest["stages"].get(item.name)
+            if entry is not None and entry.get("status") in ("done", "skipped"):
+                entry.update(status="outdated", outdated_since=stamp)
+        path = run_dir.root / SUMMARY
+        if path.is_file():
+            try:
+                summary = json.loads(path.read_text())
+            except (OSError, ValueError):
+                summary = None
+            if isinstance(summary, dict):
+                summary["run"] = {**(summary.get("run") or {}), "current": False, "status": "superseded",
+                                  "note": f"a re-run started at {stamp} ({runs[0].name} {runs[0].describe()}) has "
+                                          f"not finished: this summary, model.onnx and the report describe the "
+                                          f"previous run"}
+                atomic_json(path, summary)
+                for entry in manifest["stages"].values():  # keep the recorded sha256 true (a --until run keeps it)
+                    if SUMMARY in entry.get("files", {}):
+                        entry["files"][SUMMARY] = run_dir.file_hashes([path])[SUMMARY]
+        run_dir.write_manifest(manifest)
+    return manifest
+
+
 def _context(item: PlanItem, s: _Session, manifest: dict[str, Any]) -> Context:
     from pipeline import distributed as D
 
@@ -176,7 +214,8 @@ def _context(item: PlanItem, s: _Session, manifest: dict[str, Any]) -> Context:
     tracker = Tracker(s.console, item.name, rt.progress and D.is_main(), rt.progress_interval, s.clock)
     ddp = getattr(STAGES.get(item.name), "distributed", False) and D.world_size() > 1
     return Context(s.config, s.run_dir, stage_dir, s.device, s.log, tracker, manifest, ddp=ddp, sink=s.sink,
-                   resume_key=item.config_hash + upstream_fingerprint(manifest, PIPELINE[: item.index]))
+                   resume_key=item.config_hash + upstream_fingerprint(manifest, PIPELINE[: item.index]),
+                   config_hash=item.config_hash)
 
 
 def _input_model(item: PlanItem, s: _Session, manifest: dict[str, Any]) -> nn.Module | None:
@@ -200,10 +239,11 @@ def _run_stage(item: PlanItem, s: _Session, manifest: dict[str, Any]) -> dict[st
     previous = manifest["stages"].get(item.name)
     with critical():
         stage_dir.mkdir(parents=True, exist_ok=True)
-        manifest["stages"][item.name] = {"status": "running", "config_hash": item.config_hash, "started": now()}
+        manifest["stages"][item.name] = {"status": "running", "config_hash": item.config_hash, "started": now(),
+                                         "inputs": item.inputs, "reason": item.describe()}
         s.sink.begin(item.name, manifest["stages"][item.name]["started"])
         run_dir.write_manifest(manifest)
-    log.info(f"[{item.index}] {item.name}: running ({item.reason})")
+    log.info(f"[{item.index}] {item.name}: {item.describe()}")
     t0 = time.perf_counter()
     try:
         result = stage.run(_input_model(item, s, manifest), ctx)
@@ -246,6 +286,10 @@ def _run_stage(item: PlanItem, s: _Session, manifest: dict[str, Any]) -> dict[st
 def _commit(item: PlanItem, config: Config, run_dir: RunDir, stage_dir: Path, result: StageResult,
             entry: dict[str, Any]) -> dict[str, Any]:
     files = list(result.files)
+    if item.data_entries is not None:  # what the data folder held, for the next plan's "40 files added"
+        listing = stage_dir / DATA_FILES
+        atomic_json(listing, item.data_entries)
+        files.append(listing)
     has_model = result.model is not None
     if has_model or result.state:
         ckpt = stage_dir / CHECKPOINT

@@ -41,10 +41,25 @@ STEP_TIMING = (4, 0.05)
 FIRM_TIMING = (6, 0.1)
 
 
+# Bumped whenever what a cache entry means changes: an entry of another version is never read.
+CACHE_VERSION = 2
+# A measurement taken while other processes held the timing cores is taken again this many times before it is
+# given up as contended (then returned with its caveat, and never cached).
+CONTENDED_RETRIES = 2
+
+
 def cache_dir() -> Path:
-    """Where measurements are kept between runs: $COMPRESS_CACHE_DIR, else ~/.cache/idap-compress."""
-    root = os.environ.get("COMPRESS_CACHE_DIR") or Path.home() / ".cache" / "idap-compress"
-    return Path(root) / "latency"
+    """Where measurements are kept between runs: $COMPRESS_CACHE_DIR/latency, else ~/.cache/idap-compress/latency."""
+    from pipeline.cache import cache_root
+
+    return cache_root() / "latency"
+
+
+def contention(load, threads: int) -> str | None:
+    """Why a measurement taken under `load` (a MachineLoad) cannot be trusted, or None when the machine was quiet."""
+    from export.runtime import busy_warning
+
+    return busy_warning(load.record(), threads)
 
 
 @dataclass
@@ -55,6 +70,7 @@ class Profile:
     layers: dict[str, float]
     other_ms: float
     cached: bool = False
+    contended: str | None = None  # why the timing behind it cannot be trusted (a busy machine), or None
 
     def record(self) -> dict[str, Any]:
         return {"total_ms": self.total_ms, "layers": self.layers, "other_ms": self.other_ms}
@@ -62,7 +78,8 @@ class Profile:
     def scaled(self, total_ms: float) -> Profile:
         """The same split of the time at another end-to-end latency."""
         k = total_ms / self.total_ms
-        return Profile(total_ms, {n: v * k for n, v in self.layers.items()}, self.other_ms * k, self.cached)
+        return Profile(total_ms, {n: v * k for n, v in self.layers.items()}, self.other_ms * k, self.cached,
+                       self.contended)
 
 
 def _owner_of_event(name: str, owners: dict[str, str]) -> str | None:
@@ -108,6 +125,8 @@ class LatencyMeter:
         self.seconds = 0.0
         self.hits = self.misses = 0
         self.confirmations = 0  # timings repeated at FIRM_TIMING because the short one appeared to reach a target
+        self.contended = 0  # measurements that stayed contended after CONTENDED_RETRIES (used with a caveat)
+        self.retaken = 0  # measurements taken again because the machine was busy
         self._base: tuple[Path, Any, str] | None = None  # (file, open session, digest) of the base model
 
     @property
@@ -117,7 +136,8 @@ class LatencyMeter:
     def _key(self, graph: str, what: str, against: str = "") -> Path:
         """Where a measurement of `graph` (a graph_digest, or a name for a fixed micro-benchmark) is cached."""
         h = hashlib.sha256(graph.encode())
-        h.update(f"{what}|{against}|{self.runtime}|{self.device}|{self.threads}|{self.shape}|{self.runs}".encode())
+        h.update(f"v{CACHE_VERSION}|{what}|{against}|{self.runtime}|{self.device}|{self.threads}|{self.shape}|"
+                 f"{self.runs}".encode())
         return cache_dir() / f"{h.hexdigest()[:40]}.json"
 
     def _open_base(self, base: Path):
@@ -137,17 +157,39 @@ class LatencyMeter:
         example = torch.zeros(2 if dynamic else self.shape[0], *self.shape[1:])
         torch2onnx(model.eval().cpu(), example, path, self.config.export, {})
 
-    def _cached(self, key: Path, compute) -> dict[str, Any]:
-        if key.is_file():
-            self.hits += 1
-            return json.loads(key.read_text())
+    def _cached(self, key: Path, compute, fresh: bool = False) -> dict[str, Any]:
+        """A measurement from the cache, or taken now (`fresh`: always taken now). One taken while others held the
+        timing cores is taken again (CONTENDED_RETRIES); if it never comes out clean it is returned with
+        "contended" set and is not cached. Cached entries carry CACHE_VERSION and were all taken clean."""
+        from export.runtime import MachineLoad
+
+        if not fresh and key.is_file():
+            try:
+                entry = json.loads(key.read_text())
+            except (OSError, ValueError):
+                entry = None
+            if isinstance(entry, dict) and entry.get("version") == CACHE_VERSION and entry.get("contended") is None \
+                    and isinstance(entry.get("value"), dict):
+                self.hits += 1
+                return {**entry["value"], "contended": None}
         self.misses += 1
-        value = compute()
+        for attempt in range(CONTENDED_RETRIES + 1):
+            with MachineLoad() as load:
+                value = compute()
+            busy = contention(load, self.threads)
+            if busy is None:
+                break
+            if attempt < CONTENDED_RETRIES:
+                self.retaken += 1
+        if busy is not None:
+            self.contended += 1
+            return {**value, "contended": busy}
         key.parent.mkdir(parents=True, exist_ok=True)
-        tmp_key = key.with_suffix(f".{os.getpid()}.tmp")
-        tmp_key.write_text(json.dumps(value))
+        tmp_key = key.with_name(f".{key.name}.{os.getpid()}.tmp")
+        tmp_key.write_text(json.dumps({"version": CACHE_VERSION, "contended": None, "machine": load.record(),
+                                       "value": value}))
         os.replace(tmp_key, key)
-        return value
+        return {**value, "contended": None}
 
     def profile(self, model: nn.Module) -> Profile:
         """The model's end-to-end and per-layer latency (from the cache when this graph was measured here)."""
@@ -155,12 +197,14 @@ class LatencyMeter:
 
     def measure(self, model: nn.Module, base: Path | None = None, timing: tuple[int, float] = FIRM_TIMING,
                 confirm: Callable[[float, float], bool] | None = None, save_as: Path | None = None,
-                ) -> tuple[Profile, tuple[float, float, float]]:
+                fresh: bool = False) -> tuple[Profile, tuple[float, float, float]]:
         """The model's profile and, against the base model's ONNX file, its speedup (median, low, high across
         `timing`'s interleaved blocks); one export for both, each from the cache when measured here before. When
         `confirm` says yes to the speedup (median and low end), the same file is timed again at FIRM_TIMING and that
         figure returned.
-        `save_as` keeps a copy of the exported file (the base model, timed against in later calls).
+        `save_as` keeps a copy of the exported file (the base model, timed against in later calls); `fresh` times it
+        now even when the cache has it (a figure that must not stand on an earlier reading).
+        The profile's `contended` says why its figures cannot be trusted when the machine stayed busy.
         With a base, the profile's end-to-end latency is the compressed model's median from the same interleaved
         timing (no second timing of the same model)."""
         t0 = time.perf_counter()
@@ -172,28 +216,30 @@ class LatencyMeter:
                 if save_as is not None:
                     save_as.write_bytes(data)
                 graph = graph_digest(data)  # once per export: parsing a large model's bytes is not free
-                speed, total = (1.0, 1.0, 1.0), None
+                speed, total, busy = (1.0, 1.0, 1.0), None, None
                 if base is not None:
-                    got = self._timed(base, path, graph, timing)
+                    got = self._timed(base, path, graph, timing, fresh)
                     if confirm is not None and timing != FIRM_TIMING and confirm(got["speedup"], got["speedup_low"]):
                         self.confirmations += 1
-                        got = self._timed(base, path, graph, FIRM_TIMING)
+                        got = self._timed(base, path, graph, FIRM_TIMING, fresh)
                     speed = (got["speedup"], got["speedup_low"], got["speedup_high"])
-                    total = got["compressed_ms"]
+                    total, busy = got["compressed_ms"], got["contended"]
                 prof = self._cached(self._key(graph, "profile"),
                                     lambda: self._profile(path, {n for n, _ in model.named_modules()},
                                                           total).record())
-                profile = Profile(**prof)
+                profile = Profile(prof["total_ms"], prof["layers"], prof["other_ms"],
+                                  contended=busy or prof["contended"])
                 if total is not None and profile.total_ms > 0 and abs(profile.total_ms - total) > 1e-12:
                     profile = profile.scaled(total)  # a profile cached by another timing: the split, at this total
                 return profile, speed
         finally:
             self.seconds += time.perf_counter() - t0
 
-    def _timed(self, base: Path, path: Path, graph: str, timing: tuple[int, float]) -> dict[str, float]:
+    def _timed(self, base: Path, path: Path, graph: str, timing: tuple[int, float], fresh: bool = False,
+               ) -> dict[str, Any]:
         blocks, block_seconds = timing
         return self._cached(self._key(graph, f"speedup|{blocks}|{block_seconds}", self._open_base(base)[2]),
-                            lambda: self._speedup(base, path, blocks, block_seconds))
+                            lambda: self._speedup(base, path, blocks, block_seconds), fresh)
 
     def _speedup(self, base: Path, path: Path, blocks: int, block_seconds: float) -> dict[str, float]:
         from export.runtime import OrtModel

@@ -195,6 +195,10 @@ class FilterPrune:
     name = "filter_prune"
     description = "iterative divergence-aware filter pruning to the target FLOPs, with rollback"
 
+    @staticmethod
+    def off(config) -> str | None:
+        return None if config.filter_prune.enabled else "filter_prune.enabled is false"
+
     def run(self, model: nn.Module | None, ctx: Context) -> StageResult:
         cfg = ctx.config.filter_prune
         if not cfg.enabled:
@@ -218,7 +222,7 @@ class FilterPrune:
         started = time.monotonic()
         for t in ctx.track(range(cfg.steps), "pruning steps", total=cfg.steps):
             if goal.reached():
-                stop = f"reached the {'speedup' if goal.name == 'speedup' else 'FLOPs'} target"
+                stop = f"reached the {'speedup' if goal.name == 'speedup' else 'FLOPs'} target{goal.caveat()}"
                 break
             snapshot = clone(model)
             removed, plan, attempt = take_step(pruner, goal, model, t, stats, snapshot, ctx.log.info)
@@ -251,7 +255,7 @@ class FilterPrune:
             dynamics.append({**row, "accepted": True})
         else:
             if goal.reached():
-                stop = f"reached the {'speedup' if goal.name == 'speedup' else 'FLOPs'} target"
+                stop = f"reached the {'speedup' if goal.name == 'speedup' else 'FLOPs'} target{goal.caveat()}"
         final = [d for d in dynamics if d["accepted"]][-1]
         ctx.log.info(f"filter_prune stopped: {stop}")
         metrics = {"criterion": cfg.criterion, "goal": goal.name, "steps_taken": len(dynamics) - 1,

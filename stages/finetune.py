@@ -17,6 +17,12 @@ class Finetune:
     distributed = True  # under torchrun every rank trains its share of each global batch
     description = "recover accuracy: CE + distillation, stopped by recovery.stopping, resumable per epoch"
 
+    @staticmethod
+    def off(config) -> str | None:
+        cfg = config.finetune
+        return None if cfg.enabled and cfg.max_epochs else \
+            ("finetune.enabled is false" if not cfg.enabled else "finetune.max_epochs is 0")
+
     def run(self, model: nn.Module | None, ctx: Context) -> StageResult:
         cfg = ctx.config.finetune
         before = evaluate(model, ctx)

@@ -60,6 +60,8 @@ class LatencyCurrency:
         self.profile, (self.speedup, low, high) = self.meter.measure(model, self.base)
         out = {"ms_saved_predicted": round(predicted, 4), "ms_saved": round(before_ms - self.profile.total_ms, 4),
                "speedup_after": round(self.speedup, 4)}
+        if self.profile.contended:  # the decision stands on a timing that stayed contended: say so in its record
+            out["contended"] = self.profile.contended
         if self.speedup > self.fp.target_speedup * (1.0 + self.fp.speedup_tolerance):
             out["overshoots"] = True
             self.skipped.add(block.name)
@@ -73,6 +75,12 @@ class LatencyCurrency:
 class LayerTruncate:
     name = "layer_truncate"
     description = "replace the lowest-divergence blocks by the identity; keep a removal only within budget"
+
+    @staticmethod
+    def off(config) -> str | None:
+        cfg = config.layer_truncate
+        return None if cfg.enabled and cfg.max_layers else \
+            ("layer_truncate.enabled is false" if not cfg.enabled else "layer_truncate.max_layers is 0")
 
     def run(self, model: nn.Module | None, ctx: Context) -> StageResult:
         cfg = ctx.config.layer_truncate
@@ -99,7 +107,9 @@ class LayerTruncate:
             if len(removed) >= cfg.max_layers:
                 break
             if clock is not None and clock.reached():
-                stop = f"the speedup target is reached ({clock.speedup:.2f}x)"
+                stop = f"the speedup target is reached ({clock.speedup:.2f}x)" + (
+                    f"; on a timing taken while the machine was busy ({clock.profile.contended}): uncertain"
+                    if clock.profile.contended else "")
                 break
             if measured is None:
                 measured = measure(model, ctx, f"block flows, round {t + 1}")

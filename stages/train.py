@@ -16,6 +16,10 @@ class Train:
     distributed = True  # under torchrun every rank trains its share of each global batch
     description = "train the base model (only when train.enabled)"
 
+    @staticmethod
+    def off(config) -> str | None:
+        return None if config.train.enabled else "train.enabled is false"
+
     def run(self, model: nn.Module | None, ctx: Context) -> StageResult:
         cfg = ctx.config.train
         if not cfg.enabled:

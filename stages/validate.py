@@ -8,13 +8,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from export.runtime import MachineLoad, open_artifact, resolve_runtime
-from export.validation import accuracy, check_gates, compare, latency, latency_record, speedup
+from export.runtime import open_artifact, resolve_runtime
+from export.validation import accuracy, check_gates, clean_latency, compare, latency_record, speedup
 from pipeline.config import INT8_RUNTIMES
 from pipeline.context import STAGES, SUMMARY, Context, StageResult
 from pipeline.errors import UserInputError
 from pipeline.models import count_macs
-from pipeline.rundir import atomic_json
+from pipeline.rundir import atomic_json, now, sha256
 from stages.export import ENGINE, INT8, export_onnx
 
 
@@ -60,12 +60,12 @@ class Validate:
         scores = {role: accuracy(rt, ctx.loader("validation"), ctx.track, predictions=True)
                   for role, rt in rts.items()}
         acc, base_acc = scores["compressed"], scores["base"]
-        with MachineLoad() as load:
-            lat = latency(rts, (cfg.batch, spec.in_chans, *spec.input_size), cfg.warmup, cfg.runs, ctx.track,
-                          blocks=cfg.blocks, block_seconds=cfg.block_seconds)
-        busy = load.warning(getattr(compressed, "threads", None))
-        if busy:
-            ctx.log.warning(busy)
+        lat, load = clean_latency(rts, (cfg.batch, spec.in_chans, *spec.input_size), cfg.warmup, cfg.runs,
+                                  getattr(compressed, "threads", None), ctx.track, blocks=cfg.blocks,
+                                  block_seconds=cfg.block_seconds, warn=ctx.log.warning)
+        if load["contended"]:
+            ctx.log.warning(f"CONTENDED: {load['contended']} (still after {load['attempts'] - 1} retries); the "
+                            f"latency figures carry this caveat and no latency gate can pass on them")
         base = ctx.stage_state("calibrate")["base"]
         gflops, params = count_macs(model, spec)
         comp = {"top1": acc["top1"], "top5": acc["top5"], "gflops": gflops, "params_m": params,
@@ -80,7 +80,7 @@ class Validate:
                           "params_m": _pct(params, base["params_m"])},
             "accuracy_source": f"{', '.join(p.name for p in arts.values())} on {runtime}, {acc['samples']} "
                                f"validation images",
-            "latency_ms": latency_record(lat, compressed, cfg.batch, cfg.warmup, load.record()),
+            "latency_ms": latency_record(lat, compressed, cfg.batch, cfg.warmup, load),
             "parity": {**parity_record, "samples": len(xs), "artifact": arts["compressed"].name},
             "artifacts": {"onnx": "model.onnx", "tensorrt": ENGINE if engine.get("status") == "built" else None,
                           "tensorrt_status": engine.get("status"), "tensorrt_reason": engine.get("reason"),
@@ -98,6 +98,10 @@ class Validate:
         summary["gates"] = {"passed": not fails, "failures": fails}
         if unchecked:
             summary["gates"]["unchecked"] = unchecked
+        # which run this summary describes: a re-run marks it superseded (current: false) before it changes anything
+        summary["run"] = {"status": "complete", "current": True, "fingerprint": ctx.config_hash,
+                          "finished": now(), "onnx_sha256": sha256(root / "model.onnx")
+                          if (root / "model.onnx").is_file() else None}
         path = root / SUMMARY
         atomic_json(path, summary)
         for name, t in summary["targets"].items():
@@ -217,7 +221,8 @@ def targets(ctx: Context, base_gflops: float, gflops: float, latency: dict[str, 
                           "met": bool(achieved >= fp.target_speedup * (1.0 - fp.speedup_tolerance)),
                           "low": round(latency["speedup_low"], 4), "high": round(latency["speedup_high"], 4),
                           "tolerance": fp.speedup_tolerance, "stop_reason": stop,
-                          "runtime": latency["backend"], "batch": latency["batch"]}
+                          "runtime": latency["backend"], "batch": latency["batch"],
+                          "contended": latency.get("contended")}
         return out
     achieved = 1.0 - gflops / base_gflops if base_gflops else 0.0
     # the stage's own rule: MACs within flops_tolerance of the target count as reaching it

@@ -121,8 +121,9 @@ def test_config_change_invalidates_that_stage_and_later(finished, tmp_path: Path
     err = capsys.readouterr().err
     for stage in ("load", "train", "calibrate", "filter_prune", "layer_truncate"):
         assert f"{stage}: reused" in err
-    for stage in ("finetune", "export", "validate"):
-        assert f"{stage}: running (" in err
+    assert "finetune: re-runs: config changed (finetune)" in err
+    for stage in ("export", "validate"):
+        assert f"{stage}: re-runs: upstream stage finetune re-runs" in err
 
 
 @pytest.mark.parametrize("gate, value", [("min_speedup", "50"), ("max_latency_ms", "0.000001"),
@@ -286,7 +287,7 @@ def test_downstream_reruns_when_an_upstream_checkpoint_changed(finished, tmp_pat
     assert cli("pipeline", str(config), "--run-dir", str(copy)) == 0
     err = " ".join(capsys.readouterr().err.split())
     assert "finetune: reused" in err
-    assert "export: running (an upstream checkpoint changed after it ran)" in err
+    assert "export: re-runs: an upstream checkpoint changed after it ran" in err
 
 
 def test_metrics_jsonl_and_tensorboard_record_the_same_values(finished, tmp_path: Path):

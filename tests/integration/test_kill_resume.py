@@ -79,7 +79,7 @@ def test_sigkill_inside_stage_then_resume(setup, tmp_path: Path, stage: str):
     log = " ".join(resumed.stderr.split())
     for name in finished_before:
         assert f"{name}: reused" in log, f"{name} was redone after a kill in {stage}"
-    assert f"{stage}: running (previous attempt ended as 'running')" in log
+    assert f"{stage}: re-runs: previous attempt ended as 'running'" in log
     manifest = json.loads((run / "manifest.json").read_text())
     assert {n: manifest["stages"][n]["finished"] for n in finished_before} == finished_before
     assert _comparable(run) == baseline
@@ -153,5 +153,5 @@ def test_signal_during_filter_prune_stops_cleanly_then_resumes(setup, tmp_path: 
     assert f"interrupted by {signal.Signals(sig).name}" in log.read_text()
     resumed = run_cli("pipeline", str(config), "--run-dir", str(run))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "filter_prune: running (previous attempt ended as 'interrupted')" in " ".join(resumed.stderr.split())
+    assert "filter_prune: re-runs: previous attempt ended as 'interrupted'" in " ".join(resumed.stderr.split())
     assert _comparable(run) == baseline
