@@ -27,10 +27,30 @@ VERSION_HINT = ("this tool builds engines with the TensorRT 10 API (BuilderFlag.
                 "pip install 'tensorrt>=10.16,<11'")
 
 
-def unavailable_reason() -> str | None:
-    """Why a TensorRT engine cannot be built or run here, or None when it can."""
+def installed_version() -> str | None:
+    """The importable tensorrt module's own version (trt.__version__: right whichever wheel brought it, `tensorrt`
+    or `tensorrt-cu13`), or None when it is not installed; an install that cannot be imported raises."""
     if importlib.util.find_spec("tensorrt") is None:
+        return None
+    import tensorrt as trt
+
+    return str(trt.__version__)
+
+
+def unavailable_reason() -> str | None:
+    """Why a TensorRT engine cannot be built or run here, or None when it can: not installed, not importable, a
+    major version this code was not written for (TensorRT 11 is what a plain `pip install tensorrt` gives), or
+    no CUDA device."""
+    try:
+        version = installed_version()
+    except Exception as exc:  # noqa: BLE001 - a broken install (missing CUDA libraries): a reason, not a crash
+        return f"the tensorrt package is installed but cannot be imported ({type(exc).__name__}: {exc})"
+    if version is None:
         return "the tensorrt Python package is not installed"
+    try:
+        check_version(version)
+    except UserInputError:
+        return f"TensorRT {version} is installed, but {VERSION_HINT}"
     import torch
 
     if not torch.cuda.is_available():
@@ -68,15 +88,9 @@ def engine_fingerprint() -> str:
     reason = unavailable_reason()
     if reason is not None:
         return f"unavailable: {reason}"
-    from importlib.metadata import PackageNotFoundError, version
-
     import torch
 
-    try:
-        trt_version = version("tensorrt")
-    except PackageNotFoundError:
-        trt_version = "unknown"
-    return f"tensorrt {trt_version} on {torch.cuda.get_device_name()}"
+    return f"tensorrt {installed_version()} on {torch.cuda.get_device_name()}"
 
 
 @dataclass(frozen=True)

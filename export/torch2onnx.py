@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
+import itertools
 import warnings
 from pathlib import Path
 
@@ -41,23 +43,65 @@ def _dynamo(model: nn.Module, example: torch.Tensor, cfg: ExportConfig) -> onnx.
     return program.model_proto
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:300] if text else ''}"
+
+
 def torch2onnx(model: nn.Module, example: torch.Tensor, path: Path, cfg: ExportConfig,
                metadata: dict[str, str]) -> onnx.ModelProto:
-    """Export `model` to `path` atomically; the model is stamped with `metadata` and passes onnx.checker."""
-    model = model.eval().to("cpu")
-    example = example.to("cpu")
+    """Export `model` to `path` atomically; the model is stamped with `metadata` and passes onnx.checker. The
+    caller's model is exported in eval mode on the CPU and given back as it was (device and every module's mode):
+    a model being pruned on a GPU stays there."""
+    with _exportable(model) as exportable:
+        return _export(exportable, example.to("cpu"), path, cfg, metadata)
+
+
+@contextlib.contextmanager
+def _exportable(model: nn.Module):
+    """The model in eval mode on the CPU for the block; its devices and modes restored after it (a model spread
+    over several devices is exported from a CPU copy instead)."""
+    devices = {t.device for t in itertools.chain(model.parameters(), model.buffers())}
+    if len(devices) > 1:
+        yield copy.deepcopy(model).eval().to("cpu")
+        return
+    modes = {m: m.training for m in model.modules()}
+    model.eval().to("cpu")
+    try:
+        yield model
+    finally:
+        if devices and (device := next(iter(devices))).type != "cpu":
+            model.to(device)
+        for m, training in modes.items():
+            m.training = training
+
+
+def _export(model: nn.Module, example: torch.Tensor, path: Path, cfg: ExportConfig,
+            metadata: dict[str, str]) -> onnx.ModelProto:
     used = "dynamo" if cfg.exporter == "dynamo" else "torchscript"
     if cfg.exporter == "dynamo":
-        proto = _dynamo(model, example, cfg)
+        try:
+            proto = _dynamo(model, example, cfg)
+        except Exception as exc:  # noqa: BLE001 - any exporter failure is the model's, named with the fix
+            raise UserInputError(f"the dynamo (torch.export) ONNX exporter cannot export this model "
+                                 f"({_first_line(exc)}). Try export.exporter: torchscript (or auto)") from exc
     else:
         try:
             proto = _torchscript(model, example, cfg)
-        except (torch.onnx.errors.OnnxExporterError, RuntimeError) as exc:
+        except Exception as exc:  # noqa: BLE001 - TypeError, RuntimeError, OnnxExporterError...: all the model's
             if cfg.exporter != "auto":
-                raise UserInputError(f"the torchscript ONNX exporter cannot export this model ({exc}). "
-                                     f"Set export.exporter: dynamo (or auto)") from exc
-            # e.g. fused attention kernels or adaptive pooling to a non-divisor size: torch.export handles them
-            proto, used = _dynamo(model, example, cfg), "dynamo"
+                raise UserInputError(f"the torchscript ONNX exporter cannot export this model "
+                                     f"({_first_line(exc)}). Set export.exporter: dynamo (or auto)") from exc
+            # e.g. fused attention kernels, adaptive pooling to a non-divisor size, blocks called with keyword
+            # arguments: torch.export handles many of them
+            try:
+                proto, used = _dynamo(model, example, cfg), "dynamo"
+            except Exception as second:  # noqa: BLE001
+                raise UserInputError(
+                    f"neither ONNX exporter can export this model: torchscript failed with {_first_line(exc)}; "
+                    f"dynamo (torch.export) failed with {_first_line(second)}. The model's forward uses something "
+                    f"neither can trace (data-dependent control flow, Python objects as outputs); make forward "
+                    f"return one logits tensor computed with torch operations") from second
     metadata = {**metadata, "exporter": used}
     for key, value in metadata.items():
         entry = proto.metadata_props.add()

@@ -17,7 +17,8 @@ app = typer.Typer(
     help="IDAP++ compression for PyTorch vision models: divergence-aware filter pruning, flow-guided layer "
          "truncation, recovery fine-tuning, ONNX/TensorRT export and validation on the deployed runtime.",
     epilog="Exit codes: 0 success, 1 a bug (traceback printed), 2 bad input or environment (nothing altered), "
-           "3 a validation gate failed, 130/143 stopped by SIGINT/SIGTERM (re-run the same command to resume).",
+           "3 a validation gate failed, 130/143/129 stopped by SIGINT/SIGTERM/SIGHUP (re-run the same command to "
+           "resume).",
 )
 console = Console(stderr=True)
 

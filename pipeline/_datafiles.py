@@ -49,10 +49,11 @@ class Scan:
     root: Path
     files: list[DataFile] = field(default_factory=list)
     repeated: list[str] = field(default_factory=list)
+    folders: list[str] = field(default_factory=list)  # the root's own sub-folders, empty ones included
 
     def top_folders(self) -> list[str]:
-        """The names of the root's sub-folders that hold files (class folders of an image folder)."""
-        return sorted({f.rel.split("/", 1)[0] for f in self.files if "/" in f.rel})
+        """The names of the root's sub-folders (class folders of an image folder), sorted."""
+        return sorted(self.folders)
 
 
 def _stat(path: str, root: Path) -> os.stat_result:
@@ -107,6 +108,8 @@ def scan(root: Path) -> Scan:
                     out.repeated.append(sub)
                     continue
                 seen_dirs.add(key)
+                if not rel:
+                    out.folders.append(name)
                 walk(path, sub + "/", (*ancestors, key))
             elif stat_mod.S_ISREG(st.st_mode):
                 if key in seen_files:

@@ -29,6 +29,9 @@ def _mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) 
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
 
 
+MAX_CONFIG_BYTES = 1_000_000
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     """The raw mapping of a config file, or UserInputError saying what is wrong with the file."""
     if path.is_dir():
@@ -37,6 +40,10 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserInputError(f"config file {str(path)!r} does not exist; pass the path of a YAML config "
                              f"(`compress init` writes one; examples are in configs/)")
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:  # parsing tens of MB of YAML takes minutes before it could say anything
+        raise UserInputError(f"config {str(path)!r} is {size / 1e6:,.1f} MB; a config is a few KB of YAML (at most "
+                             f"{MAX_CONFIG_BYTES // 1_000_000} MB). Is it the right file? `compress init` writes one")
     data = path.read_bytes()
     try:
         text = data.decode("utf-8")

@@ -48,7 +48,32 @@ def _first(ds: Dataset, what: str) -> tuple[torch.Tensor, int]:
             and item[0].dim() == 3):
         raise UserInputError(f"{what}[0] is not (image, label) with image a C x H x W tensor (got "
                              f"{type(item).__name__}); wrap it so that it yields (tensor, int label)")
-    return item[0], int(item[1])
+    try:
+        label = int(item[1])
+    except (TypeError, ValueError, RuntimeError):
+        raise UserInputError(f"{what}[0]'s label is a {type(item[1]).__name__}, not a class index; wrap the "
+                             f"dataset so that it yields (image, int label)") from None
+    return item[0], label
+
+
+class _Pairs(Dataset):
+    """A dataset whose items carry more than (image, label) (an id, a mask, a path): the first two of each."""
+
+    def __init__(self, ds: Dataset) -> None:
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int):
+        item = self.ds[i]
+        return item[0], item[1]
+
+
+def _pairs(ds: Dataset) -> Dataset:
+    """`ds` itself when it yields (image, label); else a view that yields the first two of each item."""
+    item = ds[0]
+    return _Pairs(ds) if len(item) > 2 else ds
 
 
 def _arch_key(model: nn.Module) -> str:
@@ -99,10 +124,11 @@ def _output_width(model: nn.Module, x: torch.Tensor) -> int:
     except Exception as exc:  # noqa: BLE001
         raise UserInputError(f"the model does not run on the dataset's first image (shape {tuple(x.shape)}): "
                              f"{type(exc).__name__}: {exc}") from None
-    out = out[0] if isinstance(out, tuple | list) else out
-    if not isinstance(out, torch.Tensor) or out.dim() != 2:
-        raise UserInputError(f"the model returned {type(out).__name__} of shape {getattr(out, 'shape', '?')} "
-                             f"for one image; a classifier returns logits of shape (batch, classes)")
+    from pipeline._probe import output_problem
+
+    problem = output_problem(out, None)
+    if problem:
+        raise UserInputError(problem)
     return int(out.shape[1])
 
 
@@ -138,7 +164,7 @@ def compress(model: nn.Module, train: Dataset, val: Dataset, run_dir: str | Path
     Raises:
         UserInputError: bad input (exit code 2 on the command line), all problems of a config at once.
         GateFailure: a validation gate failed; its `result` attribute holds the Result.
-        pipeline.signals.Interrupted: SIGINT/SIGTERM during the run (the run resumes on the next call).
+        pipeline.signals.Interrupted: SIGINT/SIGTERM/SIGHUP during the run (the run resumes on the next call).
     """
     from pipeline._sources import MODULES
     from pipeline.context import PIPELINE, load_model_upto
@@ -146,12 +172,13 @@ def compress(model: nn.Module, train: Dataset, val: Dataset, run_dir: str | Path
     from pipeline.preflight import preflight
     from pipeline.rundir import RunDir
     from pipeline.runner import run_pipeline
-    from pipeline.signals import handling
+    from pipeline.signals import Interrupted, handling
 
     if not isinstance(model, nn.Module):
         raise UserInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     x, _ = _first(train, "train")
     _first(val, "val")
+    train, val = _pairs(train), _pairs(val)  # (image, label, extra...) items: the extras are not the pipeline's
     raw = _raw_config(config)
     if any(raw.get("model", {}).get(k) for k in ("source", "name")) or raw.get("data", {}).get("kind"):
         raise UserInputError("config sets model.source/name or data.kind, but the model and data are the objects "
@@ -174,12 +201,17 @@ def compress(model: nn.Module, train: Dataset, val: Dataset, run_dir: str | Path
     console = console or Console(stderr=True)
     for warning in preflight(cfg, rd, fresh):
         console.print(f"WARNING: {warning}", style="bold yellow", markup=False, highlight=False)
-    with handling():
-        summary = run_pipeline(cfg, rd, console, start, until, fresh)
-        if cfg.logging.report:
-            from pipeline.report import write_report
+    again = f"Call compress(...) again with run_dir={str(run_dir)!r}"
+    try:
+        with handling():
+            summary = run_pipeline(cfg, rd, console, start, until, fresh, again=again)
+            if cfg.logging.report:
+                from pipeline.report import write_report
 
-            write_report(rd.root, cfg)
+                write_report(rd.root, cfg)
+    except Interrupted as exc:
+        raise Interrupted(exc.signum, f"stopped by {exc.name}: the current stage is marked interrupted and every "
+                                      f"finished checkpoint is intact. {again} to resume") from None
     manifest = rd.read_manifest()
     last = next(n for n in reversed(PIPELINE) if manifest["stages"].get(n, {}).get("has_model")
                 and manifest["stages"][n].get("status") == "done")

@@ -1,7 +1,8 @@
-"""The `compress` command line. Exit codes: 0 ok, 1 a bug, 2 bad input, 3 gate failed, 130/143 SIGINT/SIGTERM."""
+"""The `compress` command line. Exit codes: 0 ok, 1 a bug, 2 bad input, 3 gate failed, 130/143/129 a signal."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import sys
 from pathlib import Path
@@ -196,9 +197,10 @@ def run(argv: list[str] | None = None) -> int:
         console.print(f"error: {exc}", style="bold red", highlight=False, markup=False, soft_wrap=True)
         return exc.exit_code
     except Interrupted as exc:
-        console.print(f"stopped by {exc.name}: the current stage is marked interrupted and every finished "
-                      f"checkpoint is intact; run the same command again to resume.", style="bold yellow",
-                      markup=False, soft_wrap=True)
+        with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone
+            console.print(f"stopped by {exc.name}: the current stage is marked interrupted and every finished "
+                          f"checkpoint is intact; run the same command again to resume.", style="bold yellow",
+                          markup=False, soft_wrap=True)
         return exc.exit_code
     except KeyboardInterrupt:  # a SIGINT outside our handler's reach (e.g. while it was being installed)
         console.print("stopped by SIGINT", style="bold yellow", markup=False)

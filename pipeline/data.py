@@ -213,8 +213,11 @@ def _safe_folder(image_folder):
                 if "/" in f.rel and cls in class_to_idx and (
                         is_valid_file(f.path) if is_valid_file else has_file_allowed_extension(f.path, extensions)):
                     samples.append((f.path, class_to_idx[cls]))
-            if not samples and not allow_empty:
-                raise FileNotFoundError(f"Found no valid image file in {directory}.")
+            found = {t for _, t in samples}
+            empty = sorted(c for c, i in class_to_idx.items() if i not in found)
+            if empty and not allow_empty:
+                raise FileNotFoundError(f"Found no valid image file for the class folder(s) {', '.join(empty[:5])} "
+                                        f"in {directory}.")
             return samples
 
     return SafeImageFolder

@@ -97,6 +97,15 @@ def fresh_structure(spec: ModelConfig) -> dict[str, _Fresh]:
     return _FRESH[key]
 
 
+class Skip(nn.Identity):
+    """What a removed block becomes: its input, for any call signature. A block called with more than its input
+    (a transformer block given `rope=`, an attention mask, a size) takes and ignores the rest, as the block's
+    residual path would; nn.Identity accepts only the input and broke such models."""
+
+    def forward(self, input: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:  # noqa: A002 - nn.Identity's
+        return input
+
+
 def structure_of(model: nn.Module, spec: ModelConfig) -> dict[str, Any]:
     """Plain-data description of how `model` differs structurally from a fresh build of `spec`.
 
@@ -155,7 +164,7 @@ def rebuild(spec: ModelConfig, structure: dict[str, Any], state: dict[str, torch
     for name in sorted(structure.get("replaced", {}), key=len):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, nn.Identity())
+        setattr(parent, child, Skip())
     for name, diff in structure.get("attrs", {}).items():
         mod = model.get_submodule(name)
         for k, v in diff.items():

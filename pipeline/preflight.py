@@ -53,9 +53,14 @@ def _config_problems(config: Config) -> list[str]:
 
     problems = _problems_of(lambda: check_model_name(config.model))
     problems += _problems_of(lambda: CRITERIA.get(config.filter_prune.criterion))
-    if config.model.weights is not None and not Path(config.model.weights).is_file():
-        problems.append(f"model.weights {str(config.model.weights)!r} does not exist; set it to a local weights "
-                        f"file (a state dict saved with torch.save)")
+    weights = config.model.weights
+    if weights is not None and not Path(weights).is_file():
+        what = ("is a folder; point it at the weights file inside it (a state dict saved with torch.save, or a "
+                ".safetensors file)" if Path(weights).is_dir() else
+                "is not a regular file (a device, pipe or socket); point it at a weights file"
+                if Path(weights).exists() else
+                "does not exist; set it to a local weights file (a state dict saved with torch.save)")
+        problems.append(f"model.weights {str(weights)!r} {what}")
     root = config.data.root
     if root is not None and config.data.kind not in ("demo", "synthetic", "digits", "dataset") \
             and not Path(root).is_dir() and not config.data.download:
@@ -115,7 +120,55 @@ def _model_problems(config: Config, warnings: list[str]) -> tuple[list[str], int
     error, warning = check_classes(spec.num_classes, class_info(config))
     problems += [error] if error else []
     warnings += [warning] if warning else []
+    if not problems:  # one forward: the output is logits of the right width, and the stages fit in memory
+        from pipeline._probe import memory_problems, probe
+
+        found = probe(spec)
+        problems += [found.problem] if found.problem else []
+        problems += memory_problems(config, found, _device(config))
+    problems += _untrained(config, warnings)
     return problems, size
+
+
+def _device(config: Config) -> str:
+    import torch
+
+    want = config.runtime.device
+    return ("cuda" if torch.cuda.is_available() else "cpu") if want == "auto" else want
+
+
+def _untrained(config: Config, warnings: list[str]) -> list[str]:
+    """A model with no weights that is not trained here is compressed at random initialisation: its accuracy
+    means nothing. A warning; an error when an accuracy gate would judge it."""
+    spec = config.model
+    if spec.weights is not None or spec.pretrained or config.train.enabled or spec.source == "module":
+        return []
+    what = (f"model {spec.source}:{spec.name} has no weights (model.weights unset, model.pretrained false) and "
+            f"train.enabled is false: the pipeline would compress a randomly initialised network, whose accuracy "
+            f"means nothing")
+    if config.validate_.gates.max_top1_drop is not None:
+        return [f"{what}, and validate.gates.max_top1_drop would judge it; set model.weights, or train.enabled: "
+                f"true (or remove the gate to compress it anyway)"]
+    if spec.source == "python":
+        return []  # a factory may load its own weights: nothing here can tell
+    warnings.append(f"{what}; set model.weights or train.enabled: true")
+    return []
+
+
+def batch_warnings(config: Config) -> list[str]:
+    """data.batch_size larger than the training split: every epoch is one short batch."""
+    from pipeline._probe import _samples
+
+    n = _samples(config)
+    if n is None:
+        return []
+    train = n - max(1, int(round(n * config.data.val_fraction)))
+    if config.data.max_train_samples:
+        train = min(train, config.data.max_train_samples)
+    if config.data.batch_size > train:
+        return [f"data.batch_size {config.data.batch_size} is larger than the {train} training images: every epoch "
+                f"is one batch of {train}; lower data.batch_size"]
+    return []
 
 
 def exclude_problems(config: Config, shapes: dict[str, tuple[int, ...]], warnings: list[str]) -> list[str]:
@@ -162,6 +215,7 @@ def preflight(config: Config, run_dir: RunDir | None = None, fresh: bool = False
     if deep and not problems:
         more, size = _model_problems(config, warnings)
         problems += more
+    warnings += batch_warnings(config)
     if run_dir is not None:
         problems += _problems_of(lambda: run_dir.check_usable(fresh, _COPIES * size + 20_000_000 if size else 0))
     if problems:

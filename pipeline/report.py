@@ -140,7 +140,7 @@ def dynamics_rows(rec: RunRecords) -> list[dict[str, Any]]:
     last = next((r for r in reversed(rows) if r["accepted"]), None)
     for d in rec.states.get("layer_truncate", {}).get("decisions", []):
         row = {"stage": "layer_truncate", "what": f"remove {d['block']}", "params_m": d.get("params_m_after"),
-               "gflops": d.get("gflops_after"), "top1": d["top1_after"], "top5": d.get("top5_after"),
+               "gflops": d.get("gflops_after"), "top1": d.get("top1_after"), "top5": d.get("top5_after"),
                "accepted": d["accepted"], "recovery_rounds": d.get("recovery_rounds"),
                "recovery_stop": d.get("recovery_stop"), "divergence": d["divergence"]}
         rows.append(row)
@@ -296,9 +296,11 @@ def build_sections(rec: RunRecords, rows: list[dict[str, Any]], widths: list[dic
         t = Table(["block", "divergence D", "MACs share", "top-1 before", "top-1 after"]
                   + (["ms saved", "speedup after"] if timed else []) + ["decision"],
                   [[d["block"], f"{d['divergence']:.4f}", f"{100 * d['macs_share']:.1f}%", f2(d["top1_before"]),
-                    f2(d["top1_after"])]
+                    f2(d["top1_after"]) if d.get("top1_after") is not None else "-"]
                    + ([f4(d.get("ms_saved")), f"{d.get('speedup_after', 0):.2f}x"] if timed else [])
                    + ["removed" if d["accepted"] else ("rolled back (overshoots the target)" if d.get("overshoots")
+                                                       else f"kept: the model does not run without it "
+                                                            f"({d['breaks_forward']})" if d.get("breaks_forward")
                                                        else "rolled back (essential)")] for d in dec])
         text = [f"Removed blocks: {', '.join(trunc.get('removed_blocks', [])) or 'none'}. "
                 f"Stopped: {trunc.get('stop_reason', '-')}. Candidates: {len(trunc.get('candidates', []))}."]

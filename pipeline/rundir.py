@@ -243,6 +243,9 @@ class RunDir:
         why = _refusal(root)
         if why:
             raise UserInputError(f"run directory {str(root)!r} {why}")
+        if root.is_symlink() and not root.exists():
+            raise UserInputError(f"run directory {str(root)!r} is a symbolic link to {os.readlink(root)!r}, which "
+                                 f"does not exist; create that folder, remove the link, or pass another --run-dir")
         if root.exists() and not root.is_dir():
             raise UserInputError(f"run directory {str(root)!r} is a file, not a folder; pass another --run-dir")
         if self.manifest_path.is_file() and not fresh:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -14,6 +15,7 @@ from rich.console import Console
 from torch import nn
 
 import stages  # noqa: F401 - registers every stage in STAGES
+from pipeline._probe import out_of_memory
 from pipeline._progress import RunClock, Tracker
 from pipeline.config import Config
 from pipeline.context import (  # noqa: F401 - re-exported for callers of the runner
@@ -29,7 +31,7 @@ from pipeline.errors import UserInputError
 from pipeline.metrics import MetricsLog
 from pipeline.models import structure_of
 from pipeline.plan import DATA_FILES, PlanItem, make_plan, upstream_fingerprint
-from pipeline.rundir import RunDir, atomic_json, atomic_torch_save, now
+from pipeline.rundir import RunDir, atomic_json, atomic_torch_save, atomic_write, now
 from pipeline.signals import Interrupted, critical
 
 CHECKPOINT = "checkpoint.pt"
@@ -94,11 +96,14 @@ class _Session:
     console: Console
     sink: MetricsLog
     clock: RunClock
+    again: str = "Run the same command again"
 
 
 def run_pipeline(config: Config, run_dir: RunDir, console: Console, start: str | None = None,
-                 until: str | None = None, fresh: bool = False) -> dict[str, Any] | None:
-    """Run the planned stages; returns summary.json's content when the validate stage has run.
+                 until: str | None = None, fresh: bool = False,
+                 again: str = "Run the same command again") -> dict[str, Any] | None:
+    """Run the planned stages; returns summary.json's content when the validate stage has run. `again` is how
+    the caller resumes (the words of the interrupted-stage log line).
 
     Under torchrun, rank 0 plans, writes and runs the single-process stages while the other ranks wait;
     stages marked `distributed` (training) run on every rank.
@@ -113,31 +118,38 @@ def run_pipeline(config: Config, run_dir: RunDir, console: Console, start: str |
     if main:
         run_dir.lock()
     sink = None
+    undo = None
     try:
         manifest, plan = _on_main(main, lambda: _prepare(config, run_dir, PIPELINE, start, until, fresh))
         sink = MetricsLog(run_dir.root, config.logging.tensorboard, enabled=main)
         session = _Session(config, run_dir, device, _logger(run_dir, console, main), console, sink,
-                           RunClock(total=sum(item.action in ("run", "off") for item in plan)))
+                           RunClock(total=sum(item.action in ("run", "off") for item in plan)), again)
         if main:
             orphans = run_dir.remove_orphans()
             if orphans:
                 session.log.info(f"removed {len(orphans)} temporary file(s) a killed earlier run left: "
                                  f"{', '.join(orphans[:5])}")
-            manifest = _supersede(run_dir, manifest, plan)
-        for item in plan:
-            if item.action == "skip":
-                session.log.info(f"[{item.index}] {item.name}: reused ({item.reason})")
-            elif item.action not in ("run", "off"):
-                continue
-            else:
-                session.clock.index += 1
-                if main:
-                    manifest = _on_main(True, lambda i=item, m=manifest: _run_stage(i, session, m))
-                elif getattr(STAGES.get(item.name), "distributed", False):
-                    _run_worker(item, session, manifest)
-                    manifest = _on_main(False, None)
+            manifest, undo = _supersede(run_dir, manifest, plan)
+        try:
+            for item in plan:
+                if item.action == "skip":
+                    session.log.info(f"[{item.index}] {item.name}: reused ({item.reason})")
+                elif item.action not in ("run", "off"):
+                    continue
                 else:
-                    manifest = _on_main(False, None)  # wait while rank 0 runs it
+                    session.clock.index += 1
+                    if main:
+                        manifest = _on_main(True, lambda i=item, m=manifest: _run_stage(i, session, m))
+                        undo = None  # a stage of this run has committed: the previous run's artifacts are stale
+                    elif getattr(STAGES.get(item.name), "distributed", False):
+                        _run_worker(item, session, manifest)
+                        manifest = _on_main(False, None)
+                    else:
+                        manifest = _on_main(False, None)  # wait while rank 0 runs it
+        except UserInputError:
+            if main and undo is not None:  # bad input found before anything changed: it changes nothing either
+                undo()
+            raise
         if not main:
             return None
         atomic_json(run_dir.root / "config.json", config.model_dump(mode="json", by_alias=True))
@@ -174,36 +186,47 @@ def _prepare(config: Config, run_dir: RunDir, names: list[str], start: str | Non
     return manifest, make_plan(config, run_dir, manifest, names, start, until)
 
 
-def _supersede(run_dir: RunDir, manifest: dict[str, Any], plan: list[PlanItem]) -> dict[str, Any]:
+def _supersede(run_dir: RunDir, manifest: dict[str, Any], plan: list[PlanItem]):
     """Before the first stage re-runs: mark the records of the stages that will run, and the top-level
     summary.json, as the previous run's until this one finishes (a kill at any instant after this leaves
-    artifacts that say they are not current)."""
+    artifacts that say they are not current). Returns the manifest and a function that puts both back as they
+    were (for bad input found before any stage committed), or None when nothing was marked."""
     runs = [i for i in plan if i.action in ("run", "off")]
     if not runs:
-        return manifest
+        return manifest, None
     stamp = now()
+    path = run_dir.root / SUMMARY
+    before_entries = copy.deepcopy(manifest["stages"])
+    before_summary = path.read_bytes() if path.is_file() else None
     with critical():
         for item in runs:
             entry = manifest["stages"].get(item.name)
             if entry is not None and entry.get("status") in ("done", "skipped"):
                 entry.update(status="outdated", outdated_since=stamp)
-        path = run_dir.root / SUMMARY
-        if path.is_file():
-            try:
-                summary = json.loads(path.read_text())
-            except (OSError, ValueError):
-                summary = None
-            if isinstance(summary, dict):
-                summary["run"] = {**(summary.get("run") or {}), "current": False, "status": "superseded",
-                                  "note": f"a re-run started at {stamp} ({runs[0].name} {runs[0].describe()}) has "
-                                          f"not finished: this summary, model.onnx and the report describe the "
-                                          f"previous run"}
-                atomic_json(path, summary)
-                for entry in manifest["stages"].values():  # keep the recorded sha256 true (a --until run keeps it)
-                    if SUMMARY in entry.get("files", {}):
-                        entry["files"][SUMMARY] = run_dir.file_hashes([path])[SUMMARY]
+        try:
+            summary = json.loads(before_summary) if before_summary is not None else None
+        except ValueError:
+            summary = None
+        if isinstance(summary, dict):
+            summary["run"] = {**(summary.get("run") or {}), "current": False, "status": "superseded",
+                              "note": f"a re-run started at {stamp} ({runs[0].name} {runs[0].describe()}) has "
+                                      f"not finished: this summary, model.onnx and the report describe the "
+                                      f"previous run"}
+            atomic_json(path, summary)
+            for entry in manifest["stages"].values():  # keep the recorded sha256 true (a --until run keeps it)
+                if SUMMARY in entry.get("files", {}):
+                    entry["files"][SUMMARY] = run_dir.file_hashes([path])[SUMMARY]
         run_dir.write_manifest(manifest)
-    return manifest
+
+    def undo() -> None:
+        with critical():
+            if before_summary is not None:
+                atomic_write(path, before_summary)
+            for name, entry in before_entries.items():
+                manifest["stages"][name] = entry
+            run_dir.write_manifest(manifest)
+
+    return manifest, undo
 
 
 def _context(item: PlanItem, s: _Session, manifest: dict[str, Any]) -> Context:
@@ -268,14 +291,17 @@ def _run_stage(item: PlanItem, s: _Session, manifest: dict[str, Any]) -> dict[st
             manifest["stages"][item.name].update(status="interrupted", signal=exc.name, finished=now())
             run_dir.write_manifest(manifest)
         log.warning(f"[{item.index}] {item.name}: interrupted by {exc.name} after "
-                    f"{time.perf_counter() - t0:.1f}s; every earlier checkpoint is intact. Run the same command "
-                    f"again to resume from {item.name}.")
+                    f"{time.perf_counter() - t0:.1f}s; every earlier checkpoint is intact. {s.again} to resume "
+                    f"from {item.name}.")
         raise
     except BaseException as exc:
         with critical():
             manifest["stages"][item.name].update(status="failed", error=f"{type(exc).__name__}: {exc}",
                                                  finished=now())
             run_dir.write_manifest(manifest)
+        oom = out_of_memory(exc, item.name, s.config)  # the settings' fault, not a bug: exit 2 naming them
+        if oom is not None:
+            raise oom from exc
         raise
     s.sink.log_dict({**entry["metrics"], "seconds": entry["seconds"]}, prefix="stage/")
     shown = {k: human(v) for k, v in entry["metrics"].items() if not isinstance(v, (dict, list))}

@@ -1,9 +1,9 @@
-"""SIGINT and SIGTERM as a typed exception, deferred while a checkpoint and its manifest entry are written.
+"""SIGINT, SIGTERM and SIGHUP as a typed exception, deferred while a checkpoint and its manifest entry are written.
 
-`handling()` turns either signal into `Interrupted` (exit code 128 + signal number: 130 / 143) for the
-duration of a run; `critical()` marks the few instants where files and the manifest must change together,
-and a signal arriving inside one is raised when it ends. Everything else on disk is written atomically, so
-raising at any other instant loses nothing that was finished.
+`handling()` turns each into `Interrupted` (exit code 128 + signal number: 130 / 143 / 129; SIGHUP is a closed
+terminal or a dropped ssh session) for the duration of a run; `critical()` marks the few instants where files and
+the manifest must change together, and a signal arriving inside one is raised when it ends. Everything else on
+disk is written atomically, so raising at any other instant loses nothing that was finished.
 """
 
 from __future__ import annotations
@@ -13,17 +13,17 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
+SIGNALS = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ())
 
 
 class Interrupted(BaseException):
     """The run was stopped by a signal. Like KeyboardInterrupt, not an Exception: nothing swallows it."""
 
-    def __init__(self, signum: int) -> None:
+    def __init__(self, signum: int, message: str | None = None) -> None:
         self.signum = signum
         self.name = signal.Signals(signum).name
         self.exit_code = 128 + signum
-        super().__init__(f"stopped by {self.name}")
+        super().__init__(message or f"stopped by {self.name}")
 
 
 class _State:
@@ -42,7 +42,7 @@ def _handler(signum: int, frame: object) -> None:
 
 @contextmanager
 def handling() -> Iterator[None]:
-    """Raise Interrupted on SIGINT/SIGTERM inside the block; the previous handlers come back after it.
+    """Raise Interrupted on SIGINT/SIGTERM/SIGHUP inside the block; the previous handlers come back after it.
 
     Outside the main thread (where Python cannot install handlers) it does nothing.
     """

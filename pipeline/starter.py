@@ -88,6 +88,32 @@ def _parse_model(model: str) -> dict[str, Any]:
     return {"source": source, "name": name}
 
 
+# What the bundled datasets are: (classes, channels, the input size the examples use for them)
+_BUNDLED = {"demo": (10, 1, [32, 32]), "digits": (10, 1, [32, 32])}
+
+
+def _fit_to_data(model_part: dict[str, Any], data_part: dict[str, Any]) -> dict[str, Any]:
+    """Fill the model keys the named data decides (classes, channels, size) where not given, so that the starter
+    config fits its data; bundled data comes without weights for the model, so the base is trained first. Returns
+    the other sections to set."""
+    kind = data_part["kind"]
+    if kind in _BUNDLED:
+        classes, chans, size = _BUNDLED[kind]
+        model_part.setdefault("num_classes", classes)
+        model_part.setdefault("in_chans", chans)
+        model_part.setdefault("input_size", size)
+        return {"train": {"enabled": True}}
+    if kind == "imagefolder" and data_part.get("root") and "num_classes" not in model_part:
+        from pipeline.config import DataConfig, ModelConfig
+        from pipeline.data import class_info
+
+        probe = Config.model_construct(data=DataConfig(**data_part), model=ModelConfig(source="timm", name="x"))
+        count = class_info(probe).count
+        if count:
+            model_part["num_classes"] = count
+    return {}
+
+
 def render(model: str = "timm:resnet50", data: str = "demo", name: str | None = None,
            num_classes: int | None = None, input_size: tuple[int, int] | None = None) -> str:
     """A commented YAML config with every key at its default, except the ones given here."""
@@ -97,9 +123,10 @@ def render(model: str = "timm:resnet50", data: str = "demo", name: str | None = 
     if input_size is not None:
         model_part["input_size"] = list(input_size)
     data_part = _parse_data(data)
+    fitted = _fit_to_data(model_part, data_part)
     run_name = name or model_part["name"].rsplit(":", 1)[-1].rsplit("/", 1)[-1].replace(".py", "") or "run"
     run_name = "".join(c if c.isalnum() or c in "_.-" else "_" for c in run_name)
-    raw = {"name": run_name, "model": model_part, "data": data_part}
+    raw = {"name": run_name, "model": model_part, "data": data_part, **fitted}
     try:
         from pydantic import ValidationError
 

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.models import Skip
 from stages._flows import BlockStats
 
 _ACTS = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.LeakyReLU, nn.Mish, nn.ELU)
@@ -164,8 +165,9 @@ def measure_blocks(model: nn.Module) -> tuple[BlockStats, UnitDivergence]:
 
 
 def replace_with_identity(model: nn.Module, modules: list[str]) -> None:
-    """Make a block the identity: its ops vanish from the graph."""
+    """Make a block the identity (`Skip`: its input, whatever else it is called with): its ops vanish from the
+    graph."""
     for name in modules:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, nn.Identity())
+        setattr(parent, child, Skip())

@@ -71,7 +71,7 @@ class BlockStats:
 
     def attach(self, model: nn.Module) -> list:
         def hook(name: str):
-            def fn(mod: nn.Module, inputs: tuple, output: Any) -> None:
+            def fn(mod: nn.Module, inputs: tuple, kwargs: dict[str, Any], output: Any) -> None:
                 row = self.rows.setdefault(name, {"calls": 0, "diff": 0.0, "norm": 0.0, "in_shape": None,
                                                   "out_shape": None, "single": True})
                 row["calls"] += 1
@@ -85,23 +85,27 @@ class BlockStats:
                     row["diff"] += float((output - x).flatten(1).norm(dim=1).sum())
                     row["norm"] += float(x.flatten(1).norm(dim=1).sum())
                     if name not in self.samples:
-                        self.samples[name] = x[:2].detach().clone()
+                        # a block may be called with more than its input (a transformer block's rope= or mask=):
+                        # the residual test calls it the same way, on the same two samples
+                        self.samples[name] = (x[:2].detach().clone(), {
+                            k: (v[:2] if v.dim() and v.shape[0] == x.shape[0] else v).detach().clone()
+                            if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
 
             return fn
 
-        self.samples: dict[str, torch.Tensor] = {}
-        return [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
+        self.samples: dict[str, tuple[torch.Tensor, dict[str, Any]]] = {}
+        return [m.register_forward_hook(hook(n), with_kwargs=True) for n, m in model.named_modules() if n]
 
     @torch.no_grad()
     def finish(self, model: nn.Module) -> None:
         """Mark residual blocks: with every parameter zeroed, y = x + f(x) becomes exactly the identity."""
-        for name, x in self.samples.items():
+        for name, (x, kwargs) in self.samples.items():
             mod = model.get_submodule(name)
             zeros = {k: torch.zeros_like(p) for k, p in mod.named_parameters()}
             if not zeros:
                 continue
             try:
-                y = torch.func.functional_call(mod, zeros, (x,))
+                y = torch.func.functional_call(mod, zeros, (x,), kwargs)
             except Exception:  # noqa: BLE001 - a module that cannot run this way is simply not residual
                 continue
             scale = float(x.abs().max()) or 1.0

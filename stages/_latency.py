@@ -155,7 +155,7 @@ class LatencyMeter:
 
         dynamic = self.config.export.dynamic_batch
         example = torch.zeros(2 if dynamic else self.shape[0], *self.shape[1:])
-        torch2onnx(model.eval().cpu(), example, path, self.config.export, {})
+        torch2onnx(model, example, path, self.config.export, {})  # the model keeps its device and mode
 
     def _cached(self, key: Path, compute, fresh: bool = False) -> dict[str, Any]:
         """A measurement from the cache, or taken now (`fresh`: always taken now). One taken while others held the

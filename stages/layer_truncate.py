@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
+import torch
 from torch import nn
 
 from pipeline.context import STAGES, Context, StageResult
@@ -71,6 +72,16 @@ class LatencyCurrency:
         self.profile, self.speedup = self.previous.pop()
 
 
+def forward_error(model: nn.Module, example: torch.Tensor) -> str | None:
+    """Why the model no longer runs on `example` (the exception, in one line), or None when it does."""
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    except Exception as exc:  # noqa: BLE001 - any failure means the block cannot go; it is kept and named
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+    return None
+
+
 @STAGES.register("layer_truncate")
 class LayerTruncate:
     name = "layer_truncate"
@@ -103,6 +114,7 @@ class LayerTruncate:
         candidates, rejected = None, {}
         stop = f"removed max_layers={cfg.max_layers} blocks"
         clock = LatencyCurrency(ctx, model) if ctx.config.filter_prune.target_speedup else None
+        example = torch.zeros(2, spec.in_chans, *spec.input_size, device=next(model.parameters()).device)
         for t in ctx.track(itertools.count(), "truncation decisions"):
             if len(removed) >= cfg.max_layers:
                 break
@@ -129,6 +141,15 @@ class LayerTruncate:
                 break
             snapshot = clone(model)
             replace_with_identity(model, best.modules)
+            broken = forward_error(model, example)
+            if broken is not None:  # proven on the model before anything is trained or kept
+                model = snapshot
+                essential.add(best.name)
+                decisions.append({**best.as_record(), "top1_before": current["top1"], "accepted": False,
+                                  "breaks_forward": broken})
+                ctx.milestone(f"layer_truncate decision {t + 1}: {best.name} cannot be removed: the model does not "
+                              f"run without it ({broken}); marked essential")
+                continue
             model, outcome = recover(model, ctx, budget, teacher, reference, f"recovery {t + 1}", seed=200 + t)
             after = evaluate(model, ctx)
             accepted = start["top1"] - after["top1"] <= cfg.max_accuracy_drop

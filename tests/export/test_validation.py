@@ -199,3 +199,36 @@ def test_busy_warning_counts_only_the_cores_the_timing_threads_need():
     assert "steal" in busy_warning({"other_cores": 0.0, "steal_share": 0.2, "cores": 4}, 2)
     assert busy_warning({"other_cores": None, "steal_share": None, "cores": 2}, 2) is None
     assert busy_warning(None, 2) is None
+
+
+@pytest.mark.parametrize("gate", ["min_speedup", "max_latency_ms"])
+def test_a_latency_gate_never_passes_on_a_contended_figure(gate: str):
+    s = summary()
+    s["latency_ms"]["contended"] = "other processes kept 1.90 of the 2 cores busy"
+    ok, _ = GATES[gate]
+    fails, _ = check_gates(s, GatesConfig(**{gate: ok}, max_parity_error=1e-5))
+    assert len(fails) == 1 and gate in fails[0] and "busy machine" in fails[0], fails
+    assert check_gates(s, GatesConfig(max_top1_drop=1.5)) == ([], []), "other gates stand"
+
+
+def test_a_contended_timing_is_retaken_and_keeps_its_caveat(monkeypatch):
+    import export.runtime as R
+    from export.validation import CONTENDED_RETRIES, clean_latency, latency_record
+
+    class Fake:
+        backend, precision, threads, device = "onnxruntime-cpu", "fp32", 2, "cpu"
+
+        def time_once(self, x):
+            return 1.0
+
+    busy = iter(["others kept 1.9 cores busy"] * CONTENDED_RETRIES + [None])
+    monkeypatch.setattr(R, "busy_warning", lambda load, threads: next(busy))
+    warned = []
+    lat, load = clean_latency({"base": Fake(), "compressed": Fake()}, (1, 1, 4, 4), 1, 4, 2, blocks=2,
+                              warn=warned.append)
+    assert load["contended"] is None and load["attempts"] == CONTENDED_RETRIES + 1 and len(warned) == 2
+    monkeypatch.setattr(R, "busy_warning", lambda load, threads: "others kept 1.9 cores busy")
+    lat, load = clean_latency({"base": Fake(), "compressed": Fake()}, (1, 1, 4, 4), 1, 4, 2, blocks=2)
+    assert load["contended"] == "others kept 1.9 cores busy"
+    rec = latency_record(lat, Fake(), 1, 1, load)
+    assert rec["contended"] == load["contended"] and "contended" not in rec["machine"]

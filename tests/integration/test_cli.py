@@ -198,7 +198,7 @@ def test_until_stops_and_dry_run_plans(finished, tmp_path: Path, capsys):
     capsys.readouterr()
     assert cli("pipeline", str(config), "--run-dir", str(run), "--dry-run") == 0
     out = capsys.readouterr().err
-    assert "calibrate" in out and "skip" in out and "not run yet" in out
+    assert "calibrate" in out and "reused" in out and "first run" in out
 
 
 def test_resnet50_example_dry_run_prints_the_plan(capsys, tmp_path: Path):

@@ -31,6 +31,9 @@ def _weights(path: Path) -> dict:
 def _comparable(run: Path) -> dict:
     summary = json.loads((run / "summary.json").read_text())
     summary.pop("latency_ms")  # wall-clock timing differs between any two runs
+    for key in ("finished", "onnx_sha256"):  # the time it finished, and model.onnx's bytes (its metadata says
+        summary["run"].pop(key)               # which run wrote it); the run's fingerprint and status must match
+    summary.get("targets", {}).get("speedup", {}).pop("contended", None)
     return {"summary": summary, "weights": {p.parent.name: _weights(p) for p in sorted(run.glob("0*/checkpoint.pt"))}}
 
 

@@ -357,3 +357,77 @@ def test_one_step_that_saves_nothing_does_not_swing_the_next_budget_tenfold():
     for step in range(2, 12):
         d.add(0.05, 0.1, step)
     assert d.factor > 1.7
+
+
+def test_a_contended_measurement_is_retaken_then_neither_cached_nor_reused(tmp_path: Path, monkeypatch):
+    """Others holding the timing cores (simulated): the measurement is taken again, and when it never comes out
+    clean it is returned with its caveat and not cached, so that no later run reads it as a figure."""
+    import timm
+
+    import stages._latency as L
+
+    meter = _meter(tmp_path, monkeypatch)
+    model = timm.create_model("resnet18", num_classes=4, in_chans=1).eval()
+    calls = []
+    monkeypatch.setattr(L, "contention", lambda load, threads: calls.append(1) or "others kept 2.0 cores busy")
+    busy = meter.profile(model)
+    assert busy.contended == "others kept 2.0 cores busy"
+    assert len(calls) == 1 + L.CONTENDED_RETRIES and meter.retaken == L.CONTENDED_RETRIES and meter.contended == 1
+    assert not list((tmp_path / "cache" / "latency").glob("*.json")), "a contended figure must not be cached"
+    monkeypatch.setattr(L, "contention", lambda load, threads: None)  # the machine is quiet again
+    quiet = meter.profile(model)
+    assert quiet.contended is None and meter.hits == 0, "taken again, not read back"
+    entries = list((tmp_path / "cache" / "latency").glob("*.json"))
+    assert len(entries) == 1
+    entry = json.loads(entries[0].read_text())
+    assert entry["version"] == L.CACHE_VERSION and entry["contended"] is None and "other_cores" in entry["machine"]
+    # an entry of another version (or one that says it was contended) is never read as a measurement
+    for poisoned in ({**entry, "version": L.CACHE_VERSION - 1}, {**entry, "contended": "busy"}):
+        entries[0].write_text(json.dumps(poisoned))
+        hits = meter.hits
+        meter.profile(model)
+        assert meter.hits == hits
+    meter.profile(model)
+    assert meter.hits == 1
+
+
+def test_a_stop_on_an_implausible_or_contended_timing_is_timed_again(tmp_path: Path, monkeypatch):
+    """A step that reaches the target on a reading far beyond what its MACs allow is re-timed fresh before the
+    stage may stop on it; one that stays contended carries its caveat into the stop reason."""
+    from types import SimpleNamespace
+
+    import timm
+
+    import stages._goals as G
+    from stages._latency import FIRM_TIMING, Profile
+
+    monkeypatch.setenv("COMPRESS_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = Config.model_validate(tiny_config(filter_prune={"target_speedup": 1.5, "target_flops_reduction": None}))
+    model = timm.create_model("resnet18", num_classes=4, in_chans=1).eval()
+    readings = []
+
+    class FakeMeter:
+        runtime, device, threads, seconds, confirmations, hits, misses, contended, retaken = ("x", "y", 1, 0, 0, 0,
+                                                                                               0, 0, 0)
+
+        def __init__(self, config):
+            pass
+
+        def measure(self, m, base=None, timing=None, confirm=None, save_as=None, fresh=False):
+            readings.append((timing, fresh))
+            if base is None:
+                return Profile(1.0, {}, 1.0), (1.0, 1.0, 1.0)
+            # the first reading is poisoned (19x for a model whose MACs did not change); the fresh one is honest
+            return (Profile(1.0 / 19.3, {}, 0.05), (19.3, 19.0, 19.6)) if not fresh else \
+                (Profile(1.0, {}, 1.0, contended="others kept 1.9 cores busy"), (1.01, 0.99, 1.02))
+
+    monkeypatch.setattr(G, "LatencyMeter", FakeMeter)
+    goal = G.SpeedupGoal(SimpleNamespace(config=cfg), model)
+    goal.t = 0
+    attempt = goal.attempt(model, None)
+    assert readings[-1] == (FIRM_TIMING, True), "re-timed fresh at length"
+    assert attempt["speedup"] == pytest.approx(1.01) and goal.retimed[0]["speedup"] == 19.3
+    assert "implausible" in goal.retimed[0]["why"]
+    goal.observe(model, 1.0, attempt)
+    assert not goal.reached()
+    assert "busy" in goal.caveat() and goal.record()["retimed"] == goal.retimed
