@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: install install-gpu demo test test-slow gpu-check lint bench bench-quick bench-arch bench-matrix bench-int8 bench-latency bench-equal-latency readme-demo clean
+.PHONY: install install-gpu demo test test-slow gpu-check lint bench bench-quick bench-arch bench-matrix bench-int8 bench-latency bench-equal-latency bench-fingerprint readme-demo clean
 
 install: $(STAMP)
 
@@ -35,7 +35,7 @@ install-gpu: install
 
 # The tests marked gpu (TensorRT engines, ONNX Runtime CUDA). COMPRESS_REQUIRE_GPU=1 turns every skip into a
 # failure, so a nightly job that lost its GPU or TensorRT goes red instead of passing having tested nothing.
-gpu-check: install
+gpu-check: install-gpu
 	COMPRESS_REQUIRE_GPU=1 $(BIN)/pytest -q -m gpu -rs
 
 bench: install
@@ -43,6 +43,7 @@ bench: install
 	$(BIN)/python -m benchmarks.run --int8
 	$(BIN)/python -m benchmarks.run --latency-target
 	$(BIN)/python -m benchmarks.run --equal-latency
+	$(BIN)/python -m benchmarks.run --fingerprint
 
 bench-int8: install
 	$(BIN)/python -m benchmarks.run --int8
@@ -52,6 +53,9 @@ bench-latency: install
 
 bench-equal-latency: install
 	$(BIN)/python -m benchmarks.run --equal-latency
+
+bench-fingerprint: install
+	$(BIN)/python -m benchmarks.run --fingerprint
 
 bench-quick: install
 	$(BIN)/python -m benchmarks.run --quick

@@ -37,7 +37,7 @@ ARCH_START, ARCH_END = "<!-- bench-arch: start -->", "<!-- bench-arch: end -->"
 MATRIX_START, MATRIX_END = "<!-- bench-matrix: start -->", "<!-- bench-matrix: end -->"
 # sections their own make target rewrites (the rest of BENCHMARKS.md is kept): flag -> (make target, markers)
 OWNED = {"arch": "bench-arch", "matrix": "bench-matrix", "int8": "bench-int8", "latency_target": "bench-latency",
-         "equal_latency": "bench-equal-latency"}
+         "equal_latency": "bench-equal-latency", "fingerprint": "bench-fingerprint"}
 
 
 def _markers(section: str) -> tuple[str, str]:
@@ -93,6 +93,8 @@ def main() -> None:
     parser.add_argument("--equal-latency", action="store_true", help="only accuracy at equal latency (latency- vs "
                         "MACs-targeted and Torch-Pruning's recipe on demo and digits, 3 seeds, about 40 minutes); "
                         "rewrites that section")
+    parser.add_argument("--fingerprint", action="store_true", help="only the data-fingerprint cost (10,000 small "
+                        "images: first and second run, a fresh copy, 40 added; about a minute); rewrites that section")
     args = parser.parse_args()
     seeds = [0, 1, 2]
     owned = next((k for k in OWNED if getattr(args, k) or args.only == k), None)

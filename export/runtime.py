@@ -23,6 +23,33 @@ class Runtime(Protocol):
     def time_once(self, x: np.ndarray) -> float: ...
 
 
+def ort_providers(provider: str, tf32: bool = False) -> list[Any]:
+    """The execution providers of a session on `provider` ("cpu" or "cuda"). On CUDA, TF32 is off unless asked for:
+    ONNX Runtime enables it by default, which on Ampere and newer (A100, H100, H200) moves FP32 logits by about
+    1e-3, fails the FP32 parity gate and disagrees with TensorRT's FP32 engines, which clear it."""
+    if provider == "cuda":
+        return [("CUDAExecutionProvider", {"use_tf32": "1" if tf32 else "0"})]
+    return ["CPUExecutionProvider"]
+
+
+def timing_provider(config: Any) -> str:
+    """Where the latency loop times ONNX Runtime: the device `validate` will time on (runtime.device, `auto`
+    resolved as the runner resolves it). A speedup target on CUDA without ONNX Runtime's CUDA provider would be met
+    on the CPU while the artifact is validated on the GPU: refused with the repair."""
+    import torch
+
+    device = config.runtime.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device != "cuda":
+        return "cpu"
+    problem = cuda_provider_problem()
+    if problem:
+        raise UserInputError(f"filter_prune.target_speedup times each step on the device validate uses (CUDA here), "
+                             f"but {problem}; or set runtime.device: cpu to target CPU latency")
+    return "cuda"
+
+
 class OrtModel:
     """An ONNX model in ONNX Runtime on the CPU or CUDA execution provider (FP32 as exported, or the INT8 QDQ
     model)."""
@@ -48,7 +75,7 @@ class OrtModel:
         self.backend = f"onnxruntime-{provider}"
         self.device = cpu_name() if provider == "cpu" else _gpu_name()
         try:
-            self.session = ort.InferenceSession(str(path), opts, providers=[name])
+            self.session = ort.InferenceSession(str(path), opts, providers=ort_providers(provider))
         except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own types for every kind of bad file
             first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
             raise UserInputError(f"{path} is not an ONNX model ONNX Runtime can load ({first}); pass the model.onnx "

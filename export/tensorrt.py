@@ -19,8 +19,9 @@ import numpy as np
 from pipeline.errors import UserInputError
 from pipeline.rundir import atomic_json, atomic_write, sha256
 
-INSTALL_HINT = ("install the gpu extra on a machine with an NVIDIA GPU and driver: `make install-gpu`, or "
-                "pip install -e '.[gpu]' (it brings tensorrt 10.x and onnxruntime-gpu)")
+INSTALL_HINT = ("install the gpu extra on a machine with an NVIDIA GPU and driver: pip install "
+                "'idap-compress[gpu]' (tensorrt 10.x and onnxruntime-gpu), then pip install --force-reinstall "
+                "--no-deps onnxruntime-gpu==<its version> (in this tool's own repository: `make install-gpu`)")
 SUPPORTED = (10, 11)  # TensorRT majors this code is written for: [10, 11)
 VERSION_HINT = ("this tool builds engines with the TensorRT 10 API (BuilderFlag.FP16, weakly typed networks), which "
                 "TensorRT 11 removed in favour of strongly typed networks; install a 10.x release: "
@@ -144,18 +145,23 @@ def build_engine(onnx_path: Path, engine_path: Path, spec: EngineSpec) -> dict[s
     else:  # FP32 means FP32: TensorRT would otherwise use TF32 tensor cores on Ampere and newer
         config.clear_flag(trt.BuilderFlag.TF32)
     profile = builder.create_optimization_profile()
-    inputs, outputs = [], []
+    inputs, outputs, dynamic = [], [], False
     for i in range(network.num_inputs):
         t = network.get_input(i)
         shape = tuple(t.shape)
         if shape[0] == -1:
             rest = shape[1:]
             profile.set_shape(t.name, (spec.min_batch, *rest), (spec.opt_batch, *rest), (spec.max_batch, *rest))
+            dynamic = True
         inputs.append({"name": t.name, "shape": list(shape), "dtype": str(t.dtype)})
     for i in range(network.num_outputs):
         t = network.get_output(i)
         outputs.append({"name": t.name, "shape": list(t.shape), "dtype": str(t.dtype)})
-    config.add_optimization_profile(profile)
+    # a static-batch network takes no profile (an empty one is an error in TensorRT 10); a dynamic one must take it
+    if dynamic and config.add_optimization_profile(profile) < 0:
+        raise UserInputError(f"TensorRT refused the optimization profile batches {spec.min_batch}/{spec.opt_batch}/"
+                             f"{spec.max_batch} for {onnx_path.name}; set export.tensorrt.min_batch <= opt_batch <= "
+                             f"max_batch")
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise RuntimeError(f"TensorRT could not build an engine from {onnx_path} (the reason is in the TensorRT log "
@@ -224,6 +230,10 @@ class TrtModel:
             self.min_batch = self.max_batch = int(shape[0])
         self.input_shape = shape[1:]
         self.precision = self.sidecar.get("precision", "unknown")
+        # what summary.json's latency_ms records: the GPU timed, and the one host thread that feeds it (so that the
+        # busy-machine check counts one timing core, not all of them)
+        self.device = torch.cuda.get_device_name()
+        self.threads = 1
         dev = torch.device("cuda")
         self.buffers: dict[str, Any] = {}
         self._set_shape(self.max_batch)

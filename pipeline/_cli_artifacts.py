@@ -119,6 +119,19 @@ def validate_cmd(
         raise GateFailure("validation gates failed:\n  - " + "\n  - ".join(fails))
 
 
+def _int8_source(rd, manifest) -> Path:
+    """The run's model.int8.onnx (QDQ) as its export stage recorded it, or the command that writes it."""
+    from stages.export import INT8
+
+    path = rd.root / INT8
+    entry = manifest["stages"].get("export", {})
+    if not path.is_file() or entry.get("status") != "done" or rd.corrupted_files(entry):
+        raise UserInputError(f"export.tensorrt.precision int8 builds the engine from the run's {INT8} (the QDQ model "
+                             f"that export.quantize: int8 writes), and {rd.root} has no intact one; run `compress "
+                             f"pipeline CONFIG --set export.quantize=int8 --from export` first")
+    return path
+
+
 @app.command("export", epilog=(
     "Examples:\n\n"
     "  compress export runs/demo                      # RUN_DIR/exports/model.onnx\n\n"
@@ -176,10 +189,14 @@ def export_cmd(
         else:
             from export.tensorrt import build_engine, sidecar_of
 
-            onnx_path = path.with_suffix(".onnx")
-            export_onnx(model, cfg, onnx_path, "compressed")
+            if precision == "int8":  # an INT8 engine is built from the QDQ model the pipeline quantized
+                onnx_path = _int8_source(rd, manifest)
+                written = [path, sidecar_of(path)]
+            else:
+                onnx_path = path.with_suffix(".onnx")
+                export_onnx(model, cfg, onnx_path, "compressed")
+                written = [onnx_path, path, sidecar_of(path)]
             build_engine(onnx_path, path, engine_spec(cfg))
-            written = [onnx_path, path, sidecar_of(path)]
     finally:
         rd.unlock()
     console.print(f"exported the model of stage {last!r}: " + ", ".join(str(p) for p in written), markup=False,

@@ -30,7 +30,9 @@ import torch
 from torch import nn
 
 from export.onnx_names import node_owners
+from pipeline.errors import UserInputError
 from stages._pruning import per_unit
+from stages._structure import module_macs
 
 # Interleaved timing of a model against the base, as (blocks, seconds per block and model). A pruning step's
 # check is short (on the demo's 0.2 ms model 1 s, against 1.9 s for FIRM_TIMING and 5 s for validate's default):
@@ -113,14 +115,14 @@ class LatencyMeter:
     """Times models the way `validate` will: exported to ONNX, on the runtime, threads and batch of the config."""
 
     def __init__(self, config, runs: int = 30, warmup: int = 5) -> None:
-        from export.runtime import cpu_name, default_threads
+        from export.runtime import cpu_name, default_threads, timing_provider
 
         self.config = config
         spec = config.model
         self.shape = (config.validate_.batch, spec.in_chans, *spec.input_size)
         self.runs, self.warmup = runs, warmup
         self.threads = config.validate_.threads or default_threads()
-        self.provider = "cuda" if config.runtime.device == "cuda" and torch.cuda.is_available() else "cpu"
+        self.provider = timing_provider(config)  # the device validate times on, `auto` resolved
         self.device = cpu_name() if self.provider == "cpu" else torch.cuda.get_device_name()
         self.seconds = 0.0
         self.hits = self.misses = 0
@@ -224,9 +226,11 @@ class LatencyMeter:
                         got = self._timed(base, path, graph, FIRM_TIMING, fresh)
                     speed = (got["speedup"], got["speedup_low"], got["speedup_high"])
                     total, busy = got["compressed_ms"], got["contended"]
+                macs = module_macs(model, torch.zeros(1, *self.shape[1:], device=_device_of(model))) \
+                    if self.provider == "cuda" else None
                 prof = self._cached(self._key(graph, "profile"),
                                     lambda: self._profile(path, {n for n, _ in model.named_modules()},
-                                                          total).record())
+                                                          total, macs).record())
                 profile = Profile(prof["total_ms"], prof["layers"], prof["other_ms"],
                                   contended=busy or prof["contended"])
                 if total is not None and profile.total_ms > 0 and abs(profile.total_ms - total) > 1e-12:
@@ -255,7 +259,21 @@ class LatencyMeter:
         lat = latency(models, self.shape, warmup=3, runs=2 * blocks, blocks=blocks, block_seconds=block_seconds)
         return {**speedup(lat), "compressed_ms": lat["compressed"]["median_ms"]}
 
-    def _profile(self, path: Path, modules: set[str], total_ms: float | None = None) -> Profile:
+    @staticmethod
+    def _split_by_macs(total_ms: float, macs: dict[str, float], modules: set[str]) -> Profile:
+        """Per-layer latency on a GPU: the measured total charged to the conv/linear layers by their share of the
+        MACs. ONNX Runtime's profiler times kernel launches there, not kernels (asynchronous CUDA), so its node
+        times cannot be used; the corrections (Drift, LayerFit) learn from the measured totals as on the CPU."""
+        total_macs = macs.get("<total>") or sum(v for k, v in macs.items() if k in modules and k) or 0.0
+        leaves = {k: v for k, v in macs.items() if k in modules and k and v > 0 and
+                  not any(o != k and o.startswith(k + ".") and macs.get(o, 0) > 0 for o in macs)}
+        if total_macs <= 0 or not leaves:
+            return Profile(total_ms, {}, total_ms)
+        layers = {k: total_ms * v / total_macs for k, v in leaves.items()}
+        return Profile(total_ms, layers, max(total_ms - sum(layers.values()), 0.0))
+
+    def _profile(self, path: Path, modules: set[str], total_ms: float | None = None,
+                 macs: dict[str, float] | None = None) -> Profile:
         """Wall time from a plain session (median of the runs; `total_ms` when the caller timed it already); the
         per-node split from a profiled one (each node's median over the same number of runs, the warm-up runs
         dropped), scaled to the wall time."""
@@ -268,9 +286,13 @@ class LatencyMeter:
             if profiling:
                 opts.enable_profiling = True
                 opts.profile_file_prefix = str(path.parent / "profile")
-            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.provider == "cuda" \
-                else ["CPUExecutionProvider"]
-            return ort.InferenceSession(str(path), opts, providers=providers)
+            sess = ort.InferenceSession(str(path), opts, providers=ort_providers(self.provider))
+            if self.provider == "cuda" and sess.get_providers()[0] != "CUDAExecutionProvider":
+                raise UserInputError(f"ONNX Runtime fell back to {sess.get_providers()[0]} while timing on CUDA; "
+                                     f"{cuda_provider_problem() or 'fix the CUDA set-up'}")
+            return sess
+
+        from export.runtime import cuda_provider_problem, ort_providers
 
         x = np.random.default_rng(0).standard_normal(self.shape).astype(np.float32)
         if total_ms is None:
@@ -284,6 +306,8 @@ class LatencyMeter:
                     times.append((time.perf_counter() - t) * 1e3)
             total_ms = float(np.median(times))
             del plain
+        if self.provider == "cuda":
+            return self._split_by_macs(total_ms, macs or {}, modules)
         profiled = session(True)
         feed = {profiled.get_inputs()[0].name: x}
         for _ in range(self.warmup + self.runs):
@@ -307,6 +331,10 @@ class LatencyMeter:
         profiled_sum = sum(per_layer.values()) + other
         scale = total_ms / profiled_sum if profiled_sum > 0 else 1.0
         return Profile(total_ms, {k: v * scale for k, v in per_layer.items()}, other * scale)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 @dataclass

@@ -98,6 +98,10 @@ class Validate:
         summary["gates"] = {"passed": not fails, "failures": fails}
         if unchecked:
             summary["gates"]["unchecked"] = unchecked
+        # where the artifact was deployed and timed, resolved once here from the config and this machine
+        summary["target"] = {"runtime": runtime, "device": ctx.device.type, "precision": compressed.precision,
+                             "batch": cfg.batch, "threads": getattr(compressed, "threads", None),
+                             "provider_options": {"use_tf32": "0"} if runtime == "onnxruntime-cuda" else {}}
         # which run this summary describes: a re-run marks it superseded (current: false) before it changes anything
         summary["run"] = {"status": "complete", "current": True, "fingerprint": ctx.config_hash,
                           "finished": now(), "onnx_sha256": sha256(root / "model.onnx")
