@@ -209,10 +209,11 @@ def test_the_engine_is_rebuilt_when_tensorrt_or_the_gpu_changes(monkeypatch):
     assert len({h[export - 1] for h in values}) == 1, "stages before export are not affected"
 
 
-def _recording_trt(layer_types: list[str]) -> types.ModuleType:
-    """A TensorRT 10 stand-in that records what the builder is asked for; the network holds `layer_types`."""
+def _recording_trt(layer_types: list[str], batch: int = -1) -> types.ModuleType:
+    """A TensorRT 10 stand-in that records what the builder is asked for; the network holds `layer_types` and
+    takes a batch of `batch` (-1: dynamic)."""
     trt = _fake_trt("10.16.1")
-    calls: dict[str, list] = {"network_flags": [], "set_flag": [], "clear_flag": []}
+    calls: dict[str, list] = {"network_flags": [], "set_flag": [], "clear_flag": [], "profiles": []}
     trt.calls = calls
     trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=5)
     trt.BuilderFlag = types.SimpleNamespace(FP16="FP16", TF32="TF32", INT8="INT8")
@@ -220,7 +221,7 @@ def _recording_trt(layer_types: list[str]) -> types.ModuleType:
     trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="ws")
 
     class Tensor:
-        name, shape, dtype = "input", (-1, 1, 8, 8), "float32"
+        name, shape, dtype = "input", (batch, 1, 8, 8), "float32"
 
     class Network:
         num_layers, num_inputs, num_outputs = len(layer_types), 1, 1
@@ -245,7 +246,8 @@ def _recording_trt(layer_types: list[str]) -> types.ModuleType:
             calls["clear_flag"].append(f)
 
         def add_optimization_profile(self, p):
-            pass
+            calls["profiles"].append(p)
+            return 0  # TensorRT returns the profile's index, -1 when it refuses it
 
     class Profile:
         def set_shape(self, *a):
@@ -300,6 +302,23 @@ def test_an_int8_engine_is_a_strongly_typed_build_of_the_qdq_model(trt_here, mon
     assert fake.calls["network_flags"] == [1 << 5 if strongly_typed else 0]
     assert fake.calls["set_flag"] == flags and side["precision"] == precision
     assert (tmp_path / "m.engine").read_bytes() == b"plan"
+    assert len(fake.calls["profiles"]) == 1, "a dynamic batch takes its optimization profile"
+
+
+def test_a_static_batch_network_gets_no_profile_and_a_refused_profile_is_an_error(trt_here, monkeypatch, tmp_path):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "stand-in GPU")
+    (tmp_path / "m.onnx").write_bytes(b"onnx")
+    static = _recording_trt(["CONVOLUTION"], batch=1)
+    monkeypatch.setitem(sys.modules, "tensorrt", static)
+    tensorrt.build_engine(tmp_path / "m.onnx", tmp_path / "m.engine", tensorrt.EngineSpec())
+    assert static.calls["profiles"] == [], "an empty profile is an error in TensorRT 10"
+    refused = _recording_trt(["CONVOLUTION"])
+    refused.Builder(None).create_builder_config().__class__.add_optimization_profile = lambda self, p: -1
+    monkeypatch.setitem(sys.modules, "tensorrt", refused)
+    with pytest.raises(UserInputError, match="TensorRT refused the optimization profile"):
+        tensorrt.build_engine(tmp_path / "m.onnx", tmp_path / "n.engine", tensorrt.EngineSpec())
 
 
 def test_an_int8_engine_from_a_model_without_qdq_is_refused(trt_here, monkeypatch, tmp_path: Path):

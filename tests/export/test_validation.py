@@ -107,7 +107,7 @@ def test_missing_cuda_provider_names_the_gpu_extra(onnx_file: Path):
 def test_missing_tensorrt_names_the_gpu_extra():
     if tensorrt.unavailable_reason() is None:
         pytest.skip("TensorRT and a GPU are available here")
-    with pytest.raises(UserInputError, match=r"pip install -e '\.\[gpu\]'"):
+    with pytest.raises(UserInputError, match=r"pip install 'idap-compress\[gpu\]'"):
         tensorrt.require()
 
 

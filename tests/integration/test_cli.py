@@ -153,7 +153,7 @@ def test_tensorrt_required_without_tensorrt_exits_2_with_the_install_hint(finish
     before = snapshot(run)
     assert cli("pipeline", str(config), "--run-dir", str(run), "--set", "export.tensorrt.mode=required") == 2
     err = " ".join(capsys.readouterr().err.split())
-    assert "export.tensorrt.mode is 'required' but" in err and "pip install -e '.[gpu]'" in err
+    assert "export.tensorrt.mode is 'required' but" in err and "pip install 'idap-compress[gpu]'" in err
     assert snapshot(run) == before
 
 
@@ -183,7 +183,7 @@ def test_export_verb_errors_leave_the_run_alone(finished, tmp_path: Path, capsys
     assert "is not a run directory" in capsys.readouterr().err
     if tensorrt.unavailable_reason() is not None:
         assert cli("export", str(run), "--format", "tensorrt") == 2
-        assert "pip install -e '.[gpu]'" in " ".join(capsys.readouterr().err.split())
+        assert "pip install 'idap-compress[gpu]'" in " ".join(capsys.readouterr().err.split())
     assert snapshot(run) == before
 
 
