@@ -65,6 +65,20 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600,
                           env=full_env, timeout=timeout, cwd=cwd)
 
 
+def run_here(*args: str) -> subprocess.CompletedProcess:
+    """Run `compress` in this process, as main() runs it minus the exit (no interpreter and torch start-up: most
+    cases need no fresh process); stdout and stderr captured."""
+    import contextlib
+    import io
+
+    from pipeline.cli import run
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = run(list(args))
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
+
+
 @pytest.fixture
 def tiny(tmp_path: Path) -> Path:
     return write_config(tmp_path / "tiny.yaml", tiny_config())

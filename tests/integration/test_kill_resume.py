@@ -131,7 +131,10 @@ def test_finetune_killed_mid_epoch_resumes_from_the_last_finished_epoch(tmp_path
     assert _comparable(run) == _comparable(tmp_path / "whole")
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+# SIGINT, SIGTERM and SIGHUP take one handler: SIGTERM runs by default (CI time limits send it; SIGHUP has its own
+# test in test_user_faults.py), SIGINT with -m slow (the default suite's time)
+@pytest.mark.parametrize("sig, code", [pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow),
+                                       (signal.SIGTERM, 143)])
 def test_signal_during_filter_prune_stops_cleanly_then_resumes(setup, tmp_path: Path, sig: int, code: int):
     """Ctrl-C (SIGINT) and a CI time limit (SIGTERM): the documented code, the stage marked interrupted, every
     earlier checkpoint intact, and the resumed run ends with the same tensors as an uninterrupted one."""

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from stages import PIPELINE
-from tests.conftest import REPO, run_cli, tiny_config, write_config
+from tests.conftest import REPO, run_cli, run_here, tiny_config, write_config
 from tests.pipeline.test_inputs import image_folder
 
 
@@ -55,18 +55,20 @@ def log_reasons(stderr: str) -> dict[str, str]:
     return out
 
 
-def test_added_images_rerun_from_load_with_the_reason_the_dry_run_gave(folder_run, tmp_path: Path):
+def test_added_images_rerun_from_load_with_the_reason_the_dry_run_gave(folder_run, tmp_path: Path, monkeypatch):
     config, run, data, env = folder_run
+    monkeypatch.setenv("COMPRESS_CACHE_DIR", env["COMPRESS_CACHE_DIR"])  # the dry runs run in this process
+    monkeypatch.setenv("COLUMNS", "200")  # the plan table's reasons on one line each
     run2, data2 = tmp_path / "run", tmp_path / "data"
     shutil.copytree(run, run2)
     shutil.copytree(data, data2, symlinks=True)
     cfg2 = folder_yaml(tmp_path / "c.yaml", data2)
-    same = run_cli("pipeline", str(cfg2), "--run-dir", str(run2), "--dry-run", env=env)
+    same = run_here("pipeline", str(cfg2), "--run-dir", str(run2), "--dry-run")
     # another data folder with the same files: the content is the same, so nothing re-runs but load's config
     assert plan_reasons(same.stderr)["load"] == "re-runs: config changed (data)", same.stderr
     image_folder(data2, per_class=32)  # 20 images more in each class
     (data2 / "class1" / "0.png").unlink()
-    dry = run_cli("pipeline", str(cfg2), "--run-dir", str(run2), "--dry-run", env=env)
+    dry = run_here("pipeline", str(cfg2), "--run-dir", str(run2), "--dry-run")
     planned = plan_reasons(dry.stderr)
     assert planned["load"] == "re-runs: config changed (data); data changed (40 files added, 1 file removed under " \
                               "data.root)", dry.stderr
@@ -78,21 +80,21 @@ def test_added_images_rerun_from_load_with_the_reason_the_dry_run_gave(folder_ru
     # the listing the next plan compares with is the new one
     listing = json.loads((run2 / "00_load" / "data_files.json").read_text())
     assert len(listing) == 63 and "class1/0.png" not in listing
-    again = run_cli("pipeline", str(cfg2), "--run-dir", str(run2), "--dry-run", env=env)
+    again = run_here("pipeline", str(cfg2), "--run-dir", str(run2), "--dry-run")
     assert set(plan_reasons(again.stderr).values()) == {"reused"}
 
 
 @pytest.mark.parametrize("make_loop", ["link to its own folder", "class folder links to itself"])
-def test_a_symlink_loop_is_exit_2_in_the_dry_run_and_the_real_run(tmp_path: Path, make_loop: str):
+def test_a_symlink_loop_is_exit_2_in_the_dry_run_and_the_real_run(tmp_path: Path, make_loop: str, monkeypatch):
     data = image_folder(tmp_path / "data")
     if make_loop == "link to its own folder":
         (data / "class0" / "again").symlink_to(".")
     else:
         os.symlink("class2", data / "class2")
     config = folder_yaml(tmp_path / "c.yaml", data)
-    env = {"COMPRESS_CACHE_DIR": str(tmp_path / "cache")}
+    monkeypatch.setenv("COMPRESS_CACHE_DIR", str(tmp_path / "cache"))
     for extra in (["--dry-run"], []):
-        result = run_cli("pipeline", str(config), "--run-dir", str(tmp_path / "run"), *extra, env=env)
+        result = run_here("pipeline", str(config), "--run-dir", str(tmp_path / "run"), *extra)
         text = " ".join((result.stdout + result.stderr).split())
         assert result.returncode == 2, text[-2000:]
         assert "Traceback" not in text and ("a loop" in text or "points to itself" in text), text[-2000:]

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 from pipeline.errors import UserInputError
-from tests.conftest import REPO, run_cli, tiny_config, write_config
+from tests.conftest import REPO, run_cli, run_here, tiny_config, write_config
 from tests.integration.test_faults import expect
 
 FACTORIES = '''
@@ -104,11 +104,10 @@ def own(tmp_path: Path, factory: Path, fn: str, **sections) -> Path:
                "input_size": [32, 32]}, **sections))
 
 
-def both(config: Path, tmp_path: Path, code: int, *needles: str, env=None) -> None:
+def both(config: Path, tmp_path: Path, code: int, *needles: str) -> None:
     """The dry run and the real run refuse alike: the same exit code and message, and no traceback."""
     for extra in (["--dry-run"], []):
-        expect(run_cli("pipeline", str(config), "--run-dir", str(tmp_path / "run"), *extra, env=env), code,
-               *needles)
+        expect(run_here("pipeline", str(config), "--run-dir", str(tmp_path / "run"), *extra), code, *needles)
 
 
 @pytest.mark.parametrize("fn, needle", [("tuple_net", "returns a tuple of 2"),
@@ -133,13 +132,13 @@ def test_settings_the_machine_cannot_hold_are_refused_before_any_work(tmp_path: 
         model={"source": "timm", "name": "resnet18", "num_classes": 10, "in_chans": 1, "input_size": [224, 224]},
         data={"kind": "demo"}))
     for extra in (["--dry-run"], []):
-        expect(run_cli("pipeline", str(config), "--run-dir", str(tmp_path / "run"), "--set", override, *extra), 2,
+        expect(run_here("pipeline", str(config), "--run-dir", str(tmp_path / "run"), "--set", override, *extra), 2,
                needle, "GB")
     assert not (tmp_path / "run" / "00_load").exists(), "refused before any stage"
 
 
 def test_a_stage_that_runs_out_of_memory_is_exit_2_naming_the_stage_and_settings(tmp_path, factory):
-    done = run_cli("pipeline", str(own(tmp_path, factory, "oom_net", train={"enabled": False})), "--run-dir",
+    done = run_here("pipeline", str(own(tmp_path, factory, "oom_net", train={"enabled": False})), "--run-dir",
                    str(tmp_path / "run"))
     expect(done, 2, "ran out of memory (it asked for 335.5 GB)", "lower data.batch_size (now 32)",
            "the same command resumes")
@@ -148,7 +147,7 @@ def test_a_stage_that_runs_out_of_memory_is_exit_2_naming_the_stage_and_settings
 def test_blocks_called_with_keyword_arguments_are_truncated_and_exported(tmp_path, factory):
     config = own(tmp_path, factory, "kwarg_net", layer_truncate={"max_layers": 2, "min_flops_share": 0.0,
                                                                  "max_accuracy_drop": 100.0})
-    done = run_cli("pipeline", str(config), "--run-dir", str(tmp_path / "run"))
+    done = run_here("pipeline", str(config), "--run-dir", str(tmp_path / "run"))
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["removed_blocks"], "a block called with scale= and shift= was removed"
@@ -216,7 +215,7 @@ def test_sighup_stops_like_sigterm_and_the_run_resumes(tmp_path: Path):
 def test_weights_that_are_not_a_file_say_what_they_are(tmp_path: Path, weights: str, needle: str):
     path = str(tmp_path) if weights == "folder" else weights
     config = write_config(tmp_path / "c.yaml", tiny_config(train={"enabled": False}))
-    expect(run_cli("pipeline", str(config), "--dry-run", "--run-dir", str(tmp_path / "run"),
+    expect(run_here("pipeline", str(config), "--dry-run", "--run-dir", str(tmp_path / "run"),
                    "--set", f"model.weights={path}"), 2, needle)
 
 
@@ -226,19 +225,19 @@ def test_a_huge_config_file_is_refused_at_once(tmp_path: Path):
         f.write("name: big\nnotes:\n")
         f.writelines(f"  - item {i} with some text to make the file large\n" for i in range(1_000_000))
     t0 = time.monotonic()
-    expect(run_cli("pipeline", str(big), "--dry-run"), 2, "a config is a few KB", "Is it the right file?")
+    expect(run_here("pipeline", str(big), "--dry-run"), 2, "a config is a few KB", "Is it the right file?")
     assert time.monotonic() - t0 < 60  # was three minutes of parsing before it could say anything
 
 
 def test_a_batch_larger_than_the_data_warns(tmp_path: Path):
     config = write_config(tmp_path / "c.yaml", tiny_config(data={"batch_size": 500}))
-    done = run_cli("pipeline", str(config), "--dry-run", "--run-dir", str(tmp_path / "run"))
+    done = run_here("pipeline", str(config), "--dry-run", "--run-dir", str(tmp_path / "run"))
     expect(done, 0, "WARNING: data.batch_size 500 is larger than the 154 training images")
 
 
 def test_an_untrained_model_warns_and_an_accuracy_gate_refuses_it(tmp_path: Path):
     config = write_config(tmp_path / "c.yaml", tiny_config(train={"enabled": False}))
-    done = run_cli("pipeline", str(config), "--dry-run", "--run-dir", str(tmp_path / "run"))
+    done = run_here("pipeline", str(config), "--dry-run", "--run-dir", str(tmp_path / "run"))
     expect(done, 0, "WARNING: model timm:resnet18 has no weights", "randomly initialised network")
     gated = write_config(tmp_path / "g.yaml", tiny_config(train={"enabled": False},
                                                           validate={"gates": {"max_top1_drop": 1.0}}))
@@ -246,7 +245,7 @@ def test_an_untrained_model_warns_and_an_accuracy_gate_refuses_it(tmp_path: Path
 
 
 def test_init_writes_a_config_that_fits_the_data_it_names(tmp_path: Path):
-    done = run_cli("init", "--model", "torchvision:resnet18", "--data", "demo")
+    done = run_here("init", "--model", "torchvision:resnet18", "--data", "demo")
     assert done.returncode == 0, done.stderr
     path = tmp_path / "starter.yaml"
     path.write_text(done.stdout)
@@ -255,7 +254,7 @@ def test_init_writes_a_config_that_fits_the_data_it_names(tmp_path: Path):
     raw = yaml.safe_load(done.stdout)
     assert raw["model"]["num_classes"] == 10 and raw["model"]["in_chans"] == 1
     assert raw["model"]["input_size"] == [32, 32] and raw["train"]["enabled"] is True
-    dry = run_cli("pipeline", str(path), "--dry-run", "--run-dir", str(tmp_path / "run"))
+    dry = run_here("pipeline", str(path), "--dry-run", "--run-dir", str(tmp_path / "run"))
     assert dry.returncode == 0 and "WARNING" not in dry.stderr, dry.stderr[-2000:]
 
 
