@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UserInputError
+from pipeline.rundir import sha256
 
 # Folders up to this size are fingerprinted by content (read once, then cached); larger ones by size and mtime.
 CONTENT_LIMIT = 2 << 30
@@ -139,14 +140,6 @@ def _load_hash_cache(path: Path) -> dict[str, list[Any]]:
     return data["files"]
 
 
-def _file_sha(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def fingerprint(found: Scan) -> dict[str, Any]:
     """The folder's identity: a digest over each file's relative path, size and content (or, past CONTENT_LIMIT,
     modification time), plus counts for messages. Content hashes come from the disk cache when a file's path, size
@@ -161,7 +154,7 @@ def fingerprint(found: Scan) -> dict[str, Any]:
         fresh: dict[str, list[Any]] = {}
         for f in found.files:
             hit = cache.get(f.rel)
-            sha = hit[2] if hit and hit[0] == f.size and hit[1] == f.mtime_ns else _file_sha(f.path)
+            sha = hit[2] if hit and hit[0] == f.size and hit[1] == f.mtime_ns else sha256(Path(f.path))
             fresh[f.rel] = [f.size, f.mtime_ns, sha]
             entries[f.rel] = sha
         if fresh != cache:
