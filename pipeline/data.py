@@ -197,9 +197,17 @@ def _safe_folder(image_folder):
     """An ImageFolder whose class and file listing comes from `scan`: every file once, no symlink loops."""
     from pipeline._datafiles import scan
 
+    listings: dict[str, Any] = {}  # one walk per folder for both views and both methods (was four)
+
+    def listing(directory):
+        key = str(directory)
+        if key not in listings:
+            listings[key] = scan(Path(directory))
+        return listings[key]
+
     class SafeImageFolder(image_folder):
         def find_classes(self, directory):
-            classes = scan(Path(directory)).top_folders()
+            classes = listing(directory).top_folders()
             if not classes:
                 raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
             return classes, {c: i for i, c in enumerate(classes)}
@@ -208,7 +216,7 @@ def _safe_folder(image_folder):
             from torchvision.datasets.folder import has_file_allowed_extension
 
             samples = []
-            for f in scan(Path(directory)).files:
+            for f in listing(directory).files:
                 cls = f.rel.split("/", 1)[0]
                 if "/" in f.rel and cls in class_to_idx and (
                         is_valid_file(f.path) if is_valid_file else has_file_allowed_extension(f.path, extensions)):
