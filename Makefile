@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: install install-gpu demo test test-slow gpu-check lint bench bench-quick bench-arch bench-matrix bench-int8 bench-latency bench-equal-latency bench-fingerprint readme-demo clean
+.PHONY: install install-gpu demo test test-slow gpu-check gpu-smoke wheels lint bench bench-quick bench-arch bench-matrix bench-int8 bench-latency bench-equal-latency bench-fingerprint readme-demo clean
 
 install: $(STAMP)
 
@@ -37,6 +37,18 @@ install-gpu: install
 # failure, so a nightly job that lost its GPU or TensorRT goes red instead of passing having tested nothing.
 gpu-check: install-gpu
 	COMPRESS_REQUIRE_GPU=1 $(BIN)/pytest -q -m gpu -rs
+
+# A few minutes on a CUDA machine with torch (CUDA build), timm, onnx and onnxruntime but possibly neither TensorRT
+# nor onnxruntime-gpu and no package index: the pipeline on CUDA with a speedup target and the gpu tests, with what
+# ran and what was skipped. It uses the interpreter as it is (PY), installing what is missing from WHEELS.
+gpu-smoke:
+	$(PY) scripts/gpu_smoke.py $(if $(WHEELS),--wheels $(WHEELS)) $(if $(OUT),--out $(OUT))
+
+# On a connected machine of the GPU machine's platform and Python: the exact versions installed here, as wheels,
+# minus torch and its CUDA libraries (the GPU machine brings its own): copy wheels/ over and run gpu-smoke there.
+wheels: install
+	$(BIN)/pip freeze --exclude-editable | grep -viE '^(torch|torchvision|triton|nvidia-|cuda-)' > wheels.txt
+	$(BIN)/pip download --dest wheels --no-deps -r wheels.txt
 
 bench: install
 	$(BIN)/python -m benchmarks.run

@@ -11,7 +11,9 @@ import numpy as np
 
 from pipeline.errors import UserInputError
 
-RUNTIMES = ("onnxruntime-cpu", "onnxruntime-cuda", "tensorrt")
+RUNTIMES = ("onnxruntime-cpu", "onnxruntime-cuda", "tensorrt")  # what runs an exported file
+# torch-cuda times the PyTorch model itself on the GPU (TorchModel): the GPU latency where neither TensorRT nor
+# ONNX Runtime's CUDA provider is installed; it runs no file, so artifacts are scored on onnxruntime-cpu
 
 
 class Runtime(Protocol):
@@ -32,29 +34,11 @@ def ort_providers(provider: str, tf32: bool = False) -> list[Any]:
     return ["CPUExecutionProvider"]
 
 
-def timing_provider(config: Any) -> str:
-    """Where the latency loop times ONNX Runtime: the device `validate` will time on (runtime.device, `auto`
-    resolved as the runner resolves it). A speedup target on CUDA without ONNX Runtime's CUDA provider would be met
-    on the CPU while the artifact is validated on the GPU: refused with the repair."""
-    import torch
-
-    device = config.runtime.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device != "cuda":
-        return "cpu"
-    problem = cuda_provider_problem()
-    if problem:
-        raise UserInputError(f"filter_prune.target_speedup times each step on the device validate uses (CUDA here), "
-                             f"but {problem}; or set runtime.device: cpu to target CPU latency")
-    return "cuda"
-
-
 class OrtModel:
     """An ONNX model in ONNX Runtime on the CPU or CUDA execution provider (FP32 as exported, or the INT8 QDQ
     model)."""
 
-    def __init__(self, path: Path, threads: int | None = None, provider: str = "cpu") -> None:
+    def __init__(self, path: Path, threads: int | None = None, provider: str = "cpu", tf32: bool = False) -> None:
         import onnxruntime as ort
 
         name = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}[provider]
@@ -75,7 +59,7 @@ class OrtModel:
         self.backend = f"onnxruntime-{provider}"
         self.device = cpu_name() if provider == "cpu" else _gpu_name()
         try:
-            self.session = ort.InferenceSession(str(path), opts, providers=ort_providers(provider))
+            self.session = ort.InferenceSession(str(path), opts, providers=ort_providers(provider, tf32))
         except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own types for every kind of bad file
             first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
             raise UserInputError(f"{path} is not an ONNX model ONNX Runtime can load ({first}); pass the model.onnx "
@@ -103,6 +87,60 @@ class OrtModel:
         t0 = time.perf_counter()
         self.session.run(None, feed)
         return (time.perf_counter() - t0) * 1e3
+
+
+class TorchModel:
+    """A copy of a PyTorch model on a device, fed numpy like the other runtimes: `torch-cuda` (timed with CUDA
+    events around the forward, the input already on the GPU, as TensorRT's time_once) or, for tests and
+    comparisons, `torch-cpu` (wall time). The caller's model is never moved or switched to eval."""
+
+    precision = "fp32"
+
+    def __init__(self, module: Any, device: str = "cuda", tf32: bool = False) -> None:
+        import copy
+
+        import torch
+
+        if device == "cuda" and not torch.cuda.is_available():
+            raise UserInputError("torch-cuda times the model on the GPU, but no CUDA device is visible; set "
+                                 "validate.runtime: onnxruntime-cpu (or auto)")
+        self.torch, self.tf32 = torch, tf32
+        self.dev = torch.device(device)
+        self.module = copy.deepcopy(module).eval().to(self.dev)
+        self.backend = f"torch-{device}"
+        self.device = torch.cuda.get_device_name(self.dev) if device == "cuda" else cpu_name()
+        self.threads = 1 if device == "cuda" else torch.get_num_threads()
+
+    def _run(self, t: Any) -> Any:
+        torch = self.torch
+        # FP32 means FP32, as in the ORT CUDA sessions and TensorRT FP32 engines: cuDNN would use TF32 by default
+        before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = self.tf32
+        try:
+            with torch.inference_mode():
+                return self.module(t)
+        finally:
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+    def _input(self, x: np.ndarray) -> Any:
+        return self.torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.dev)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self._run(self._input(x)).float().cpu().numpy()
+
+    def time_once(self, x: np.ndarray) -> float:
+        """Milliseconds of one forward: device time between CUDA events on CUDA, wall time on the CPU."""
+        torch, t = self.torch, self._input(x)
+        if self.dev.type != "cuda":
+            t0 = time.perf_counter()
+            self._run(t)
+            return (time.perf_counter() - t0) * 1e3
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        self._run(t)
+        end.record()
+        end.synchronize()
+        return float(start.elapsed_time(end))
 
 
 def _precision_of(path: Path) -> str:
@@ -151,7 +189,7 @@ def _gpu_name() -> str | None:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else None
 
 
-def open_artifact(path: Path, runtime: str, threads: int | None = None) -> Runtime:
+def open_artifact(path: Path, runtime: str, threads: int | None = None, tf32: bool = False) -> Runtime:
     """Load an .onnx or .engine file in the named runtime, or explain why it cannot be."""
     path = Path(path)
     if not path.is_file():
@@ -169,23 +207,12 @@ def open_artifact(path: Path, runtime: str, threads: int | None = None) -> Runti
         from export.tensorrt import TrtModel
 
         return TrtModel(path)
+    if runtime == "torch-cuda":
+        raise UserInputError(f"torch-cuda times a PyTorch model, not a file; run {path.name} on onnxruntime-cuda "
+                             f"or onnxruntime-cpu")
     if runtime not in RUNTIMES:
         raise UserInputError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
-    return OrtModel(path, threads, runtime.removeprefix("onnxruntime-"))
-
-
-def resolve_runtime(wanted: str, engine_built: bool, device: str) -> str:
-    """validate.runtime `auto` -> the engine if built, else ONNX Runtime on the device the run uses."""
-    if wanted != "auto":
-        return wanted
-    if engine_built:
-        return "tensorrt"
-    if device == "cuda":
-        import onnxruntime as ort
-
-        if "CUDAExecutionProvider" in ort.get_available_providers():
-            return "onnxruntime-cuda"
-    return "onnxruntime-cpu"
+    return OrtModel(path, threads, runtime.removeprefix("onnxruntime-"), tf32)
 
 
 def latency_stats(samples_ms: list[float]) -> dict[str, float]:

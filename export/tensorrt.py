@@ -103,6 +103,7 @@ class EngineSpec:
     min_batch: int = 1
     opt_batch: int = 1
     max_batch: int = 32
+    tf32: bool = False  # TF32 math in FP32 layers (runtime.tf32); off, FP32 means FP32
 
 
 @functools.cache
@@ -142,8 +143,8 @@ def build_engine(onnx_path: Path, engine_path: Path, spec: EngineSpec) -> dict[s
                              f"export.quantize: int8 writes")
     if spec.precision == "fp16":
         config.set_flag(trt.BuilderFlag.FP16)
-    else:  # FP32 means FP32: TensorRT would otherwise use TF32 tensor cores on Ampere and newer
-        config.clear_flag(trt.BuilderFlag.TF32)
+    if not spec.tf32:  # FP32 means FP32 (also the FP32 layers of an INT8 QDQ engine): TensorRT would otherwise
+        config.clear_flag(trt.BuilderFlag.TF32)  # use TF32 tensor cores on Ampere and newer
     profile = builder.create_optimization_profile()
     inputs, outputs, dynamic = [], [], False
     for i in range(network.num_inputs):

@@ -26,14 +26,19 @@ def _input_shape_matches(rt, config, path: Path) -> None:
 
 
 def _artifact_runtime(path: Path, wanted: str, config) -> str:
-    from export.runtime import resolve_runtime
-    from pipeline.runner import resolve_device
+    """The runtime that opens `path`: as asked, else by file type and the config's deployment target (the
+    runtime `compress pipeline` validates on; a file where that target is an engine or PyTorch runs on the
+    same device through ONNX Runtime)."""
+    from export.target import resolve
 
     if wanted != "auto":
         return wanted
     if path.suffix.lower() in (".engine", ".plan"):
         return "tensorrt"
-    return resolve_runtime("auto", False, resolve_device(config).type)
+    target = resolve(config)
+    if target.runtime == "tensorrt":
+        target = target.without_engine(int8=False)
+    return "onnxruntime-cpu" if target.runtime == "torch-cuda" else target.runtime
 
 
 @app.command("validate", epilog=(

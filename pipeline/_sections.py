@@ -99,9 +99,10 @@ class GatesConfig(Section):
 class ValidateConfig(Section):
     """Accuracy, parity and latency of the deployed artifact on the runtime that ships it."""
 
-    runtime: Literal["auto", "onnxruntime-cpu", "onnxruntime-cuda", "tensorrt"] = Field(
-        "auto", description="auto: the TensorRT engine when one was built, else ONNX Runtime on CUDA when "
-        "runtime.device is cuda, else ONNX Runtime on CPU")
+    runtime: Literal["auto", "onnxruntime-cpu", "onnxruntime-cuda", "tensorrt", "torch-cuda"] = Field(
+        "auto", description="auto: on the CPU ONNX Runtime; on CUDA the TensorRT engine when one is built, else "
+        "ONNX Runtime's CUDA provider, else torch-cuda (PyTorch timed on the GPU with CUDA events, the ONNX file "
+        "scored on ONNX Runtime's CPU provider). summary.json `target` says what it resolved to")
 
     warmup: int = Field(20, ge=0, description="untimed runs per model before timing")
     runs: int = Field(100, ge=1, description="timed runs per model, at least")
@@ -123,6 +124,9 @@ class RuntimeConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = Field("cpu", description="where stages run; auto takes CUDA when "
                                                    "visible")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads")
+    tf32: bool = Field(False, description="TF32 math for FP32 work on GPUs (Ampere and newer) in ONNX Runtime, "
+                       "TensorRT FP32 engines and torch-cuda timing: faster, but logits move by about 1e-3, past "
+                       "the default FP32 parity gate")
     progress: bool = Field(True, description="progress display: bars on a terminal, plain lines otherwise")
     progress_interval: float = Field(30.0, gt=0.0, description="off a terminal: seconds between progress lines")
 

@@ -77,6 +77,7 @@ class Context:
     config_hash: str = ""  # the stage's fingerprint: its own inputs chained onto every upstream stage's
     ddp: bool = False  # every rank runs this stage (torchrun): train on shards, reduce metrics
     sink: MetricsLog | None = None
+    target: Any = None  # export.target.Target, resolved once per run; None: stages resolve it from the config
     _splits: Splits | None = None
 
     def metric(self, name: str, value: float, step: int | None = None) -> None:

@@ -111,6 +111,11 @@ def gather_inputs(config: Config, names: list[str]) -> Inputs:
     data = data_fingerprint(config)
     entries = data.pop("entries", None)
     timed = config.filter_prune.target_speedup is not None
+    from export.target import describe
+
+    # where the artifact is scored and timed (runtime, hardware, threads, TF32), resolved on this machine: a
+    # timing stage and validate re-run when it changes (another GPU, ONNX Runtime's CUDA provider installed)
+    target = {k: v for k, v in describe(config).items() if k != "why"}
     sections = {"load": {"seed": config.seed, "model": config.model, "data": config.data},
                 "filter_prune": {"filter_prune": config.filter_prune, "recovery": config.recovery},
                 "export": {"export": config.export},
@@ -127,6 +132,10 @@ def gather_inputs(config: Config, names: list[str]) -> Inputs:
             inputs.update(files=fingerprint(config.model), data=data)
         if name == "export":
             inputs["engine"] = engine
+            if engine != "off":
+                inputs["tf32"] = config.runtime.tf32
+        if name == "validate" or (timed and name in _TIMED):
+            inputs["target"] = target
         prev = section_hash(prev, inputs)
         per_stage.append(inputs)
         hashes.append(prev)
@@ -181,6 +190,13 @@ def what_changed(before: dict[str, Any], now: dict[str, Any], run_dir: RunDir, e
                       if now["files"].get(k) != before.get("files", {}).get(k))
         names = {"weights": "model.weights", "factory": "the model factory's file", "module": "the model object"}
         out.append(f"{' and '.join(names.get(k, k) for k in keys)} changed")
+    if "target" in now and before.get("target") != now["target"]:
+        old, new = before.get("target") or {}, now["target"]
+        diff = [f"{k} {old.get(k)} -> {new.get(k)}" for k in sorted(new.keys() | old.keys())
+                if old.get(k) != new.get(k)]
+        out.append(f"deployment target changed ({', '.join(diff)})")
+    if "tf32" in now and before.get("tf32") != now["tf32"]:
+        out.append(f"runtime.tf32 {before.get('tf32')} -> {now['tf32']}")
     if "engine" in now and before.get("engine") != now["engine"]:
         out.append(f"TensorRT or the GPU changed ({before.get('engine')} -> {now['engine']})")
     return out

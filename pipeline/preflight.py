@@ -38,17 +38,10 @@ def runtime_problems(config: Config) -> list[str]:
         key = "export.tensorrt.mode is 'required'" if config.export.tensorrt.mode == "required" \
             else "validate.runtime is 'tensorrt'"
         problems.append(f"{key} but {reason}; {INSTALL_HINT}; {AUTO_HINT}")
-    if config.filter_prune.target_speedup is not None:  # the loop times on the device validate will use
-        from export.runtime import timing_provider
+    from export.target import problems as target_problems
 
-        problems += _problems_of(lambda: timing_provider(config))
-    if config.validate_.runtime == "onnxruntime-cuda":
-        from export.runtime import cuda_provider_problem
-
-        problem = cuda_provider_problem()
-        if problem:
-            problems.append(f"validate.runtime is 'onnxruntime-cuda' but {problem}")
-    return problems
+    # the deployment target (the runtime validate and the pruning loop time on) cannot run here
+    return problems + target_problems(config)
 
 
 def _config_problems(config: Config) -> list[str]:

@@ -68,16 +68,6 @@ def _logger(run_dir: RunDir, console: Console, main: bool = True) -> logging.Log
     return log
 
 
-def resolve_device(config: Config) -> torch.device:
-    want = config.runtime.device
-    if want == "cuda" and not torch.cuda.is_available():
-        raise UserInputError("runtime.device is 'cuda' but no CUDA device is visible; set runtime.device: cpu "
-                             "or auto")
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(want)
-
-
 def human(value: Any) -> Any:
     """A metric rounded for a log line: 4 significant digits for floats."""
     if isinstance(value, float):
@@ -97,6 +87,7 @@ class _Session:
     sink: MetricsLog
     clock: RunClock
     again: str = "Run the same command again"
+    target: Any = None  # export.target.Target
 
 
 def run_pipeline(config: Config, run_dir: RunDir, console: Console, start: str | None = None,
@@ -112,7 +103,10 @@ def run_pipeline(config: Config, run_dir: RunDir, console: Console, start: str |
 
     if config.runtime.threads:
         torch.set_num_threads(config.runtime.threads)
-    device = resolve_device(config)
+    from export.target import resolve
+
+    target = resolve(config)  # where the artifact is scored and timed: every stage reads this one object
+    device = torch.device(target.device)
     D.init_from_env(device)
     main = D.is_main()
     if main:
@@ -123,13 +117,16 @@ def run_pipeline(config: Config, run_dir: RunDir, console: Console, start: str |
         manifest, plan = _on_main(main, lambda: _prepare(config, run_dir, PIPELINE, start, until, fresh))
         sink = MetricsLog(run_dir.root, config.logging.tensorboard, enabled=main)
         session = _Session(config, run_dir, device, _logger(run_dir, console, main), console, sink,
-                           RunClock(total=sum(item.action in ("run", "off") for item in plan)), again)
+                           RunClock(total=sum(item.action in ("run", "off") for item in plan)), again, target)
         if main:
             orphans = run_dir.remove_orphans()
             if orphans:
                 session.log.info(f"removed {len(orphans)} temporary file(s) a killed earlier run left: "
                                  f"{', '.join(orphans[:5])}")
             manifest, undo = _supersede(run_dir, manifest, plan)
+            session.log.info(f"deployment target: {target.runtime} on {target.hardware or target.device} "
+                             f"(batch {target.batch}, {target.precision}; {target.why}); the pruning loop times "
+                             f"with {target.timing}")
         try:
             for item in plan:
                 if item.action == "skip":
@@ -237,6 +234,7 @@ def _context(item: PlanItem, s: _Session, manifest: dict[str, Any]) -> Context:
     tracker = Tracker(s.console, item.name, rt.progress and D.is_main(), rt.progress_interval, s.clock)
     ddp = getattr(STAGES.get(item.name), "distributed", False) and D.world_size() > 1
     return Context(s.config, s.run_dir, stage_dir, s.device, s.log, tracker, manifest, ddp=ddp, sink=s.sink,
+                   target=s.target,
                    resume_key=item.config_hash + upstream_fingerprint(manifest, PIPELINE[: item.index]),
                    config_hash=item.config_hash)
 

@@ -101,7 +101,7 @@ class SpeedupGoal:
         self.cfg, self.spec = ctx.config.filter_prune, ctx.config.model
         self.gflops0 = count_macs(model, self.spec)[0]
         self.retimed: list[dict[str, Any]] = []  # timings taken again before the stage could stop on them
-        self.meter = LatencyMeter(ctx.config)
+        self.meter = LatencyMeter(ctx.config, ctx.target)
         self.tmp = tempfile.TemporaryDirectory()
         self.base_path = Path(self.tmp.name) / "base.onnx"
         self.base = self.meter.measure(model, save_as=self.base_path)[0]

@@ -15,6 +15,7 @@ values), so a second run on the same machine measures nothing it measured before
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -30,7 +31,6 @@ import torch
 from torch import nn
 
 from export.onnx_names import node_owners
-from pipeline.errors import UserInputError
 from stages._pruning import per_unit
 from stages._structure import module_macs
 
@@ -114,16 +114,21 @@ def graph_digest(onnx_bytes: bytes) -> str:
 class LatencyMeter:
     """Times models the way `validate` will: exported to ONNX, on the runtime, threads and batch of the config."""
 
-    def __init__(self, config, runs: int = 30, warmup: int = 5) -> None:
-        from export.runtime import cpu_name, default_threads, timing_provider
+    def __init__(self, config, target=None, runs: int = 30, warmup: int = 5) -> None:
+        from export.target import resolve
 
         self.config = config
+        self.target = target or resolve(config)  # the device validate times on, `auto` resolved
         spec = config.model
-        self.shape = (config.validate_.batch, spec.in_chans, *spec.input_size)
+        self.shape = (self.target.batch, spec.in_chans, *spec.input_size)
         self.runs, self.warmup = runs, warmup
-        self.threads = config.validate_.threads or default_threads()
-        self.provider = timing_provider(config)  # the device validate times on, `auto` resolved
-        self.device = cpu_name() if self.provider == "cpu" else torch.cuda.get_device_name()
+        # CPU: the timing threads validate uses; a GPU runtime: ONNX Runtime's session threads feeding it
+        self.threads = self.target.threads if self.target.timing == "onnxruntime-cpu" else (
+            config.validate_.threads or 1)
+        self.provider = self.target.timing_device  # cpu | cuda
+        self.torch_timing = self.target.timing.startswith("torch-")
+        self.device = self.target.hardware
+        self._modules: dict[Path, nn.Module] = {}  # torch timing: the model each exported file came from
         self.seconds = 0.0
         self.hits = self.misses = 0
         self.confirmations = 0  # timings repeated at FIRM_TIMING because the short one appeared to reach a target
@@ -133,7 +138,16 @@ class LatencyMeter:
 
     @property
     def runtime(self) -> str:
-        return f"onnxruntime-{self.provider}"
+        return self.target.timing
+
+    def _open(self, path: Path):
+        """A runtime for an exported file: ONNX Runtime on the target's device, or (torch timing) the PyTorch
+        model it was exported from, on the GPU."""
+        from export.runtime import OrtModel, TorchModel
+
+        if self.torch_timing:
+            return TorchModel(self._modules[path], self.provider, self.target.tf32)
+        return OrtModel(path, self.threads, self.provider, self.target.tf32)
 
     def _key(self, graph: str, what: str, against: str = "") -> Path:
         """Where a measurement of `graph` (a graph_digest, or a name for a fixed micro-benchmark) is cached."""
@@ -144,10 +158,8 @@ class LatencyMeter:
 
     def _open_base(self, base: Path):
         """The base model's session, opened once per file and kept: every step is timed against it."""
-        from export.runtime import OrtModel
-
         if self._base is None or self._base[0] != base:
-            self._base = (base, OrtModel(base, self.threads, self.provider), graph_digest(base.read_bytes()))
+            self._base = (base, self._open(base), graph_digest(base.read_bytes()))
         return self._base
 
     def export(self, model: nn.Module, path: Path) -> None:
@@ -158,6 +170,9 @@ class LatencyMeter:
         dynamic = self.config.export.dynamic_batch
         example = torch.zeros(2 if dynamic else self.shape[0], *self.shape[1:])
         torch2onnx(model, example, path, self.config.export, {})  # the model keeps its device and mode
+        if self.torch_timing:
+            self._modules = {p: m for p, m in self._modules.items() if p.exists() and p != path}
+            self._modules[path] = copy.deepcopy(model)  # the caller goes on pruning its model in place
 
     def _cached(self, key: Path, compute, fresh: bool = False) -> dict[str, Any]:
         """A measurement from the cache, or taken now (`fresh`: always taken now). One taken while others held the
@@ -217,6 +232,8 @@ class LatencyMeter:
                 data = path.read_bytes()
                 if save_as is not None:
                     save_as.write_bytes(data)
+                    if self.torch_timing:
+                        self._modules[save_as] = self._modules[path]
                 graph = graph_digest(data)  # once per export: parsing a large model's bytes is not free
                 speed, total, busy = (1.0, 1.0, 1.0), None, None
                 if base is not None:
@@ -227,7 +244,7 @@ class LatencyMeter:
                     speed = (got["speedup"], got["speedup_low"], got["speedup_high"])
                     total, busy = got["compressed_ms"], got["contended"]
                 macs = module_macs(model, torch.zeros(1, *self.shape[1:], device=_device_of(model))) \
-                    if self.provider == "cuda" else None
+                    if self.provider == "cuda" or self.torch_timing else None
                 prof = self._cached(self._key(graph, "profile"),
                                     lambda: self._profile(path, {n for n, _ in model.named_modules()},
                                                           total, macs).record())
@@ -246,10 +263,9 @@ class LatencyMeter:
                             lambda: self._speedup(base, path, blocks, block_seconds), fresh)
 
     def _speedup(self, base: Path, path: Path, blocks: int, block_seconds: float) -> dict[str, float]:
-        from export.runtime import OrtModel
         from export.validation import latency, speedup
 
-        models = {"base": self._open_base(base)[1], "compressed": OrtModel(path, self.threads, self.provider)}
+        models = {"base": self._open_base(base)[1], "compressed": self._open(path)}
         # the base's session is warm from earlier steps; a new session's first runs are slow (its memory arena and
         # thread pool are still being set up), which read as a step saving nothing: warm it as long as a block
         x = np.zeros(self.shape, np.float32)
@@ -274,41 +290,25 @@ class LatencyMeter:
 
     def _profile(self, path: Path, modules: set[str], total_ms: float | None = None,
                  macs: dict[str, float] | None = None) -> Profile:
-        """Wall time from a plain session (median of the runs; `total_ms` when the caller timed it already); the
-        per-node split from a profiled one (each node's median over the same number of runs, the warm-up runs
-        dropped), scaled to the wall time."""
+        """Wall time from a plain session (median of the runs; `total_ms` when the caller timed it already); on the
+        CPU the per-node split from a profiled session (each node's median over the same number of runs, the
+        warm-up runs dropped), scaled to the wall time; on a GPU the split by MACs (`_split_by_macs`)."""
         import onnxruntime as ort
-
-        def session(profiling: bool):
-            opts = ort.SessionOptions()
-            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            opts.intra_op_num_threads = self.threads
-            if profiling:
-                opts.enable_profiling = True
-                opts.profile_file_prefix = str(path.parent / "profile")
-            sess = ort.InferenceSession(str(path), opts, providers=ort_providers(self.provider))
-            if self.provider == "cuda" and sess.get_providers()[0] != "CUDAExecutionProvider":
-                raise UserInputError(f"ONNX Runtime fell back to {sess.get_providers()[0]} while timing on CUDA; "
-                                     f"{cuda_provider_problem() or 'fix the CUDA set-up'}")
-            return sess
-
-        from export.runtime import cuda_provider_problem, ort_providers
 
         x = np.random.default_rng(0).standard_normal(self.shape).astype(np.float32)
         if total_ms is None:
-            plain = session(False)
-            feed = {plain.get_inputs()[0].name: x}
-            times = []
-            for i in range(self.warmup + self.runs):
-                t = time.perf_counter()
-                plain.run(None, feed)
-                if i >= self.warmup:
-                    times.append((time.perf_counter() - t) * 1e3)
+            plain = self._open(path)
+            times = [plain.time_once(x) for _ in range(self.warmup + self.runs)][self.warmup:]
             total_ms = float(np.median(times))
             del plain
-        if self.provider == "cuda":
+        if self.provider == "cuda" or self.torch_timing:
             return self._split_by_macs(total_ms, macs or {}, modules)
-        profiled = session(True)
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = self.threads
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(path.parent / "profile")
+        profiled = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         feed = {profiled.get_inputs()[0].name: x}
         for _ in range(self.warmup + self.runs):
             profiled.run(None, feed)
@@ -415,7 +415,7 @@ def best_alignment(meter: LatencyMeter, size: int = 28) -> int:
     """The channel multiple the runtime rewards, measured: a 3x3 conv stack is timed at widths 96..128 in steps
     of 4; an alignment is rewarded when widths off its multiples run slower than the next multiple up (more
     channels, yet faster). The largest rewarded of 32, 16, 8 is taken (8 when none is). Cached per runtime."""
-    from export.runtime import OrtModel
+    from export.runtime import OrtModel, TorchModel
     from export.torch2onnx import torch2onnx
 
     widths = list(range(96, 129, 4))
@@ -428,7 +428,8 @@ def best_alignment(meter: LatencyMeter, size: int = 28) -> int:
                 path = Path(tmp) / f"c{w}.onnx"
                 cfg = meter.config.export.model_copy(update={"dynamic_batch": False})
                 torch2onnx(net, torch.zeros(1, w, size, size), path, cfg, {})
-                rt = OrtModel(path, meter.threads, meter.provider)
+                rt = TorchModel(net, meter.provider, meter.target.tf32) if meter.torch_timing else \
+                    OrtModel(path, meter.threads, meter.provider, meter.target.tf32)
                 x = np.zeros((1, w, size, size), np.float32)
                 for _ in range(5):
                     rt.time_once(x)

@@ -39,7 +39,8 @@ def engine_spec(config: Config, precision: str | None = None):
     from export.tensorrt import EngineSpec
 
     t = config.export.tensorrt
-    return EngineSpec(precision or t.precision, t.workspace_gb, t.min_batch, t.opt_batch, t.max_batch)
+    return EngineSpec(precision or t.precision, t.workspace_gb, t.min_batch, t.opt_batch, t.max_batch,
+                      config.runtime.tf32)
 
 
 def calibration_batches(ctx: Context) -> Iterator[np.ndarray]:

@@ -75,7 +75,7 @@ class Pruner:
         self.predicted_layers: dict[str, float] = {}  # the same per layer, uncorrected (for LayerFit)
         cfg = ctx.config.filter_prune
         # round_to: auto measures the channel multiple the validation runtime rewards (cached per machine)
-        self.round_to = best_alignment(LatencyMeter(ctx.config)) if cfg.round_to == "auto" else cfg.round_to
+        self.round_to = best_alignment(LatencyMeter(ctx.config, ctx.target)) if cfg.round_to == "auto" else cfg.round_to
 
     def prunable(self, model: nn.Module, graph) -> list[tuple[str, nn.Module, Any, Any]]:
         """The groups this step may prune; groups found (or proved) unprunable join `held`, with the reason."""
@@ -266,7 +266,8 @@ class FilterPrune:
                    "round_to": pruner.round_to}
         latency = goal.record()
         if latency:
-            metrics.update({"speedup": latency["speedup"], "latency_seconds": latency["measure_seconds"],
+            metrics.update({"speedup": latency["speedup"], "latency_runtime": latency["runtime"],
+                            "latency_seconds": latency["measure_seconds"],
                             "latency_cache_hits": latency["cache_hits"],
                             "latency_cache_misses": latency["cache_misses"]})
         if heads0:

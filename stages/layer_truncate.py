@@ -35,7 +35,7 @@ class LatencyCurrency:
         from stages._latency import LatencyMeter
 
         self.fp = ctx.config.filter_prune
-        self.meter = LatencyMeter(ctx.config)
+        self.meter = LatencyMeter(ctx.config, ctx.target)
         self.tmp = tempfile.TemporaryDirectory()
         self.base = Path(self.tmp.name) / "base.onnx"
         self.meter.export(ctx.model_of("calibrate"), self.base)

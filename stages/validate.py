@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from export.runtime import open_artifact, resolve_runtime
+from export.runtime import TorchModel, open_artifact
+from export.target import resolve
 from export.validation import accuracy, check_gates, clean_latency, compare, latency_record, speedup
 from pipeline.config import INT8_RUNTIMES
 from pipeline.context import STAGES, SUMMARY, Context, StageResult
@@ -37,9 +38,16 @@ class Validate:
         cfg, spec, root = ctx.config.validate_, ctx.config.model, ctx.run_dir.root
         exported = ctx.manifest["stages"].get("export", {}).get("metrics", {})
         engine = exported.get("tensorrt", {"status": "off"})
-        runtime = resolve_runtime(cfg.runtime, engine.get("status") == "built", ctx.device.type)
-        if runtime == "tensorrt" and engine.get("status") != "built":
-            raise_no_engine(engine)
+        target = ctx.target or resolve(ctx.config)  # the one the run resolved; the pruning loop timed on it too
+        if target.runtime == "tensorrt" and engine.get("status") != "built":
+            if cfg.runtime != "auto" or ctx.config.export.tensorrt.mode == "required":
+                raise_no_engine(engine)
+            target = target.without_engine(ctx.config.export.quantize == "int8")
+            ctx.log.warning(f"no TensorRT engine was built ({engine.get('reason') or engine.get('status')}): "
+                            f"validating on {target.runtime}")
+        runtime = target.runtime
+        # torch-cuda: the files are scored on ONNX Runtime's CPU provider, PyTorch is timed on the GPU
+        scoring = "onnxruntime-cpu" if runtime == "torch-cuda" else runtime
         int8 = exported.get("int8") if ctx.config.export.quantize == "int8" else None
         if ctx.config.export.quantize == "int8":
             check_int8(runtime, int8, root)
@@ -47,9 +55,12 @@ class Validate:
         base_onnx = ctx.stage_dir / "base.onnx"
         export_onnx(ctx.model_of("calibrate").eval(), ctx.config, base_onnx, "base")
         files.append(base_onnx)
-        arts = artifacts(ctx, runtime, base_onnx, int8 is not None, files)
-        rts = {role: open_artifact(path, runtime, cfg.threads) for role, path in arts.items()}
+        arts = artifacts(ctx, scoring, base_onnx, int8 is not None, files)
+        tf32 = ctx.config.runtime.tf32
+        rts = {role: open_artifact(path, scoring, cfg.threads, tf32) for role, path in arts.items()}
         compressed = rts["compressed"]
+        timers = rts if runtime != "torch-cuda" else {
+            "base": TorchModel(ctx.model_of("calibrate"), "cuda", tf32), "compressed": TorchModel(model, "cuda", tf32)}
 
         xs = parity_batch(ctx)
         with torch.no_grad():
@@ -60,8 +71,8 @@ class Validate:
         scores = {role: accuracy(rt, ctx.loader("validation"), ctx.track, predictions=True)
                   for role, rt in rts.items()}
         acc, base_acc = scores["compressed"], scores["base"]
-        lat, load = clean_latency(rts, (cfg.batch, spec.in_chans, *spec.input_size), cfg.warmup, cfg.runs,
-                                  getattr(compressed, "threads", None), ctx.track, blocks=cfg.blocks,
+        lat, load = clean_latency(timers, (cfg.batch, spec.in_chans, *spec.input_size), cfg.warmup, cfg.runs,
+                                  getattr(timers["compressed"], "threads", None), ctx.track, blocks=cfg.blocks,
                                   block_seconds=cfg.block_seconds, warn=ctx.log.warning)
         if load["contended"]:
             ctx.log.warning(f"CONTENDED: {load['contended']} (still after {load['attempts'] - 1} retries); the "
@@ -78,9 +89,9 @@ class Validate:
             "compressed": comp,
             "delta_pct": {"top1": round(comp["top1"] - base["top1"], 2), "gflops": _pct(gflops, base["gflops"]),
                           "params_m": _pct(params, base["params_m"])},
-            "accuracy_source": f"{', '.join(p.name for p in arts.values())} on {runtime}, {acc['samples']} "
+            "accuracy_source": f"{', '.join(p.name for p in arts.values())} on {scoring}, {acc['samples']} "
                                f"validation images",
-            "latency_ms": latency_record(lat, compressed, cfg.batch, cfg.warmup, load),
+            "latency_ms": latency_record(lat, timers["compressed"], cfg.batch, cfg.warmup, load),
             "parity": {**parity_record, "samples": len(xs), "artifact": arts["compressed"].name},
             "artifacts": {"onnx": "model.onnx", "tensorrt": ENGINE if engine.get("status") == "built" else None,
                           "tensorrt_status": engine.get("status"), "tensorrt_reason": engine.get("reason"),
@@ -98,10 +109,10 @@ class Validate:
         summary["gates"] = {"passed": not fails, "failures": fails}
         if unchecked:
             summary["gates"]["unchecked"] = unchecked
-        # where the artifact was deployed and timed, resolved once here from the config and this machine
-        summary["target"] = {"runtime": runtime, "device": ctx.device.type, "precision": compressed.precision,
-                             "batch": cfg.batch, "threads": getattr(compressed, "threads", None),
-                             "provider_options": {"use_tf32": "0"} if runtime == "onnxruntime-cuda" else {}}
+        # where the artifact was deployed and timed: the target the run resolved once from the config and this
+        # machine (the pruning loop timed on it too), with what validate opened
+        summary["target"] = {**target.record(), "precision": compressed.precision,
+                             "threads": getattr(timers["compressed"], "threads", None), "scored_on": scoring}
         # which run this summary describes: a re-run marks it superseded (current: false) before it changes anything
         summary["run"] = {"status": "complete", "current": True, "fingerprint": ctx.config_hash,
                           "finished": now(), "onnx_sha256": sha256(root / "model.onnx")

@@ -11,45 +11,70 @@ from pathlib import Path
 import pytest
 import torch
 
-from export import runtime, tensorrt
+from export import runtime, target, tensorrt
 from pipeline.config import Config
 from pipeline.errors import UserInputError
 from tests.conftest import tiny_config
-
-
-@pytest.fixture
-def cuda_here(monkeypatch):
-    """A machine with a CUDA device and ONNX Runtime's CUDA provider (stand-ins)."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(runtime, "cuda_provider_problem", lambda: None)
-    import onnxruntime as ort
-
-    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
 
 
 def _cfg(**sections) -> Config:
     return Config.model_validate(tiny_config(**sections))
 
 
-def test_device_auto_on_a_cuda_machine_times_the_loop_where_validate_times(cuda_here):
+def _machine(cuda=True, ort_cuda=True, trt=False) -> target.Machine:
+    return target.Machine(cuda=cuda, ort_cuda_problem=None if ort_cuda else "this ONNX Runtime is the CPU build",
+                          tensorrt_problem=None if trt else "the tensorrt Python package is not installed",
+                          cpu="Test CPU", gpu="Test GPU" if cuda else None)
+
+
+@pytest.mark.parametrize("sections, machine, runtime_, timing", [
+    ({"runtime": {"device": "auto"}}, _machine(), "onnxruntime-cuda", "onnxruntime-cuda"),
+    ({"runtime": {"device": "auto"}}, _machine(cuda=False), "onnxruntime-cpu", "onnxruntime-cpu"),
+    ({"runtime": {"device": "cpu"}}, _machine(), "onnxruntime-cpu", "onnxruntime-cpu"),
+    # no ONNX Runtime CUDA provider: PyTorch on the GPU, in the loop and in validate (was: a CPU-timed loop)
+    ({"runtime": {"device": "auto"}}, _machine(ort_cuda=False), "torch-cuda", "torch-cuda"),
+    # an engine ships: the loop times the same GPU through ONNX Runtime, or PyTorch without it
+    ({"runtime": {"device": "auto"}, "export": {"tensorrt": {"mode": "auto"}}}, _machine(trt=True), "tensorrt",
+     "onnxruntime-cuda"),
+    ({"runtime": {"device": "cpu"}, "export": {"tensorrt": {"mode": "auto"}}}, _machine(trt=True, ort_cuda=False),
+     "tensorrt", "torch-cuda"),
+    ({"runtime": {"device": "auto"}, "export": {"tensorrt": {"mode": "auto"}}}, _machine(trt=False), "onnxruntime-cuda",
+     "onnxruntime-cuda"),
+    ({"runtime": {"device": "auto"}, "export": {"quantize": "int8"}}, _machine(), "onnxruntime-cpu", "onnxruntime-cpu"),
+])
+def test_one_target_decides_where_the_loop_and_validate_time(sections, machine, runtime_, timing):
+    t = target.resolve(_cfg(**sections), machine)
+    assert (t.runtime, t.timing) == (runtime_, timing)
+    gpu = runtime_ in target.GPU_RUNTIMES
+    assert t.timing_device == ("cuda" if gpu else "cpu")  # the loop times the device validate times
+    assert t.hardware == ("Test GPU" if gpu else "Test CPU") and t.why
+    assert t.record()["provider_options"] == ({"use_tf32": "0"} if "onnxruntime-cuda" in (runtime_, timing) else {})
+
+
+def test_what_the_target_cannot_run_is_refused_with_the_repair():
+    with pytest.raises(UserInputError, match="no CUDA device is visible"):
+        target.resolve(_cfg(runtime={"device": "cuda"}), _machine(cuda=False))
+    with pytest.raises(UserInputError, match="onnxruntime-cuda.*CPU build"):
+        target.resolve(_cfg(validate={"runtime": "onnxruntime-cuda"}), _machine(ort_cuda=False))
+    with pytest.raises(UserInputError, match="torch-cuda.*no CUDA device"):
+        target.resolve(_cfg(validate={"runtime": "torch-cuda"}), _machine(cuda=False))
+
+
+def test_a_speedup_target_on_cuda_without_the_cuda_provider_times_pytorch_on_the_gpu(monkeypatch):
+    monkeypatch.setattr(target.Machine, "here", classmethod(lambda cls: _machine(ort_cuda=False)))
     cfg = _cfg(runtime={"device": "auto"}, filter_prune={"target_speedup": 2.0, "target_flops_reduction": None})
-    from pipeline.runner import resolve_device
-
-    loop = runtime.timing_provider(cfg)
-    validated = runtime.resolve_runtime(cfg.validate_.runtime, False, resolve_device(cfg).type)
-    assert loop == "cuda" and validated == "onnxruntime-cuda"
-    assert runtime.timing_provider(_cfg(runtime={"device": "cpu"})) == "cpu"
-
-
-def test_a_speedup_target_on_cuda_without_the_cuda_provider_is_refused_before_any_work(monkeypatch, tmp_path):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(runtime, "cuda_provider_problem", lambda: "this ONNX Runtime is the CPU build")
-    cfg = _cfg(runtime={"device": "auto"}, filter_prune={"target_speedup": 2.0, "target_flops_reduction": None})
-    with pytest.raises(UserInputError, match="times each step on the device validate uses.*CPU build"):
-        runtime.timing_provider(cfg)
     from pipeline.preflight import runtime_problems
 
-    assert any("CPU build" in p for p in runtime_problems(cfg))
+    assert runtime_problems(cfg) == []
+    assert target.resolve(cfg).timing == "torch-cuda"
+
+
+def test_tf32_is_asked_for_explicitly_and_reaches_every_gpu_runtime():
+    t = target.resolve(_cfg(runtime={"device": "auto", "tf32": True}), _machine())
+    assert t.tf32 and t.record()["provider_options"] == {"use_tf32": "1"}
+    from stages.export import engine_spec
+
+    assert engine_spec(_cfg(runtime={"tf32": True})).tf32 and not engine_spec(_cfg()).tf32
 
 
 def test_onnxruntime_on_cuda_runs_without_tf32():
@@ -112,3 +137,65 @@ def test_gpu_check_installs_the_gpu_extra_first():
 
     text = (REPO / "Makefile").read_text()
     assert "gpu-check: install-gpu" in text
+
+
+def _torch_on_cpu(monkeypatch):
+    """TorchModel as on CUDA (backend torch-cuda), run on the CPU: the control flow of the GPU path, here."""
+    import stages.validate
+
+    class OnCpu(runtime.TorchModel):
+        def __init__(self, module, device="cuda", tf32=False):
+            super().__init__(module, "cpu", tf32)
+            self.backend = f"torch-{device}"
+
+    monkeypatch.setattr(runtime, "TorchModel", OnCpu)
+    monkeypatch.setattr(stages.validate, "TorchModel", OnCpu)
+    monkeypatch.setattr(target.Machine, "here", classmethod(lambda cls: _machine(ort_cuda=False)))
+
+
+def test_timing_never_moves_or_changes_the_callers_model(monkeypatch, tmp_path: Path):
+    """The latency meter (ONNX Runtime and PyTorch timing) exports and times copies: the model object keeps its
+    device, mode and parameters."""
+    from stages._latency import LatencyMeter
+
+    _torch_on_cpu(monkeypatch)
+    cfg = _cfg(runtime={"device": "cpu"}, validate={"runtime": "torch-cuda", "threads": 1})
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.Flatten(),
+                                torch.nn.LazyLinear(4))
+    model(torch.zeros(1, 1, 32, 32))
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for t in (target.resolve(cfg), target.resolve(_cfg(runtime={"device": "cpu"}), _machine())):
+        meter = LatencyMeter(cfg, t, runs=3, warmup=1)
+        assert meter.runtime == t.timing
+        base = tmp_path / f"{t.timing}.onnx"
+        profile, _ = meter.measure(model, save_as=base, fresh=True)
+        assert profile.total_ms > 0
+        _, (speed, low, high) = meter.measure(model, base, (2, 0.01), fresh=True)
+        assert low <= speed <= high
+        assert model.training and next(model.parameters()).device.type == "cpu"
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_pipeline_on_pytorch_gpu_timing_times_the_loop_and_validate_alike(monkeypatch, tmp_path: Path):
+    """No TensorRT and no ONNX Runtime CUDA provider (stand-ins, PyTorch run on the CPU): the speedup loop and
+    validate both time torch-cuda, the ONNX file is scored on ONNX Runtime's CPU provider, and summary.json
+    records the resolved target."""
+    import json
+
+    from tests.conftest import run_here, write_config
+
+    _torch_on_cpu(monkeypatch)
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(
+        validate={"runtime": "torch-cuda", "threads": 1}, runtime={"device": "cpu", "threads": 1},
+        filter_prune={"target_speedup": 1.3, "target_flops_reduction": None, "steps": 2},
+        layer_truncate={"enabled": False}, finetune={"enabled": False}))
+    res = run_here("pipeline", str(cfg), "--run-dir", str(tmp_path / "run"))
+    assert res.returncode in (0, 3), res.stderr[-2000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["target"]["runtime"] == "torch-cuda" and summary["target"]["timing"] == "torch-cuda"
+    assert summary["target"]["scored_on"] == "onnxruntime-cpu"
+    assert summary["latency_ms"]["backend"] == "torch-cuda"
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["stages"]["filter_prune"]["metrics"]["latency_runtime"] == "torch-cuda"
+    assert "deployment target: torch-cuda" in (tmp_path / "run" / "log.txt").read_text()

@@ -410,7 +410,7 @@ def test_a_stop_on_an_implausible_or_contended_timing_is_timed_again(tmp_path: P
         runtime, device, threads, seconds, confirmations, hits, misses, contended, retaken = ("x", "y", 1, 0, 0, 0,
                                                                                                0, 0, 0)
 
-        def __init__(self, config):
+        def __init__(self, config, target=None):
             pass
 
         def measure(self, m, base=None, timing=None, confirm=None, save_as=None, fresh=False):
@@ -422,7 +422,7 @@ def test_a_stop_on_an_implausible_or_contended_timing_is_timed_again(tmp_path: P
                 (Profile(1.0, {}, 1.0, contended="others kept 1.9 cores busy"), (1.01, 0.99, 1.02))
 
     monkeypatch.setattr(G, "LatencyMeter", FakeMeter)
-    goal = G.SpeedupGoal(SimpleNamespace(config=cfg), model)
+    goal = G.SpeedupGoal(SimpleNamespace(config=cfg, target=None), model)
     goal.t = 0
     attempt = goal.attempt(model, None)
     assert readings[-1] == (FIRM_TIMING, True), "re-timed fresh at length"
