@@ -303,6 +303,12 @@ def test_an_int8_engine_is_a_strongly_typed_build_of_the_qdq_model(trt_here, mon
     assert fake.calls["set_flag"] == flags and side["precision"] == precision
     assert (tmp_path / "m.engine").read_bytes() == b"plan"
     assert len(fake.calls["profiles"]) == 1, "a dynamic batch takes its optimization profile"
+    assert fake.calls["clear_flag"] == ["TF32"], "FP32 work without TF32, the FP32 layers of INT8 engines too"
+    asked = _recording_trt(layers)
+    monkeypatch.setitem(sys.modules, "tensorrt", asked)
+    tensorrt.build_engine(tmp_path / "m.onnx", tmp_path / "t.engine", tensorrt.EngineSpec(precision=precision,
+                                                                                         tf32=True))
+    assert asked.calls["clear_flag"] == [], "runtime.tf32: true keeps TensorRT's default"
 
 
 def test_a_static_batch_network_gets_no_profile_and_a_refused_profile_is_an_error(trt_here, monkeypatch, tmp_path):
