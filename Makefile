@@ -11,7 +11,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	# torch/torchvision first so pip takes the pinned local wheels, then the project.
+	# The tested torch/torchvision pair first (pyproject.toml allows their minor releases), then the project.
 	$(BIN)/pip install torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -e '.[dev]'
 	touch $(STAMP)

@@ -6,6 +6,7 @@ from collections.abc import Iterable
 
 import typer
 from rich.console import Console
+from typer.core import TyperOption
 
 from pipeline._version import __version__
 
@@ -22,6 +23,16 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 
+_type_column = TyperOption.display_type_rich
+
+
+def _no_type_for_flags(self: TyperOption, ctx) -> str | None:
+    """The help's type column says what value an option takes; a flag takes none (typer prints `<bool>`)."""
+    return None if self.is_flag else _type_column(self, ctx)
+
+
+TyperOption.display_type_rich = _no_type_for_flags  # typer is bounded <0.30; tests/test_cli.py reads the help
+
 
 def one_of(values: Iterable[str]) -> str:
     """Allowed values for a help text, e.g. 'onnx | tensorrt'."""
@@ -29,6 +40,10 @@ def one_of(values: Iterable[str]) -> str:
 
 
 def version_text() -> str:
-    import torch
+    from importlib.metadata import PackageNotFoundError, version
 
-    return f"compress (idap-compress) {__version__}, torch {torch.__version__}"
+    try:  # the installed distribution's version: importing torch would take seconds
+        torch = version("torch")
+    except PackageNotFoundError:
+        torch = "not installed"
+    return f"compress (idap-compress) {__version__}, torch {torch}"

@@ -54,7 +54,7 @@ def validate_cmd(
     runtime: str | None = typer.Option(None, "--runtime", help=f"{one_of(RUNTIME_CHOICES)} (default: "
                                        f"validate.runtime; auto picks by file type)"),
     output: Path | None = typer.Option(None, "--output", help="write the results as JSON here"),
-    set_: list[str] = typer.Option([], "--set", help="override a config key (repeatable)"),
+    set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="override a config key (repeatable)"),
 ) -> None:
     """Score and time an existing artifact on the config's validation split; gates as in the pipeline (exit 3)."""
     from torch.utils.data import DataLoader
@@ -146,8 +146,8 @@ def export_cmd(
     fmt: str = typer.Option("onnx", "--format", help=one_of(FORMATS)),
     output: Path | None = typer.Option(None, "--output", help="file to write (default: RUN_DIR/exports/...)"),
     config: Path | None = typer.Option(None, "--config", help="config to use (default: RUN_DIR/config.json)"),
-    set_: list[str] = typer.Option([], "--set", help="override a config key, e.g. export.opset=18 or "
-                                                     "export.tensorrt.precision=fp16 (repeatable)"),
+    set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="override a config key, e.g. "
+                                   "export.opset=18 or export.tensorrt.precision=fp16 (repeatable)"),
 ) -> None:
     """Re-export the compressed model of a finished run, without touching the run's own stages and artifacts."""
     from pipeline.config import load_config

@@ -56,7 +56,8 @@ def init_cmd(
                              "imagefolder | cifar10 | cifar100 | mnist | fashionmnist"),
     name: str | None = typer.Option(None, "--name", help="the run's name (default: the model's)"),
     num_classes: int | None = typer.Option(None, "--num-classes", help="classifier outputs"),
-    input_size: tuple[int, int] | None = typer.Option(None, "--input-size", help="H W"),
+    input_size: tuple[int, int] | None = typer.Option(None, "--input-size", metavar="H W",
+                                                      help="model input height and width"),
     example: str | None = typer.Option(None, "--example", help="print a shipped example config instead: demo | "
                                        "resnet50"),
     output: Path | None = typer.Option(None, "--output", help="write here instead of to stdout (never overwrites)"),
@@ -131,7 +132,7 @@ def inspect_cmd(
                                   "sections are read; no data is loaded)"),
     output: Path | None = typer.Option(None, "--output", help="also write the findings as JSON"),
     no_onnx: bool = typer.Option(False, "--no-onnx", help="skip the ONNX export of the pruned copy"),
-    set_: list[str] = typer.Option([], "--set", help="override a config key (repeatable)"),
+    set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="override a config key (repeatable)"),
 ) -> None:
     """The pre-flight structural check: prunable groups, what is held whole and why, truncation candidates, and
     a proof on a copy that pruning leaves a model that runs and exports. Seconds, no data, no training."""

@@ -14,8 +14,8 @@ from rich.table import Table
 
 from pipeline import _cli_artifacts, _cli_info  # noqa: F401 - register the other verbs
 from pipeline._cli_app import app, console, one_of, version_text
-from pipeline.context import PIPELINE
 from pipeline.errors import GateFailure, UserInputError
+from pipeline.registry import PIPELINE
 from pipeline.signals import Interrupted, handling
 
 
@@ -105,7 +105,7 @@ def pipeline_cmd(
                                   help="YAML config (`compress init` writes one; examples in configs/)"),
     run_dir: Path | None = typer.Option(None, "--run-dir", help="run directory (default: runs/<name>); a folder "
                                         "that is not a run directory is never written into"),
-    set_: list[str] = typer.Option([], "--set", help="override a config key, YAML value: --set "
+    set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="override a config key, YAML value: --set "
                                    "finetune.max_epochs=2 (repeatable)"),
     start: str | None = typer.Option(None, "--from", help=f"re-run from this stage on: {one_of(PIPELINE)}"),
     until: str | None = typer.Option(None, "--until", help=f"stop after this stage: {one_of(PIPELINE)}"),

@@ -23,11 +23,9 @@ from pipeline.data import Splits, build_splits
 from pipeline.errors import UserInputError
 from pipeline.metrics import MetricsLog
 from pipeline.models import rebuild
-from pipeline.registry import Registry
+from pipeline.registry import PIPELINE, Registry  # noqa: F401 - PIPELINE re-exported beside STAGES
 from pipeline.rundir import RunDir, load_checkpoint
 
-# The stages in the order they run; each is registered in STAGES by its module in stages/.
-PIPELINE: list[str] = ["load", "train", "calibrate", "filter_prune", "layer_truncate", "finetune", "export", "validate"]
 SUMMARY = "summary.json"
 
 

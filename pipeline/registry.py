@@ -9,6 +9,9 @@ from pipeline.errors import UserInputError, did_you_mean
 
 T = TypeVar("T")
 
+# The stages in the order they run; each is registered in STAGES (pipeline.context) by its module in stages/.
+PIPELINE: list[str] = ["load", "train", "calibrate", "filter_prune", "layer_truncate", "finetune", "export", "validate"]
+
 
 class Registry(Generic[T]):
     """A named dict whose duplicates raise and whose unknown names list the known ones."""

@@ -24,8 +24,8 @@ def test_the_nightly_job_pins_the_tool_and_installs_the_gpu_runtime_last():
 
 def test_the_nightly_job_keeps_its_run_directory_after_a_gate_failure_and_uploads_the_report():
     steps, _ = _steps()
-    restore = next(s for s in steps if s.get("uses", "").startswith("actions/cache/restore"))
-    save = next(s for s in steps if s.get("uses", "").startswith("actions/cache/save"))
+    restore, save = (next(s for s in steps if s.get("uses", "").startswith(f"actions/cache/{verb}")
+                          and "env.RUN" in s["with"]["path"]) for verb in ("restore", "save"))
     assert save.get("if") == "always()", "saved after exit 3 as well"
     assert "env.TOOL_REF" in restore["with"]["key"] and "restore-keys" in restore["with"]
     assert save["with"]["key"] == restore["with"]["key"]
@@ -39,3 +39,26 @@ def test_make_engines_always_asks_compress_which_knows_every_input():
     text = (REPO / "examples" / "Makefile.deploy").read_text()
     assert "$(OUT)/$(MODEL).engine: FORCE" in text and "\nFORCE:" in text
     assert "make install-gpu" not in text
+
+
+def test_the_nightly_job_keys_its_run_directory_on_the_tool_and_the_datas_fingerprint(tmp_path):
+    """The key carries the tool's release and the data's fingerprint as the tool computes it; the step that
+    computes it runs (here on the demo config) and prints one short digest."""
+    import shlex
+    import subprocess
+    import sys
+
+    steps, _ = _steps()
+    data = next(s for s in steps if s.get("id") == "data")
+    restore = next(s for s in steps if s.get("uses", "").startswith("actions/cache/restore")
+                   and "env.RUN" in s["with"]["path"])
+    assert "env.TOOL_REF" in restore["with"]["key"] and "steps.data.outputs.digest" in restore["with"]["key"]
+    caches = [i for i, s in enumerate(steps) if "idap-compress" in str(s.get("with", {}).get("path", ""))]
+    assert caches and caches[0] < steps.index(data), "the hash cache is restored before the fingerprint"
+    line = next(x for x in data["run"].splitlines() if "data_fingerprint" in x)
+    code = shlex.split(line.split("$(", 1)[1].rsplit(")", 1)[0])
+    assert code[0] == ".venv/bin/python"
+    out = subprocess.run([sys.executable, *code[1:-1], str(REPO / "configs" / "demo.yaml")], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-1000:]
+    assert len(out.stdout.strip()) == 16

@@ -41,3 +41,16 @@ def test_gpu_extra_resolves_to_tensorrt_10_and_a_compatible_onnxruntime_gpu(tmp_
     assert resolved["tensorrt"].major == 10
     base = next(Requirement(r) for r in PROJECT["dependencies"] if r.startswith("onnxruntime"))
     assert base.specifier.contains(resolved["onnxruntime-gpu"]), (resolved["onnxruntime-gpu"], base)
+
+
+def test_torch_is_a_range_in_the_package_and_the_tested_pair_in_the_makefile():
+    """The package installs beside any torch of the tested minor release; `make install` pins the exact pair
+    that the tests ran with, and that pair lies inside the package's range."""
+    import re
+
+    ranges = {Requirement(r).name: Requirement(r).specifier for r in PROJECT["dependencies"]}
+    make = (REPO / "Makefile").read_text()
+    for name in ("torch", "torchvision"):
+        assert not any(s.operator == "==" for s in ranges[name]), f"{name} is pinned exactly in the package"
+        pinned = re.search(rf"\b{name}==([0-9.]+)", make)
+        assert pinned and ranges[name].contains(pinned.group(1)), f"make install's {name} is outside the range"

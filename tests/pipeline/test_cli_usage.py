@@ -77,3 +77,30 @@ def test_the_typer_range_is_bounded():
     deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     typer = next(d for d in deps if d.startswith("typer"))
     assert "<" in typer, f"typer must have an upper bound: {typer}"
+
+
+def test_help_and_version_import_nothing_heavy():
+    """`compress --help`, every verb's -h and --version answer without importing torch or the runtimes (a fresh
+    interpreter: what a user's shell pays)."""
+    import subprocess
+    import sys
+
+    code = ("import io, contextlib, sys\n"
+            "from pipeline.cli import app, run\n"
+            "verbs = [c.name or c.callback.__name__ for c in app.registered_commands]\n"
+            "for args in [['--help'], ['--version'], *[[v, '-h'] for v in verbs]]:\n"
+            "    with contextlib.redirect_stdout(io.StringIO()):\n"
+            "        assert run(args) == 0, args\n"
+            "heavy = ('torch', 'timm', 'onnx', 'onnxruntime', 'torch_pruning', 'matplotlib', 'numpy')\n"
+            "print(sorted(m for m in heavy if m in sys.modules), len(verbs))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[0] == "[]", out.stdout
+
+
+def test_flags_show_no_value_placeholder(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    for verb in ("pipeline", "init", "validate", "export", "report", "inspect"):
+        assert run([verb, "-h"]) == 0
+        text = capsys.readouterr().out
+        assert "<bool>" not in text and "list[str]" not in text, verb
