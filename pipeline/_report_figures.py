@@ -22,6 +22,10 @@ def _legend(ax: Any, **kwargs: Any) -> None:
         ax.legend(handles, labels, **kwargs)
 
 
+# one colour per stage's budget line, none of them the series' colours (blue, green, red) or the base's grey
+BUDGET_COLORS = ("tab:orange", "tab:purple", "tab:brown", "tab:olive", "tab:cyan")
+
+
 def figure_dynamics(rows: list[dict[str, Any]], path: Path,
                     budgets: dict[str, tuple[float, float]] | None = None) -> None:
     """GMACs, parameters and top-1 per step; the base top-1 and each stage's accuracy budget as lines.
@@ -31,7 +35,7 @@ def figure_dynamics(rows: list[dict[str, Any]], path: Path,
     from matplotlib.figure import Figure
 
     budgets = budgets or {}
-    fig = Figure(figsize=(9, 8))
+    fig = Figure(figsize=(11, 8))
     axes = fig.subplots(3, 1, sharex=True)
     fig.subplots_adjust(top=0.9)
     xs = list(range(len(rows)))
@@ -50,14 +54,15 @@ def figure_dynamics(rows: list[dict[str, Any]], path: Path,
     if rows and rows[0]["top1"] is not None:
         top.axhline(rows[0]["top1"], color="grey", linewidth=1.0, label=f"base top-1 {rows[0]['top1']:.2f}")
     seen = [r["top1"] for r in rows if r["top1"] is not None]
-    for stage, (start, drop) in budgets.items():
+    for (stage, (start, drop)), color in zip(budgets.items(), BUDGET_COLORS, strict=False):
         span = [x for x, r in zip(xs, rows, strict=True) if r["stage"] == stage]
         # a budget far below every measured point (e.g. max_accuracy_drop: 100) would only squash the axis
         if span and seen and start - drop >= min(seen) - 15:
-            top.hlines(start - drop, span[0] - 0.5, span[-1] + 0.5, colors="tab:orange", linestyles="--",
-                       linewidth=1.2, label=f"{stage} budget: start - {drop:g} pts")
+            top.hlines(start - drop, span[0] - 0.5, span[-1] + 0.5, colors=color, linestyles="--",
+                       linewidth=1.4, label=f"{stage} budget: start - {drop:g} pts")
     for ax in axes:
-        _legend(ax, loc="best", fontsize=8)
+        # beside the panel, never over its points (a legend inside covered the top-1 panel's lower left)
+        _legend(ax, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, borderaxespad=0.0)
     prev, n = None, 0
     for x, r in zip(xs, rows, strict=True):
         if r["stage"] != prev:
@@ -75,31 +80,42 @@ def figure_dynamics(rows: list[dict[str, Any]], path: Path,
 
 
 def figure_widths(widths: list[dict[str, Any]], path: Path) -> None:
-    """Retained output width per layer; layers inside removed blocks are marked removed (no bar)."""
+    """Retained output width per layer, with the absolute widths (kept/base) on each bar; layers inside removed
+    blocks are marked removed (no bar)."""
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    fig = Figure(figsize=(max(8.0, 0.18 * len(widths) + 2), 4.5))
+    n = len(widths)
+    fig = Figure(figsize=(max(8.0, 0.24 * n + 2), 5.0))
     ax = fig.subplots()
     kept = [0.0 if w["removed"] else 100.0 * w["compressed"] / w["base"] for w in widths]
-    ax.bar(range(len(widths)), kept, color="tab:blue")
+    ax.bar(range(n), kept, color="tab:blue")
     gone = [i for i, w in enumerate(widths) if w["removed"]]
     if gone:
         ax.scatter(gone, [3] * len(gone), marker="x", color="tab:red", s=30, zorder=3)
-    ax.set_ylim(0, 110)
+    if n <= 120:  # the absolute widths, where there is room to read them
+        for i, w in enumerate(widths):
+            if w["removed"]:
+                continue  # its cross says it
+            text = f"{w['compressed']}/{w['base']}"
+            inside = kept[i] >= 45
+            ax.text(i, kept[i] - 2 if inside else kept[i] + 2, text, rotation=90, fontsize=6.5,
+                    ha="center", va="top" if inside else "bottom", color="white" if inside else "black")
+    ax.set_ylim(0, 112)
     ax.set_yticks(range(0, 101, 20))
-    ax.set_ylabel("retained output width (%)")
-    ax.set_xlabel("layer (conv / linear, in model order)")
-    step = max(1, len(widths) // 40)
-    ax.set_xticks(range(0, len(widths), step))
-    ax.set_xticklabels([widths[i]["layer"] for i in range(0, len(widths), step)], rotation=90, fontsize=6)
+    ax.set_ylabel("retained output width (% of the base)")
+    ax.set_xlabel("layer (conv / linear, in model order); on each bar: channels kept / base channels")
+    step = max(1, n // 60)
+    ax.set_xticks(range(0, n, step))
+    ax.set_xticklabels([widths[i]["layer"] for i in range(0, n, step)], rotation=90, fontsize=7.5)
+    handles = [Patch(color="tab:blue", label="share of the base width kept")]
     if gone:
-        ax.legend(handles=[Patch(color="tab:blue", label="share of the base width kept"),
-                           Line2D([], [], marker="x", color="tab:red", linestyle="none",
-                                  label="inside a removed block (0%)")],
-                  loc="upper right", fontsize=8)
-    ax.set_title("Per-layer retained width")
+        handles.append(Line2D([], [], marker="x", color="tab:red", linestyle="none",
+                              label="inside a removed block (0%)"))
+    # above the axes: inside, it hid the tallest bars (the classifier's 100%)
+    ax.legend(handles=handles, loc="lower left", bbox_to_anchor=(0.0, 1.01), ncol=2, fontsize=8, frameon=False)
+    ax.set_title("Per-layer retained width", pad=22)
     ax.grid(axis="y", alpha=0.3)
     _save(fig, path)
 
@@ -127,6 +143,16 @@ def figure_latency(summary: dict[str, Any], path: Path) -> None:
     ax.errorbar(list(range(len(med))), med, yerr=[[m - low for m, low in zip(med, lo, strict=True)],
                                                   [h - m for h, m in zip(hi, med, strict=True)]],
                 fmt="none", ecolor="black", capsize=6)
+    # a p90 far above every median (one slow block of a noisy timing) would squash the bars: the axis stops
+    # above the medians and the clipped whisker carries its value
+    ceiling = 1.6 * max(med)
+    if max(hi) > ceiling:
+        ax.set_ylim(0, ceiling)
+        for i, h in enumerate(hi):
+            if h > ceiling:
+                ax.annotate(f"p90 {h:.3g} ms (off the axis)", (i, ceiling), xytext=(8, -4),
+                            textcoords="offset points", ha="left", va="top", fontsize=8,
+                            bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "black", "lw": 0.6})
     ax.set_ylabel("latency per batch (ms): median, whiskers p10-p90")
     spread = f" ({lat['speedup_low']:.2f}-{lat['speedup_high']:.2f})" if lat.get("speedup_low") else ""
     title = f"{lat['backend']}, batch {lat['batch']}: compressed {lat['speedup']:.2f}x{spread}"
