@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: install install-gpu demo test test-slow gpu-check gpu-smoke wheels lint bench bench-quick bench-arch bench-matrix bench-int8 bench-latency bench-equal-latency bench-fingerprint readme-demo clean
+.PHONY: install install-gpu demo test test-slow gpu-check gpu-smoke wheels lint bench bench-quick bench-arch bench-matrix bench-int8 bench-latency bench-equal-latency bench-fingerprint readme-demo docs clean
 
 install: $(STAMP)
 
@@ -77,6 +77,10 @@ bench-arch: install
 
 bench-matrix: install
 	$(BIN)/python -m benchmarks.run --matrix
+
+# The configuration reference in docs/configuration.md, from the schema (a test fails when it is stale).
+docs: install
+	$(BIN)/python -m pipeline._reference docs/configuration.md
 
 lint: install
 	$(BIN)/ruff check .

@@ -11,7 +11,7 @@ Protocol, identical for every criterion (only the unit scores differ):
   with a fixed 10 recovery steps after every pruning step, distillation from the base), `full` (the `short`
   model at each milestone plus fine-tuning epochs with distillation);
 - "divergence + truncation": the lowest-divergence residual block of the base is replaced by the identity
-  first (METHOD.md section 4), then the default divergence criterion prunes to the same milestones.
+  first (docs/method.md section 3), then the default divergence criterion prunes to the same milestones.
 """
 
 from __future__ import annotations

@@ -73,8 +73,8 @@ def _head_hint(model: nn.Module, keys: list[str]) -> str:
     if tops and mismatched and mismatched <= set(tops[-2:]):
         return (f" Only the head ({', '.join(sorted(mismatched))}) differs: the weights were trained with a head of "
                 f"their own on this backbone. Build that model with your own factory: model.source: python, "
-                f"model.name: mynet.py:build, where build() returns the backbone with your head (README, "
-                f"'Your own model').")
+                f"model.name: mynet.py:build, where build() returns the backbone with your head (see "
+                f"docs/own-model.md in the tool's repository).")
     return ""
 
 

@@ -120,7 +120,7 @@ class CalibrateConfig(Section):
 
 
 class FilterPruneConfig(Section):
-    """IDAP++ divergence-aware filter pruning (METHOD.md section 3)."""
+    """IDAP++ divergence-aware filter pruning (docs/method.md section 2)."""
 
     @model_validator(mode="after")
     def _one_target(self) -> FilterPruneConfig:
@@ -164,7 +164,7 @@ class FilterPruneConfig(Section):
 
 
 class LayerTruncateConfig(Section):
-    """IDAP++ flow-guided layer truncation (METHOD.md section 4): whole blocks become the identity."""
+    """IDAP++ flow-guided layer truncation (docs/method.md section 3): whole blocks become the identity."""
 
     enabled: bool = Field(True, description="run layer truncation")
     max_layers: int = Field(2, ge=0, description="most blocks removed")

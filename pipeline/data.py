@@ -1,4 +1,4 @@
-"""Datasets by kind and the seeded train / calibration / validation splits of METHOD.md section 1."""
+"""Datasets by kind and the seeded train / calibration / validation splits (docs/method.md, "Words")."""
 
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ SECTION_NOTES = {
     "data": "dataset and splits: train, calibration (a slice of train), validation (held out)",
     "train": "train the base model first (only for models without trained weights)",
     "calibrate": "flow calibration pass",
-    "filter_prune": "IDAP++ filter pruning (METHOD.md section 3)",
+    "filter_prune": "IDAP++ filter pruning (docs/method.md section 2)",
     "recovery": "every recovery: between pruning steps, truncation decisions and in finetune",
     "layer_truncate": "IDAP++ layer truncation: whole residual blocks become the identity",
     "finetune": "recovery fine-tuning after pruning",

@@ -55,7 +55,7 @@ def sync_attributes(mod: nn.Module) -> None:
 
 @torch.no_grad()
 def head_output_norms(mod: nn.Module, heads_out: torch.Tensor) -> torch.Tensor:
-    """Per head h: mean over samples of ||softmax(Q_h K_h^T / sqrt(d)) V_h||_F / n (METHOD.md section 3),
+    """Per head h: mean over samples of ||softmax(Q_h K_h^T / sqrt(d)) V_h||_F / n (docs/method.md section 2),
     from the module's own concatenated head outputs (proj's input, B x n x H*d): no attention is recomputed,
     and it is the signal as it leaves the heads (after any output norm or gate the module applies)."""
     b, n, _ = heads_out.shape

@@ -1,6 +1,6 @@
 """Flow statistics from forward hooks: per-unit activation norms and per-block shapes and divergences.
 
-Several collectors share one no-grad pass over the calibration split (METHOD.md section 2).
+Several collectors share one no-grad pass over the calibration split (docs/method.md section 1).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ MEASURED = (nn.Conv2d, nn.Linear)
 
 def _per_channel_norm(t: torch.Tensor, channel_dim: int) -> torch.Tensor:
     """Conv (B,C,H,W): mean over samples of the per-channel L2 norm over space.
-    Linear (B,...,N): per-feature L2 norm over all rows divided by sqrt(#rows) (METHOD.md section 3).
+    Linear (B,...,N): per-feature L2 norm over all rows divided by sqrt(#rows) (docs/method.md section 2).
     """
     if channel_dim == 1:
         return t.flatten(2).norm(dim=2).mean(0)

@@ -1,4 +1,4 @@
-"""InCoP flow vectors (METHOD.md section 5): information flow (IF) and gradient flow (GF), and their distance."""
+"""InCoP flow vectors (docs/method.md section 4): information flow (IF) and gradient flow (GF), and their distance."""
 
 from __future__ import annotations
 

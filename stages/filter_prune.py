@@ -1,4 +1,4 @@
-"""Stage `filter_prune`: IDAP++ divergence-aware iterative filter pruning (METHOD.md section 3)."""
+"""Stage `filter_prune`: IDAP++ divergence-aware iterative filter pruning (docs/method.md section 2)."""
 
 from __future__ import annotations
 

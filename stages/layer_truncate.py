@@ -1,4 +1,4 @@
-"""Stage `layer_truncate`: IDAP++ flow-guided layer truncation with rollback (METHOD.md section 4)."""
+"""Stage `layer_truncate`: IDAP++ flow-guided layer truncation with rollback (docs/method.md section 3)."""
 
 from __future__ import annotations
 

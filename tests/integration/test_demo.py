@@ -29,7 +29,8 @@ def test_demo_meets_its_promises(tmp_path: Path):
     check_numbers(run)  # the report, written by the pipeline, agrees with summary.json and the stage records
     from benchmarks.readme import readme_summary
 
-    shown = readme_summary((REPO / "README.md").read_text())  # the README's figures are a demo run's, within noise
+    # the documented figures are a demo run's, within noise
+    shown = readme_summary((REPO / "docs" / "run-directory.md").read_text())
     assert abs(shown["compressed"]["top1"] - s["compressed"]["top1"]) <= 1.5
     assert abs(shown["delta_pct"]["gflops"] - s["delta_pct"]["gflops"]) <= 5.0
 
@@ -52,14 +53,14 @@ def test_demo_meets_its_promises(tmp_path: Path):
 
 
 def test_readme_demo_figures_are_generated_from_a_demo_run():
-    """The README's demo sentence and example summary.json come from one run (make readme-demo), agree with
-    each other, and carry every key a summary has."""
+    """The README's demo sentence and the example summary.json of docs/run-directory.md come from one run (make
+    readme-demo), agree with each other, and carry every key a summary has."""
     import re
 
-    from benchmarks.readme import DEMO, blocks, demo_paragraph, readme_summary
+    from benchmarks.readme import DEMO, SUMMARY_DOC, blocks, demo_paragraph, readme_summary
 
     text = (REPO / "README.md").read_text()
-    example = readme_summary(text)
+    example = readme_summary(SUMMARY_DOC.read_text())
     minutes = int(re.search(r"about (\d+) minutes", blocks(text, DEMO)).group(1))
     assert blocks(text, DEMO) == demo_paragraph(example, minutes)
     for key in ("base", "compressed", "delta_pct", "latency_ms", "parity", "artifacts", "gates", "targets"):

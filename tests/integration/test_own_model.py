@@ -159,7 +159,7 @@ def test_zoo_weights_with_a_custom_head_point_to_the_readme_factory_which_then_r
     import torchvision
     from torch import nn
 
-    text = (REPO / "README.md").read_text()
+    text = (REPO / "docs" / "own-model.md").read_text()
     start, end = "<!-- readme-example: custom-head start -->", "<!-- readme-example: custom-head end -->"
     example = re.sub(r"^```python\n|```\n?$", "", text[text.index(start) + len(start):text.index(end)].strip())
     (tmp_path / "myresnet.py").write_text(example)

@@ -40,7 +40,7 @@ def test_head_divergence_matches_the_attention_output_the_module_computes():
     per_head = seen["x"].reshape(b, n, attn.num_heads, attn.head_dim).permute(0, 2, 1, 3).flatten(2)
     expected = (per_head.norm(dim=2) / n).mean(0)
     torch.testing.assert_close(measured, expected, rtol=1e-5, atol=1e-6)
-    # and METHOD.md's formula, computed here from the block's input and the qkv weights
+    # and docs/method.md's formula, computed here from the block's input and the qkv weights
     with torch.no_grad():
         q, k, v = attn.qkv(seen["in"]).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
         out = torch.softmax(q @ k.transpose(-2, -1) / attn.head_dim ** 0.5, dim=-1) @ v
