@@ -223,14 +223,20 @@ def latency_stats(samples_ms: list[float]) -> dict[str, float]:
 
 
 def _cpu_jiffies() -> tuple[float, float, float] | None:
-    """(busy, steal, total) CPU seconds of the whole machine so far, from /proc/stat; None off Linux."""
+    """(busy, steal, total) CPU seconds of the whole machine so far (psutil: Linux, macOS, Windows; steal only
+    in Linux VMs); None where it cannot tell."""
+    import psutil
+
     try:
-        fields = [float(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    except (OSError, ValueError):
+        t = psutil.cpu_times()
+    except (OSError, RuntimeError):
         return None
-    hz = os.sysconf("SC_CLK_TCK")
-    user, nice, system, idle, iowait, irq, softirq, steal = fields
-    return (user + nice + system + irq + softirq) / hz, steal / hz, sum(fields) / hz
+    parts = t._asdict()
+    for counted_in_user in ("guest", "guest_nice"):  # Linux counts guest time in user and nice already
+        parts.pop(counted_in_user, None)
+    total = sum(parts.values())
+    steal = parts.get("steal", 0.0)
+    return total - parts.get("idle", 0.0) - parts.get("iowait", 0.0) - steal, steal, total
 
 
 class MachineLoad:

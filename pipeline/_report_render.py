@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import base64
+import functools
 import html
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,11 +41,16 @@ def render_md(sections: list[Section]) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
+@functools.cache
+def _markdown():
+    from markdown_it import MarkdownIt
+
+    return MarkdownIt("commonmark", {"html": False})  # raw HTML in a run's text is shown, never interpreted
+
+
 def _inline_md(text: str) -> str:
-    """The little markdown the report's prose uses (`code`, **bold**) as HTML."""
-    t = html.escape(text)
-    t = re.sub(r"`([^`]+)`", r"<code>\1</code>", t)
-    return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", t)
+    """A paragraph of the report's prose (markdown: `code`, **bold**) as HTML."""
+    return _markdown().renderInline(text)
 
 
 CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import io
 import json
@@ -197,7 +196,7 @@ class RunDir:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        self._lock_fd: int | None = None
+        self._lock: Any = None  # a filelock.FileLock while this process holds the run directory
 
     @property
     def manifest_path(self) -> Path:
@@ -206,20 +205,20 @@ class RunDir:
     def lock(self) -> None:
         """Take an exclusive lock so that two runs never write the same directory."""
         self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        from filelock import FileLock, Timeout
+
+        lock = FileLock(self.root / ".lock", timeout=0)  # an OS lock: released when the process dies
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            os.close(fd)
+            lock.acquire()
+        except Timeout as exc:
             raise UserInputError(f"run directory {self.root} is in use by another compress process; wait for "
                                  f"it to finish or pass another --run-dir") from exc
-        self._lock_fd = fd
+        self._lock = lock
 
     def unlock(self) -> None:
-        if self._lock_fd is not None:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def read_manifest(self) -> dict[str, Any]:
         """The manifest, or an empty one for a new run; a manifest of the wrong shape is refused."""
