@@ -51,7 +51,8 @@ def prune_to_target(cfg, target: float, images: int = 8, batch: int = 4, max_ste
     from pipeline.models import build_model, clone, count_macs
     from stages._attention import count_heads
     from stages._criteria import CRITERIA
-    from stages.filter_prune import Pruner, capped_fraction
+    from stages._goals import capped_fraction
+    from stages.filter_prune import Pruner
 
     torch.manual_seed(0)
     spec = cfg.model

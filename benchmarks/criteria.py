@@ -27,9 +27,10 @@ from rich.console import Console
 
 from pipeline._progress import Tracker
 from pipeline.config import Config, load_config
+from pipeline.context import Context, load_model_upto, seed_everything
 from pipeline.models import clone, count_macs
 from pipeline.rundir import RunDir
-from pipeline.runner import Context, load_model_upto, run_pipeline, seed_everything
+from pipeline.runner import run_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 LEVELS = (0.5, 0.7, 0.85)
@@ -59,9 +60,10 @@ def trajectory(model, ctx: Context, criterion_name: str, recovery_steps: int, se
                teacher, reference) -> list[dict[str, Any]]:
     """Prune along the schedule to each milestone; returns one record (with a model snapshot) per level."""
     from stages._criteria import CRITERIA
+    from stages._goals import capped_fraction, step_fraction
     from stages._recovery import Budget, recover
     from stages._training import evaluate
-    from stages.filter_prune import Pruner, capped_fraction, step_fraction
+    from stages.filter_prune import Pruner
 
     cfg, spec = ctx.config.filter_prune, ctx.config.model
     seed_everything(seed)

@@ -63,7 +63,8 @@ def _prune_to(model, spec: ModelConfig, reduction: float, round_to: int, g0: flo
 
     from pipeline.config import Config
     from stages._criteria import CRITERIA
-    from stages.filter_prune import Pruner, capped_fraction
+    from stages._goals import capped_fraction
+    from stages.filter_prune import Pruner
 
     cfg = Config.model_validate({"name": "latency", "model": spec.model_dump(mode="json"),
                                  "filter_prune": {"criterion": "l2", "round_to": round_to}})

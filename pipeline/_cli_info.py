@@ -155,7 +155,8 @@ def inspect_cmd(
 @app.command()
 def stages() -> None:
     """List the pipeline's stages in order."""
-    from pipeline.runner import PIPELINE, STAGES
+    import stages  # noqa: F401 - registers every stage in STAGES
+    from pipeline.context import PIPELINE, STAGES
 
     table = Table(title="stages")
     table.add_column("#")

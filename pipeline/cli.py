@@ -87,7 +87,8 @@ def _warn_missed_targets(summary: dict[str, Any]) -> None:
     for name, t in (summary.get("targets") or {}).items():
         if not t["met"]:
             console.print(f"WARNING: target {name} {t['requested']:g} was not met (achieved {t['achieved']:.3f}): "
-                          f"{t.get('stop_reason', 'see the report')}", style="bold yellow", markup=False,
+                          f"{t.get('short_because', {}).get('reason') or t.get('stop_reason', 'see the report')}",
+                          style="bold yellow", markup=False,
                           highlight=False)
 
 

@@ -39,10 +39,6 @@ class Inspection:
     onnx: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
 
-    @property
-    def prunable_share(self) -> float:
-        return max(0.0, 1.0 - sum(h["macs_share"] for h in self.held))
-
 
 def _fail(kind: str, what: str, fix: str) -> UserInputError:
     return UserInputError(f"pre-flight check failed ({kind}): {what}. {fix}")

@@ -208,7 +208,8 @@ def build_sections(rec: RunRecords, rows: list[dict[str, Any]], widths: list[dic
     for tname, t in ((rec.summary or {}).get("targets") or {}).items():
         intro.text.append(f"Target {tname} {t['requested']:g}: " + (
             f"met (achieved {t['achieved']:.3f})." if t["met"] else
-            f"**MISSED** (achieved {t['achieved']:.3f}; {t.get('stop_reason', 'no stop reason recorded')})."))
+            f"**MISSED** (achieved {t['achieved']:.3f}; "
+            f"{t.get('short_because', {}).get('reason') or t.get('stop_reason', 'no stop reason recorded')})."))
     sections = [intro]
     settings = settings_rows(rec)
     if settings:

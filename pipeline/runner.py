@@ -18,15 +18,7 @@ import stages  # noqa: F401 - registers every stage in STAGES
 from pipeline._probe import out_of_memory
 from pipeline._progress import RunClock, Tracker
 from pipeline.config import Config
-from pipeline.context import (  # noqa: F401 - re-exported for callers of the runner
-    PIPELINE,
-    STAGES,
-    SUMMARY,
-    Context,
-    StageResult,
-    load_model_upto,
-    seed_everything,
-)
+from pipeline.context import PIPELINE, STAGES, SUMMARY, Context, StageResult, load_model_upto, seed_everything
 from pipeline.errors import UserInputError
 from pipeline.metrics import MetricsLog
 from pipeline.models import structure_of

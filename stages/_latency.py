@@ -208,10 +208,6 @@ class LatencyMeter:
         os.replace(tmp_key, key)
         return {**value, "contended": None}
 
-    def profile(self, model: nn.Module) -> Profile:
-        """The model's end-to-end and per-layer latency (from the cache when this graph was measured here)."""
-        return self.measure(model)[0]
-
     def measure(self, model: nn.Module, base: Path | None = None, timing: tuple[int, float] = FIRM_TIMING,
                 confirm: Callable[[float, float], bool] | None = None, save_as: Path | None = None,
                 fresh: bool = False) -> tuple[Profile, tuple[float, float, float]]:

@@ -15,7 +15,7 @@ from pipeline.models import clone, count_macs
 from stages._attention import count_heads
 from stages._criteria import CRITERIA, accumulate_gradients
 from stages._flows import UnitStats, collect_unit_stats
-from stages._goals import capped_fraction, goal_for, step_fraction  # noqa: F401 - re-exported
+from stages._goals import goal_for
 from stages._graph import in_attention
 from stages._latency import LatencyMeter, best_alignment, unit_costs
 from stages._pruning import (

@@ -122,7 +122,7 @@ class Validate:
         for name, t in summary["targets"].items():
             if not t["met"]:
                 ctx.log.warning(f"target {name} {t['requested']:g} was NOT met: achieved {t['achieved']:.3f} "
-                                f"({t['stop_reason']})")
+                                f"({t.get('short_because', {}).get('reason') or t['stop_reason']})")
         metrics = {"top1": acc["top1"], "parity": parity, "speedup": summary["latency_ms"]["speedup"],
                    "runtime": runtime, "gates_passed": not fails,
                    "targets_met": all(t["met"] for t in summary["targets"].values())}
@@ -232,12 +232,15 @@ def targets(ctx: Context, base_gflops: float, gflops: float, latency: dict[str, 
     if fp.target_speedup is not None:
         achieved = latency["speedup"]
         # met within the tolerance the stage stops at; the spread across timing blocks says how firm it is
-        out["speedup"] = {"requested": fp.target_speedup, "achieved": round(achieved, 4),
-                          "met": bool(achieved >= fp.target_speedup * (1.0 - fp.speedup_tolerance)),
+        met = bool(achieved >= fp.target_speedup * (1.0 - fp.speedup_tolerance))
+        out["speedup"] = {"requested": fp.target_speedup, "achieved": round(achieved, 4), "met": met,
                           "low": round(latency["speedup_low"], 4), "high": round(latency["speedup_high"], 4),
                           "tolerance": fp.speedup_tolerance, "stop_reason": stop,
                           "runtime": latency["backend"], "batch": latency["batch"],
                           "contended": latency.get("contended")}
+        if not met:
+            state = ctx.stage_state("filter_prune") if "filter_prune" in ctx.manifest["stages"] else {}
+            out["speedup"]["short_because"] = shortfall(stop, state, fp, latency)
         return out
     achieved = 1.0 - gflops / base_gflops if base_gflops else 0.0
     # the stage's own rule: MACs within flops_tolerance of the target count as reaching it
@@ -245,6 +248,43 @@ def targets(ctx: Context, base_gflops: float, gflops: float, latency: dict[str, 
     out["flops_reduction"] = {"requested": fp.target_flops_reduction, "achieved": round(achieved, 4),
                               "met": bool(met), "tolerance": fp.flops_tolerance, "stop_reason": stop}
     return out
+
+
+def shortfall(stop: str, state: dict[str, Any], fp: Any, latency: dict[str, Any]) -> dict[str, Any]:
+    """Why a speedup target was not met, in words, with what of the base latency width pruning cannot remove
+    (from filter_prune's profile of the base): the time outside conv/linear layers (pooling, reshapes,
+    element-wise ops, per-op dispatch), the time of groups held whole, and what the per-layer cap leaves of
+    every prunable layer. `ceiling` is the speedup if all of that stayed and everything else went: a target above
+    it needs truncation or another runtime, not more steps."""
+    lat = state.get("latency") or {}
+    base, layers = lat.get("base_ms"), lat.get("layers_before") or {}
+    held = {layer for h in state.get("held_whole", []) for layer in h.get("layers", [])}
+    out: dict[str, Any] = {}
+    if base:
+        fixed = lat.get("other_ms_before", 0.0)
+        held_ms = sum(ms for layer, ms in layers.items() if layer in held)
+        capped = sum(ms for layer, ms in layers.items() if layer not in held) * (1.0 - fp.max_layer_pruning_ratio)
+        floor = fixed + held_ms + capped
+        out = {"fixed_ms": round(fixed, 4), "fixed_share": round(fixed / base, 4), "held_ms": round(held_ms, 4),
+               "capped_ms": round(capped, 4), "ceiling": round(base / floor, 3) if floor > 0 else None}
+    ceiling = out.get("ceiling")
+    if "rolled back" in stop:
+        why = "the accuracy budget: the next step lost more top-1 than filter_prune.max_accuracy_drop allows"
+    elif "minimum width" in stop:
+        why = "the per-layer caps: every prunable layer is at filter_prune.max_layer_pruning_ratio"
+    elif stop.startswith("took all"):
+        why = "the step limit: filter_prune.steps ran out before the target"
+    elif stop.startswith("reached"):
+        why = (f"validate measured {latency['speedup']:.2f}x where the pruning loop measured the target "
+               f"(the loop's timing was shorter; see the spread)")
+    else:
+        why = stop
+    if ceiling is not None and ceiling < fp.target_speedup:
+        why += (f"; and the target is beyond what width pruning can reach on this runtime: "
+                f"{out['fixed_share']:.0%} of the base latency is outside conv/linear layers, so at most about "
+                f"{ceiling:.2f}x with every layer at its cap (add layer truncation, a larger input or batch, or "
+                f"another runtime)")
+    return {"reason": why, **out}
 
 
 def raise_no_engine(engine: dict[str, Any]) -> None:

@@ -98,12 +98,12 @@ def test_profile_maps_fused_nodes_to_their_layers_and_is_cached(tmp_path: Path, 
 
     meter = _meter(tmp_path, monkeypatch)
     model = timm.create_model("resnet18", num_classes=4, in_chans=1).eval()
-    first = meter.profile(model)
+    first = meter.measure(model)[0]
     convs = {n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
     assert set(first.layers) <= convs and len(first.layers) >= len(convs) - 2, set(convs) - set(first.layers)
     assert abs(sum(first.layers.values()) + first.other_ms - first.total_ms) < 1e-6 * max(first.total_ms, 1)
     assert meter.misses == 1 and meter.hits == 0
-    second = meter.profile(model)
+    second = meter.measure(model)[0]
     assert meter.hits == 1 and second.layers == first.layers, "the same graph on the same machine: from the cache"
     assert len(list((tmp_path / "cache" / "latency").glob("*.json"))) == 1
 
@@ -128,7 +128,7 @@ def test_profile_charges_renamed_fused_nodes_to_their_layers(tmp_path: Path, mon
     """ONNX Runtime renames what it fuses ("/fc1/MatMul/MatMulAddFusion"): those nodes still belong to fc1. When
     they did not, a transformer's layers carried 4% of its time and the first step's budget removed all it could."""
     meter = _meter(tmp_path, monkeypatch)
-    profile = meter.profile(_Mixer().eval())
+    profile = meter.measure(_Mixer().eval())[0]
     assert {"fc1", "fc2", "embed"} <= set(profile.layers)
     # the two linear layers carry about half the time (the token matmuls belong to no layer: fixed cost)
     assert profile.layers["fc1"] + profile.layers["fc2"] > 0.3 * profile.total_ms, profile
@@ -338,9 +338,9 @@ def test_measurements_are_keyed_by_the_graph_not_the_weights(tmp_path: Path, mon
                 p.add_(0.01 * torch.randn_like(p))
 
     train_a_little()
-    meter.profile(model)
+    meter.measure(model)[0]
     train_a_little()
-    meter.profile(model)
+    meter.measure(model)[0]
     assert (meter.misses, meter.hits) == (1, 1)
     a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
     meter.export(model, a)
@@ -370,12 +370,12 @@ def test_a_contended_measurement_is_retaken_then_neither_cached_nor_reused(tmp_p
     model = timm.create_model("resnet18", num_classes=4, in_chans=1).eval()
     calls = []
     monkeypatch.setattr(L, "contention", lambda load, threads: calls.append(1) or "others kept 2.0 cores busy")
-    busy = meter.profile(model)
+    busy = meter.measure(model)[0]
     assert busy.contended == "others kept 2.0 cores busy"
     assert len(calls) == 1 + L.CONTENDED_RETRIES and meter.retaken == L.CONTENDED_RETRIES and meter.contended == 1
     assert not list((tmp_path / "cache" / "latency").glob("*.json")), "a contended figure must not be cached"
     monkeypatch.setattr(L, "contention", lambda load, threads: None)  # the machine is quiet again
-    quiet = meter.profile(model)
+    quiet = meter.measure(model)[0]
     assert quiet.contended is None and meter.hits == 0, "taken again, not read back"
     entries = list((tmp_path / "cache" / "latency").glob("*.json"))
     assert len(entries) == 1
@@ -385,9 +385,9 @@ def test_a_contended_measurement_is_retaken_then_neither_cached_nor_reused(tmp_p
     for poisoned in ({**entry, "version": L.CACHE_VERSION - 1}, {**entry, "contended": "busy"}):
         entries[0].write_text(json.dumps(poisoned))
         hits = meter.hits
-        meter.profile(model)
+        meter.measure(model)[0]
         assert meter.hits == hits
-    meter.profile(model)
+    meter.measure(model)[0]
     assert meter.hits == 1
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from stages._goals import capped_fraction, step_fraction
 from stages._pruning import GroupRecord, plan_step
-from stages.filter_prune import capped_fraction, step_fraction
 
 
 def _records(widths: dict[str, int], seed: int = 0) -> list[GroupRecord]:
