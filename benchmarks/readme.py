@@ -56,7 +56,10 @@ def demo_paragraph(summary: dict[str, Any], minutes: int) -> str:
     """The README's sentence of demo figures, from a demo run's summary.json and its wall time."""
     b, c, d, lat = summary["base"], summary["compressed"], summary["delta_pct"], summary["latency_ms"]
     removed = summary.get("removed_blocks") or []
-    return (f"Measured on 2 CPU cores at this commit: about {minutes} minutes, top-1 {b['top1']:.1f} -> "
+    # the CPU model: training and latency differ between machines (float results differ across CPUs, and
+    # with them the trained base; the speedup is the runtime's on that CPU)
+    where = f"{lat.get('threads') or 2} cores of an {lat['device']}" if lat.get("device") else "2 CPU cores"
+    return (f"Measured on {where} at this commit: about {minutes} minutes, top-1 {b['top1']:.1f} -> "
             f"{c['top1']:.1f} on validation, GMACs {d['gflops']:+.0f}%, params {d['params_m']:+.0f}%, "
             f"{len(removed)} block(s) removed ({', '.join(removed) or 'none'}), ONNX Runtime batch-1 latency "
             f"{lat['speedup']:.1f}x lower ({lat['speedup_low']:.1f}-{lat['speedup_high']:.1f}x across timing "

@@ -202,7 +202,7 @@ def figure_latency_model(latency: dict[str, Any], path: Path, top: int = 30) -> 
     ax2.bar([i + 0.2 for i in idx], [latency["layers_after"].get(k, 0.0) for k in layers], width=0.4,
             color="tab:blue", label="compressed")
     ax2.set_xticks(list(idx))
-    ax2.set_xticklabels(layers, rotation=90, fontsize=6)
+    ax2.set_xticklabels(layers, rotation=90, fontsize=7.5)
     ax2.set_ylabel("ms per layer (profiled)")
     ax2.set_title(f"the {len(layers)} slowest layers of the base", fontsize=10)
     ax2.legend(fontsize=8)
