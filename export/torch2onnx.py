@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from pipeline.config import ExportConfig
-from pipeline.errors import UserInputError
+from pipeline.errors import UserInputError, first_line
 from pipeline.rundir import atomic_write
 
 
@@ -41,11 +41,6 @@ def _dynamo(model: nn.Module, example: torch.Tensor, cfg: ExportConfig) -> onnx.
         program = torch.onnx.export(model, (example,), dynamo=True, opset_version=max(cfg.opset, 18),
                                     dynamic_shapes=shapes, verbose=False, **_names(cfg))
     return program.model_proto
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:300] if text else ''}"
 
 
 def torch2onnx(model: nn.Module, example: torch.Tensor, path: Path, cfg: ExportConfig,
@@ -84,22 +79,22 @@ def _export(model: nn.Module, example: torch.Tensor, path: Path, cfg: ExportConf
             proto = _dynamo(model, example, cfg)
         except Exception as exc:  # noqa: BLE001 - any exporter failure is the model's, named with the fix
             raise UserInputError(f"the dynamo (torch.export) ONNX exporter cannot export this model "
-                                 f"({_first_line(exc)}). Try export.exporter: torchscript (or auto)") from exc
+                                 f"({first_line(exc)}). Try export.exporter: torchscript (or auto)") from exc
     else:
         try:
             proto = _torchscript(model, example, cfg)
         except Exception as exc:  # noqa: BLE001 - TypeError, RuntimeError, OnnxExporterError...: all the model's
             if cfg.exporter != "auto":
                 raise UserInputError(f"the torchscript ONNX exporter cannot export this model "
-                                     f"({_first_line(exc)}). Set export.exporter: dynamo (or auto)") from exc
+                                     f"({first_line(exc)}). Set export.exporter: dynamo (or auto)") from exc
             # e.g. fused attention kernels, adaptive pooling to a non-divisor size, blocks called with keyword
             # arguments: torch.export handles many of them
             try:
                 proto, used = _dynamo(model, example, cfg), "dynamo"
             except Exception as second:  # noqa: BLE001
                 raise UserInputError(
-                    f"neither ONNX exporter can export this model: torchscript failed with {_first_line(exc)}; "
-                    f"dynamo (torch.export) failed with {_first_line(second)}. The model's forward uses something "
+                    f"neither ONNX exporter can export this model: torchscript failed with {first_line(exc)}; "
+                    f"dynamo (torch.export) failed with {first_line(second)}. The model's forward uses something "
                     f"neither can trace (data-dependent control flow, Python objects as outputs); make forward "
                     f"return one logits tensor computed with torch operations") from second
     metadata = {**metadata, "exporter": used}

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 class UserInputError(Exception):
@@ -38,3 +41,10 @@ def did_you_mean(word: str, choices: Iterable[str], n: int = 3) -> str:
     if not close:
         return ""
     return " Did you mean " + " or ".join(repr(c) for c in close) + "?"
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """`Type: the first line of the message`, cut at `limit` characters and without terminal colour codes (a
+    library's coloured message must not reach a log file or CI as escape sequences)."""
+    text = _ANSI.sub("", str(exc)).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:limit] if text else ''}"

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from pipeline.config import Config
-from pipeline.errors import UserInputError
+from pipeline.errors import UserInputError, first_line
 
 
 @dataclass
@@ -42,11 +42,6 @@ class Inspection:
 
 def _fail(kind: str, what: str, fix: str) -> UserInputError:
     return UserInputError(f"pre-flight check failed ({kind}): {what}. {fix}")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0][:300] if text else ''}"
 
 
 def _onnx_check(model: nn.Module, example: torch.Tensor, config: Config) -> dict[str, Any]:
@@ -85,7 +80,7 @@ def inspect_model(config: Config, onnx: bool = True) -> Inspection:
             out = model(torch.randn_like(example))
     except Exception as exc:  # noqa: BLE001
         raise _fail("forward", f"{spec.source}:{spec.name} does not run on an input of shape "
-                    f"1x{spec.in_chans}x{spec.input_size[0]}x{spec.input_size[1]} ({_first_line(exc)})",
+                    f"1x{spec.in_chans}x{spec.input_size[0]}x{spec.input_size[1]} ({first_line(exc)})",
                     "Set model.input_size and model.in_chans to what the model takes") from None
     logits = out if isinstance(out, torch.Tensor) else next((t for t in out if isinstance(t, torch.Tensor)), None)
     if logits is None or logits.dim() != 2 or logits.shape[1] != spec.num_classes:
@@ -99,7 +94,7 @@ def inspect_model(config: Config, onnx: bool = True) -> Inspection:
     try:
         graph = build_graph(model, example)
     except Exception as exc:  # noqa: BLE001
-        raise _fail("tracing", f"Torch-Pruning cannot trace {spec.source}:{spec.name} ({_first_line(exc)})",
+        raise _fail("tracing", f"Torch-Pruning cannot trace {spec.source}:{spec.name} ({first_line(exc)})",
                     "Set filter_prune.enabled: false to only truncate and fine-tune it") from None
     ignored = classifier_layers(model, spec.num_classes, graph.output_layers)
     names = dict(model.named_modules())
@@ -142,16 +137,21 @@ def inspect_model(config: Config, onnx: bool = True) -> Inspection:
     result.not_candidates = why
     seconds["blocks"] = time.perf_counter() - t0
 
-    if onnx and groups:
+    if onnx:
+        # the model as pruning leaves it (a few units of every group removed), or as it is when nothing can be
+        # pruned: either way the run ends by exporting it, and a model that cannot be exported must fail here,
+        # not after training
         t0 = time.perf_counter()
-        trial = spread_copy(model, example, [g["root"] for g in groups], build_graph)
+        trial = spread_copy(model, example, [g["root"] for g in groups], build_graph) if groups else model
+        what = "the pruned model" if groups else "the model"
         try:
             result.onnx = _onnx_check(trial, example, config)
         except Exception as exc:  # noqa: BLE001
-            raise _fail("export", f"the pruned model does not export to ONNX ({_first_line(exc)})",
-                        "Try export.exporter: dynamo, or another export.opset") from None
+            raise _fail("export", f"{what} does not export to ONNX ({first_line(exc)})",
+                        "Try export.exporter: dynamo, or another export.opset; the model's forward must use "
+                        "operations ONNX has") from None
         if result.onnx["max_rel_diff"] > 1e-4:
-            raise _fail("export", f"the pruned model's ONNX export differs from PyTorch by "
+            raise _fail("export", f"{what}'s ONNX export differs from PyTorch by "
                         f"{result.onnx['max_rel_diff']:.1e} (relative)", "Try export.exporter: dynamo")
         seconds["onnx"] = time.perf_counter() - t0
     result.seconds = {k: round(v, 2) for k, v in seconds.items()}

@@ -303,3 +303,45 @@ def test_an_api_interrupt_says_to_call_compress_again(tmp_path: Path, monkeypatc
     with pytest.raises(Interrupted, match=r"Call compress\(\.\.\.\) again with run_dir=") as info:
         compress(model, data, data, tmp_path / "run")
     assert "same command" not in str(info.value) and info.value.exit_code == 130
+
+
+UNEXPORTABLE = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    """Nothing to prune (the only layer is the classifier) and an operation ONNX has no counterpart for."""
+
+    def __init__(self, num_classes=4):
+        super().__init__()
+        self.head = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        return self.head(torch.linalg.svdvals(x.mean(1))[:, :8])
+
+
+def build(num_classes=4):
+    return Net(num_classes)
+'''
+
+
+def test_a_model_that_cannot_be_exported_is_refused_before_training_even_with_nothing_to_prune(tmp_path: Path):
+    """The pre-flight export check ran only when prunable groups existed: such a model passed `compress inspect`
+    and --dry-run, trained, and failed at export. Now both refuse it at once with exit 2."""
+    (tmp_path / "unexportable.py").write_text(UNEXPORTABLE)
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(
+        model={"source": "python", "name": "unexportable.py:build", "num_classes": 4, "in_chans": 1,
+               "input_size": [16, 16]}))
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        for args in (["inspect", str(cfg)], ["pipeline", str(cfg), "--dry-run"]):
+            res = run_here(*args)
+            err = " ".join(res.stderr.split())
+            assert res.returncode == 2, (args, err[-1500:])
+            assert "pre-flight check failed (export): the model does not export to ONNX" in err
+            assert "\x1b[" not in res.stderr, "no terminal colour codes from the exporter's message"
+        assert not (tmp_path / "runs").exists()
+    finally:
+        os.chdir(cwd)
