@@ -18,8 +18,7 @@ How `auto` resolves:
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from pipeline.errors import UserInputError
@@ -79,18 +78,14 @@ class Target:
         if self.runtime != "tensorrt":
             return self
         runtime = "onnxruntime-cpu" if int8 else self.timing
-        return _replace(self, runtime=runtime, precision="int8" if int8 else "fp32",
-                        why=f"{self.why}, but no engine was built, so {runtime}")
+        return replace(self, runtime=runtime, precision="int8" if int8 else "fp32",
+                       why=f"{self.why}, but no engine was built, so {runtime}")
 
     def record(self) -> dict[str, Any]:
         out = asdict(self)
         out["provider_options"] = {"use_tf32": "1" if self.tf32 else "0"} if "onnxruntime-cuda" in (
             self.runtime, self.timing) else {}
         return out
-
-
-def _replace(t: Target, **kw: Any) -> Target:
-    return Target(**{**asdict(t), **kw})
 
 
 def resolve(config: Any, machine: Machine | None = None) -> Target:
@@ -161,14 +156,9 @@ def describe(config: Any) -> dict[str, Any]:
 
 
 def problems(config: Any) -> list[str]:
-    """What preflight reports: the target cannot be resolved here."""
-    found: list[str] = []
-    _collect(found, lambda: resolve(config))
-    return found
-
-
-def _collect(found: list[str], fn: Callable[[], Any]) -> None:
+    """What preflight reports: why the target cannot be resolved here (none when it can)."""
     try:
-        fn()
+        resolve(config)
     except UserInputError as exc:
-        found.append(str(exc))
+        return [str(exc)]
+    return []
