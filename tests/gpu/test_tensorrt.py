@@ -67,6 +67,9 @@ def test_pipeline_validates_and_times_base_vs_compressed_engines(tmp_path: Path,
     assert s["artifacts"]["tensorrt"] == "model.engine" and s["artifacts"]["tensorrt_status"] == "built"
     assert s["latency_ms"]["backend"] == "tensorrt" and s["latency_ms"]["precision"] == precision
     assert s["latency_ms"]["base"] > 0 and s["latency_ms"]["compressed"] > 0
+    # the GPU timed, and one feeding thread (not every core) for the busy-machine check
+    assert s["latency_ms"]["device"] == torch.cuda.get_device_name() and s["latency_ms"]["threads"] == 1
+    assert s["target"]["runtime"] == "tensorrt" and s["target"]["timing"] in ("onnxruntime-cuda", "torch-cuda")
     assert (run / "07_validate" / "base.engine").is_file()
     side = json.loads((run / "model.engine.json").read_text())
     assert side["source_onnx_sha256"] == sha256(run / "model.onnx")
