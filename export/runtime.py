@@ -90,9 +90,10 @@ class OrtModel:
 
 
 class TorchModel:
-    """A copy of a PyTorch model on a device, fed numpy like the other runtimes: `torch-cuda` (timed with CUDA
-    events around the forward, the input already on the GPU, as TensorRT's time_once) or, for tests and
-    comparisons, `torch-cpu` (wall time). The caller's model is never moved or switched to eval."""
+    """A copy of a PyTorch model on a device, fed numpy like the other runtimes: on CUDA (`torch-cuda`) timed with
+    CUDA events around the forward, the input already on the GPU, as TensorRT's time_once; on the CPU with wall
+    time (tests run the GPU path's control flow that way). The caller's model is never moved or switched to
+    eval."""
 
     precision = "fp32"
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from export.runtime import default_threads
 from pipeline.errors import UserInputError
 
 GPU_RUNTIMES = ("onnxruntime-cuda", "tensorrt", "torch-cuda")
@@ -65,12 +66,8 @@ class Target:
     why: str  # how the runtime was chosen, in words
 
     @property
-    def on_gpu(self) -> bool:
-        return self.runtime in GPU_RUNTIMES
-
-    @property
     def timing_device(self) -> str:
-        return "cpu" if self.timing == "onnxruntime-cpu" or self.timing == "torch-cpu" else "cuda"
+        return "cpu" if self.timing == "onnxruntime-cpu" else "cuda"
 
     def without_engine(self, int8: bool) -> Target:
         """The target when the engine the export stage was to build is not there (mode auto, build skipped): the
@@ -112,8 +109,6 @@ def resolve(config: Any, machine: Machine | None = None) -> Target:
         precision = trt.precision
     else:
         precision = "int8" if int8 else "fp32"
-    from export.runtime import default_threads
-
     threads = (v.threads or default_threads()) if runtime == "onnxruntime-cpu" else 1
     return Target(device=device, runtime=runtime, timing=timing, precision=precision, batch=v.batch,
                   threads=threads, tf32=bool(config.runtime.tf32), hardware=m.gpu if runtime in GPU_RUNTIMES
