@@ -51,7 +51,7 @@ def prune_to_target(cfg, target: float, images: int = 8, batch: int = 4, max_ste
     from pipeline.models import build_model, clone, count_macs
     from stages._attention import count_heads
     from stages._criteria import CRITERIA
-    from stages._goals import capped_fraction
+    from stages._goals import Plan, capped_fraction
     from stages.filter_prune import Pruner
 
     torch.manual_seed(0)
@@ -64,7 +64,7 @@ def prune_to_target(cfg, target: float, images: int = 8, batch: int = 4, max_ste
     gflops, steps, t0 = g0, 0, time.perf_counter()
     goal = g0 * (1 - target)
     while gflops > goal * 1.01 and steps < max_steps:
-        if pruner.step(model.eval(), capped_fraction(0.25, gflops, goal)) == 0:
+        if pruner.apply(model.eval(), Plan(steps, share=capped_fraction(0.25, gflops, goal))).units == 0:
             break
         steps += 1
         gflops = count_macs(model, spec)[0]

@@ -60,7 +60,7 @@ def trajectory(model, ctx: Context, criterion_name: str, recovery_steps: int, se
                teacher, reference) -> list[dict[str, Any]]:
     """Prune along the schedule to each milestone; returns one record (with a model snapshot) per level."""
     from stages._criteria import CRITERIA
-    from stages._goals import capped_fraction, step_fraction
+    from stages._goals import Plan, capped_fraction, step_fraction
     from stages._recovery import Budget, recover
     from stages._training import evaluate
     from stages.filter_prune import Pruner
@@ -76,7 +76,7 @@ def trajectory(model, ctx: Context, criterion_name: str, recovery_steps: int, se
         target = g0 * (1.0 - level)
         while gflops > target * 1.01 and t < 40:
             p = capped_fraction(step_fraction(cfg.p0, cfg.alpha, min(t, cfg.steps - 1), cfg.steps), gflops, target)
-            removed = pruner.step(model, p, description="bench")
+            removed = pruner.apply(model, Plan(t, share=p)).units
             t += 1
             if removed == 0:
                 break

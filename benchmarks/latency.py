@@ -63,7 +63,7 @@ def _prune_to(model, spec: ModelConfig, reduction: float, round_to: int, g0: flo
 
     from pipeline.config import Config
     from stages._criteria import CRITERIA
-    from stages._goals import capped_fraction
+    from stages._goals import Plan, capped_fraction
     from stages.filter_prune import Pruner
 
     cfg = Config.model_validate({"name": "latency", "model": spec.model_dump(mode="json"),
@@ -74,7 +74,7 @@ def _prune_to(model, spec: ModelConfig, reduction: float, round_to: int, g0: flo
     for _ in range(12):
         if gflops <= target * 1.01:
             break
-        if pruner.step(model, capped_fraction(0.3, gflops, target)) == 0:
+        if pruner.apply(model, Plan(0, share=capped_fraction(0.3, gflops, target))).units == 0:
             break
         gflops = count_macs(model, spec)[0]
 

@@ -59,8 +59,9 @@ def prune_to_speedup(source: str, name: str, target: float, size: int | None = N
     from pipeline.config import Config
     from pipeline.models import build_model, clone, count_macs
     from stages._criteria import CRITERIA
-    from stages._goals import SpeedupGoal
-    from stages.filter_prune import Pruner, take_step
+    from stages._goals import goal_for
+    from stages._latency import LatencyMeter
+    from stages.filter_prune import Pruner, alignment, take_step
 
     model_cfg = {"source": source, "name": name, "num_classes": 1000}
     if size:
@@ -74,24 +75,25 @@ def prune_to_speedup(source: str, name: str, target: float, size: int | None = N
     g0 = count_macs(model, cfg.model)[0]
     ctx = _context(cfg)
     t0 = time.perf_counter()
-    pruner = Pruner(CRITERIA.get("l2")(), ctx)
-    goal = SpeedupGoal(ctx, model)
-    steps = retries = 0
+    meter = LatencyMeter(cfg)
+    pruner = Pruner(CRITERIA.get("l2")(), ctx, alignment(cfg, meter))
+    goal = goal_for(ctx, model, meter)
+    taken = []
     for t in range(max_steps):
         if goal.reached():
             break
-        removed, plan, attempt = take_step(pruner, goal, model, t, None, clone(model))
-        if removed == 0:
+        decision = take_step(pruner, goal, model, t, None, clone(model))
+        if decision.removal.units == 0:
             break
-        steps += 1
-        retries += plan["try"] - 1
-        goal.observe(model, count_macs(model, cfg.model)[0], attempt)
+        goal.accept(decision)
+        taken.append(decision)
+    steps, retries = len(taken), sum(d.plan.attempt - 1 for d in taken)
     seconds = time.perf_counter() - t0
     g1 = count_macs(model, cfg.model)[0]
     val = validated_speedup(base, model, cfg)
     if models is not None:
         models.update(base=base, pruned=model, config=cfg)
-    record = goal.record()
+    record = goal.record([d.measured for d in taken])
     pairs = [(s.get("predicted_since_ms", s["predicted_ms"]), s.get("measured_since_ms", s["measured_ms"]))
              for s in record["steps"] if s["timed"]]  # a timing after untimed steps covers them too
     errors = [abs(m - p) / m for p, m in pairs if p and m > 0]

@@ -1,17 +1,26 @@
 """What filter_prune prunes towards: a share of the MACs, or a measured speedup on the runtime that ships.
 
-A goal says whether it is reached, how much the next step should remove (a share of the units, or a latency
-budget in milliseconds for the knapsack), and takes the measurement after each step. The speedup goal closes
-the loop: after every step the current model is exported and timed against the base model in interleaved
-blocks, and the latency model's misprediction so far corrects the next step's budget (`Drift`).
+The loop (stages/filter_prune.py) reads as its algorithm: `plan = goal.plan(step)`, `removal =
+pruner.apply(model, plan)`, `measured = goal.measure(model, plan, removal)`, `decision = goal.judge(plan, removal,
+measured)`; a decision that asks for a retake undoes the step and tries its corrected plan, and an accepted one goes,
+with the accuracy after recovery, into the stage's one decision log (`StepRecord`), which the checkpoint, the log
+lines, the report and summary.json all read. Plans, removals, measurements and decisions are frozen dataclasses; the
+goals share the `Goal` protocol. Nothing measures in a constructor: the caller times the base model with the meter it
+passes in (`goal_for`).
+
+The speedup goal closes the loop: after a step the model is exported and timed against the base model in
+interleaved blocks, and the latency model's misprediction so far corrects the next step's budget (`Drift`) and each
+layer's unit costs (`LayerFit`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from torch import nn
 
@@ -31,47 +40,144 @@ def capped_fraction(p: float, gflops: float, target: float) -> float:
     return max(1.0 - math.sqrt(target / gflops), 1e-3)
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What one attempt at pruning step `step` (0-based) asks of the pruner: a share of the remaining units (MACs
+    goal), or a latency budget for the knapsack (speedup goal: `budget_ms` is `wanted_ms` corrected by the drift,
+    unit costs come from `profile`, each layer's corrected by `scale`). `attempt` counts retakes; `why` says why
+    this one was needed."""
+
+    step: int
+    share: float = 0.0
+    budget_ms: float | None = None
+    wanted_ms: float = 0.0
+    profile: Profile | None = None
+    scale: dict[str, float] | None = None
+    attempt: int = 1
+    why: str = ""
+
+
+@dataclass(frozen=True)
+class Removal:
+    """What the pruner removed: units, and for a budgeted step the latency it predicted they save, in all and per
+    layer (uncorrected: the corrections learn from it)."""
+
+    units: int
+    predicted_ms: float | None = None
+    predicted_layers: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """Where a step landed: MACs always; for the speedup goal the speedup over the base model with its spread, and
+    whether it was timed (an untimed step is taken to land where the corrected latency model says). A timing after
+    untimed steps measures them too (`*_since`, `steps_since`)."""
+
+    gflops: float
+    timed: bool = False
+    profile: Profile | None = None
+    speedup: float = 1.0
+    low: float = 1.0
+    high: float = 1.0
+    latency_ms: float | None = None
+    predicted_ms: float | None = None
+    measured_ms: float | None = None
+    predicted_since_ms: float | None = None
+    measured_since_ms: float | None = None
+    steps_since: int = 1
+    contended: str | None = None
+
+    def latency_fields(self) -> dict[str, Any]:
+        """The measurement as the decision log's row carries it (nothing for a MACs goal)."""
+        if self.latency_ms is None:
+            return {}
+        row = {"predicted_ms": self.predicted_ms, "measured_ms": self.measured_ms, "latency_ms": self.latency_ms,
+               "speedup": self.speedup, "speedup_low": self.low, "speedup_high": self.high, "timed": self.timed}
+        if self.contended:
+            row["contended"] = self.contended
+        if self.timed and self.steps_since > 1:  # this timing measured the untimed steps before it too
+            row.update(predicted_since_ms=self.predicted_since_ms, measured_since_ms=self.measured_since_ms,
+                       steps_since=self.steps_since)
+        return row
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A goal's verdict on one attempt: keep it (`retake` is None), or undo it and take `retake` instead."""
+
+    plan: Plan
+    removal: Removal
+    measured: Measurement | None = None
+    retake: Plan | None = None
+
+
+class Goal(Protocol):
+    """What filter_prune prunes towards; MacsGoal and SpeedupGoal."""
+
+    name: str
+
+    def reached(self) -> bool: ...
+
+    def plan(self, step: int) -> Plan: ...
+
+    def measure(self, model: nn.Module, plan: Plan, removal: Removal) -> Measurement: ...
+
+    def judge(self, plan: Plan, removal: Removal, measured: Measurement) -> Decision: ...
+
+    def accept(self, decision: Decision) -> None: ...
+
+    def undo(self) -> None: ...
+
+    def progress(self) -> float: ...
+
+    def reached_because(self) -> str: ...
+
+    def describe(self) -> str: ...
+
+    def record(self, steps: list[Measurement]) -> dict[str, Any]: ...
+
+
 class MacsGoal:
     """Remove `target_flops_reduction` of the MACs."""
 
     name = "flops_reduction"
 
-    def __init__(self, ctx, model: nn.Module) -> None:
-        self.cfg, self.spec = ctx.config.filter_prune, ctx.config.model
-        self.gflops0 = count_macs(model, self.spec)[0]
-        self.gflops = self.gflops0
-        self.target = self.gflops0 * (1.0 - self.cfg.target_flops_reduction)
+    def __init__(self, cfg, spec, gflops0: float) -> None:
+        self.cfg, self.spec = cfg, spec
+        self.gflops0 = self.gflops = gflops0
+        self.target = gflops0 * (1.0 - cfg.target_flops_reduction)
+        self._before: list[float] = []
 
     def reached(self) -> bool:
         return self.gflops <= self.target * (1.0 + self.cfg.flops_tolerance)
 
-    def step(self, t: int) -> dict[str, Any]:
-        return {"p": capped_fraction(step_fraction(self.cfg.p0, self.cfg.alpha, t, self.cfg.steps), self.gflops,
-                                     self.target)}
+    def plan(self, step: int) -> Plan:
+        p = step_fraction(self.cfg.p0, self.cfg.alpha, step, self.cfg.steps)
+        return Plan(step, share=capped_fraction(p, self.gflops, self.target))
 
-    def attempt(self, model: nn.Module, predicted: tuple[float, dict[str, float]] | None) -> dict[str, Any]:
-        return {}
+    def measure(self, model: nn.Module, plan: Plan, removal: Removal) -> Measurement:
+        return Measurement(count_macs(model, self.spec)[0])
 
-    def retry(self, attempt: dict[str, Any], plan: dict[str, Any]) -> dict[str, Any] | None:
-        return None  # the MACs a step removes are known before it is taken
+    def judge(self, plan: Plan, removal: Removal, measured: Measurement) -> Decision:
+        return Decision(plan, removal, measured)  # the MACs a step removes are known before it is taken
 
-    def observe(self, model: nn.Module, gflops: float, attempt: dict[str, Any]) -> dict[str, Any]:
-        self.gflops = gflops
-        return {}
+    def accept(self, decision: Decision) -> None:
+        self._before.append(self.gflops)
+        self.gflops = decision.measured.gflops
 
-    def undo(self, row: dict[str, Any]) -> None:
-        self.gflops = row["gflops"]
+    def undo(self) -> None:
+        self.gflops = self._before.pop()
 
-    def done(self) -> float:
+    def progress(self) -> float:
         return (1.0 - self.gflops / self.gflops0) / self.cfg.target_flops_reduction
 
-    def caveat(self) -> str:
-        return ""  # MACs are counted, not timed
+    def reached_because(self) -> str:
+        return "reached the FLOPs target"  # MACs are counted, not timed: no caveat
 
     def describe(self) -> str:
         return f"target -{self.cfg.target_flops_reduction:.0%} MACs"
 
-    def record(self) -> dict[str, Any]:
+    def record(self, steps: list[Measurement]) -> dict[str, Any]:
         return {}
 
 
@@ -92,30 +198,36 @@ UNTIMED_FAR = 1.5
 PLAUSIBLE = 2.0
 
 
+@dataclass(frozen=True)
+class Anchor:
+    """The last timed model (its latency and profile) and what the untimed steps since were predicted to save."""
+
+    ms: float
+    profile: Profile
+    predicted_ms: float = 0.0
+    layers: dict[str, float] = field(default_factory=dict)
+    steps: int = 0
+
+
 class SpeedupGoal:
-    """Reach `target_speedup` over the base model, measured on the validation runtime at its batch size."""
+    """Reach `target_speedup` over the base model, measured on the validation runtime at its batch size, with the
+    meter passed in; `base` is the base model's profile, timed from its ONNX file at `base_path`."""
 
     name = "speedup"
 
-    def __init__(self, ctx, model: nn.Module) -> None:
-        self.cfg, self.spec = ctx.config.filter_prune, ctx.config.model
-        self.gflops0 = count_macs(model, self.spec)[0]
+    def __init__(self, cfg, spec, meter: LatencyMeter, base: Profile, base_path: Path | None, gflops0: float) -> None:
+        self.cfg, self.spec, self.meter = cfg, spec, meter
+        self.base, self.base_path, self.gflops0 = base, base_path, gflops0
         self.retimed: list[dict[str, Any]] = []  # timings taken again before the stage could stop on them
-        self.meter = LatencyMeter(ctx.config, ctx.target)
-        self.tmp = tempfile.TemporaryDirectory()
-        self.base_path = Path(self.tmp.name) / "base.onnx"
-        self.base = self.meter.measure(model, save_as=self.base_path)[0]
-        self.profile: Profile = self.base
+        self.profile: Profile = base
         self.speedup, self.low, self.high = 1.0, 1.0, 1.0
         self.drift = Drift()
         self.fit = LayerFit()
-        self.steps: list[dict[str, Any]] = []
-        self._before: list[tuple[Profile, dict[str, Any]]] = []  # (profile, anchor) before each step, for undo
-        self.layers_before = dict(self.base.layers)
-        self.t, self.try_ = 0, 1  # the step and its attempt (retry() counts the attempts)
-        # the last timed model (its latency and profile) and what the untimed steps since were predicted to save
-        self.anchor: dict[str, Any] = {"ms": self.base.total_ms, "profile": self.base, "predicted_ms": 0.0,
-                                       "layers": {}, "steps": 0}
+        self.layers_before = dict(base.layers)
+        self.anchor = Anchor(base.total_ms, base)
+        self.last: Measurement | None = None  # the last accepted step's measurement
+        self._before: list[tuple] = []  # the state before each accepted step, for undo
+        self.folder: tempfile.TemporaryDirectory | None = None  # holds base_path when goal_for made it
 
     @property
     def target_ms(self) -> float:
@@ -135,58 +247,53 @@ class SpeedupGoal:
         """The low end of a timing's spread past the target's tolerance: the step overshot."""
         return low > self.cfg.target_speedup * (1.0 + self.cfg.speedup_tolerance)
 
-    def _confirm(self, speedup: float, low: float) -> bool:
+    def _confirm(self, speedup: float, low: float, attempt: int) -> bool:
         """Whether a short timing must be repeated at length: it appears to reach the target, and the step could
         stand on it (the stage may stop there). A step clearly beyond the target is retaken smaller instead, so
         timing it longer would buy nothing, unless it is the last attempt, which stands whatever it measured
         (on a sub-millisecond model with a latency cliff, confirming every overshoot cost 10 long timings, 19 s,
         in one digits run)."""
-        return self._reaches(speedup) and (not self._beyond(low) or self.try_ >= RETRIES)
+        return self._reaches(speedup) and (not self._beyond(low) or attempt >= RETRIES)
 
     def spread_ms(self, low: float, high: float) -> float:
         """How far apart the latencies a measurement cannot tell apart are: the width of its spread in ms."""
         return max(self.base.total_ms * (1.0 / low - 1.0 / high), 0.0) if low > 0 and high > 0 else 0.0
 
-    def step(self, t: int) -> dict[str, Any]:
+    def plan(self, step: int) -> Plan:
         # The share of the latency a MACs-targeted step of the same schedule removes (it cuts p of the units, and a
         # layer loses about 1-(1-p)^2 of its work as both its widths shrink), so both goals take equal steps; and
         # never less than the last measurement could resolve, or the loop would steer by timing noise (on a
         # sub-millisecond model a few units' saving is within it).
-        self.t, self.try_ = t, 1
-        p = step_fraction(self.cfg.p0, self.cfg.alpha, t, self.cfg.steps)
+        p = step_fraction(self.cfg.p0, self.cfg.alpha, step, self.cfg.steps)
         scheduled = max((1.0 - (1.0 - p) ** 2) * self.current_ms, self.spread_ms(self.low, self.high))
         remaining = self.current_ms - self.target_ms
         # the last step aims at the target itself; every step's budget is corrected by the model's drift so far
         wanted = max(min(scheduled, remaining), 0.0)
-        return {"budget_ms": wanted / self.drift.factor, "wanted_ms": wanted, "profile": self.profile,
-                "scale": self.fit.factors(self.profile), "try": 1}
+        return Plan(step, budget_ms=wanted / self.drift.factor, wanted_ms=wanted, profile=self.profile,
+                    scale=self.fit.factors(self.profile))
 
-    def attempt(self, model: nn.Module, predicted: tuple[float, dict[str, float]] | None) -> dict[str, Any]:
+    def measure(self, model: nn.Module, plan: Plan, removal: Removal) -> Measurement:
         """Time the model as a step left it (latency does not depend on the weights: before recovery), briefly: a
         step only needs to know where it landed to within the step's size. A step that appears to reach the target
-        is timed again for longer, so that the stage does not stop on a lucky reading. `predicted` is what the
-        step was predicted to save, in all and per layer (uncorrected): both corrections learn from it, against
-        the saving measured since the last timed model. A step far from the target after a timed one is not
-        timed (UNTIMED_FAR): it is taken to land where the corrected latency model says."""
-        predicted_ms = predicted[0] if predicted else None
-        if predicted_ms and self._may_go_untimed(predicted_ms):
-            return self._estimate(predicted_ms, predicted[1])
-        profile, (speedup, low, high) = self.meter.measure(model, self.base_path, STEP_TIMING, self._confirm)
-        doubt = self._doubt(model, profile, speedup)
+        is timed again for longer, so that the stage does not stop on a lucky reading; one taken on a busy machine
+        or implausibly far beyond the MACs ratio is taken again fresh (`_doubt`). A step far from the target after
+        a timed one is not timed (UNTIMED_FAR): it is taken to land where the corrected latency model says."""
+        gflops = count_macs(model, self.spec)[0]
+        predicted = removal.predicted_ms
+        if predicted and self._may_go_untimed(plan, predicted):
+            return self._estimate(gflops, removal)
+        profile, (speedup, low, high) = self.meter.measure(
+            model, self.base_path, STEP_TIMING, lambda s, lo: self._confirm(s, lo, plan.attempt))
+        doubt = self._doubt(gflops, profile, speedup)
         if doubt:  # a reading that would stop the stage must stand on a clean, plausible timing: take it again
-            self.retimed.append({"step": self.t + 1, "speedup": speedup, "why": doubt})
+            self.retimed.append({"step": plan.step + 1, "speedup": speedup, "why": doubt})
             profile, (speedup, low, high) = self.meter.measure(model, self.base_path, FIRM_TIMING, fresh=True)
         now = self.base.total_ms / speedup
-        since = self.anchor["ms"] - now
-        if predicted_ms:
-            self.drift.add(self.anchor["predicted_ms"] + predicted_ms, since, len(self.steps) + 1)
-            self.fit.add(self.anchor["profile"], profile, _summed(self.anchor["layers"], predicted[1]))
-        return {"profile": profile, "speedup": speedup, "low": low, "high": high, "predicted_ms": predicted_ms,
-                "measured_ms": self.current_ms - now, "timed": True,
-                "predicted_since_ms": self.anchor["predicted_ms"] + (predicted_ms or 0.0), "measured_since_ms": since,
-                "steps_since": self.anchor["steps"] + 1, "contended": profile.contended}
+        return Measurement(gflops, True, profile, speedup, low, high, now, predicted, self.current_ms - now,
+                           self.anchor.predicted_ms + (predicted or 0.0), self.anchor.ms - now,
+                           self.anchor.steps + 1, profile.contended)
 
-    def _doubt(self, model: nn.Module, profile: Profile, speedup: float) -> str | None:
+    def _doubt(self, gflops: float, profile: Profile, speedup: float) -> str | None:
         """Why a timing that reaches the target (the stage may stop on it) must be taken again: it was taken on a
         busy machine, or it is more than PLAUSIBLE times the MACs ratio. None otherwise. (A speedup far below the
         MACs ratio is common on small models, where fixed per-op costs dominate, and cannot stop the stage early:
@@ -195,97 +302,87 @@ class SpeedupGoal:
             return None
         if profile.contended:
             return f"taken on a busy machine ({profile.contended})"
-        macs_ratio = self.gflops0 / max(count_macs(model, self.spec)[0], 1e-12)
+        macs_ratio = self.gflops0 / max(gflops, 1e-12)
         if speedup > PLAUSIBLE * macs_ratio:
             return f"{speedup:.2f}x measured for {macs_ratio:.2f}x fewer MACs is implausible"
         return None
 
-    def _may_go_untimed(self, predicted_ms: float) -> bool:
+    def _may_go_untimed(self, plan: Plan, predicted_ms: float) -> bool:
         """Far from the target, neither the first step nor the last, and the step before was timed."""
-        if not self.steps or self.t >= self.cfg.steps - 1 or not self.steps[-1]["timed"]:
+        if self.last is None or plan.step >= self.cfg.steps - 1 or not self.last.timed:
             return False
         return self.current_ms - predicted_ms * self.drift.factor >= UNTIMED_FAR * self.target_ms
 
-    def _estimate(self, predicted_ms: float, layers: dict[str, float]) -> dict[str, Any]:
+    def _estimate(self, gflops: float, removal: Removal) -> Measurement:
         """Where an untimed step is taken to land: each layer loses its prediction corrected by LayerFit and the
         drift so far (the profile the next step's costs come from); the end-to-end latency loses their sum."""
-        factors, drift = self.fit.factors(self.profile), self.drift.factor
+        factors, drift, layers = self.fit.factors(self.profile), self.drift.factor, removal.predicted_layers
         after = {layer: max(ms - layers.get(layer, 0.0) * factors.get(layer, 1.0) * drift, 0.0)
                  for layer, ms in self.profile.layers.items()}
         total = max(self.current_ms - (sum(self.profile.layers.values()) - sum(after.values())), 1e-9)
         speedup = self.base.total_ms / total
-        return {"profile": Profile(total, after, self.profile.other_ms), "speedup": speedup, "low": speedup,
-                "high": speedup, "predicted_ms": predicted_ms, "measured_ms": None, "timed": False,
-                "predicted_layers": layers}
+        return Measurement(gflops, False, Profile(total, after, self.profile.other_ms), speedup, speedup, speedup,
+                           total, removal.predicted_ms)
 
-    def retry(self, attempt: dict[str, Any], plan: dict[str, Any]) -> dict[str, Any] | None:
-        """A corrected plan when the step saved far more than it asked for (the latency model underestimated what
-        the removals save: beyond the target's tolerance, or twice the step's budget and 5% of the latency), else
-        None. The step is then undone and retaken with the budget scaled by this attempt's own misprediction."""
-        if plan["try"] >= RETRIES or not attempt["timed"] or not attempt["predicted_ms"] or attempt["measured_ms"] <= 0:
-            return None
+    def judge(self, plan: Plan, removal: Removal, measured: Measurement) -> Decision:
+        """Learn from a timed step (the drift and the per-layer fit, against the saving measured since the last
+        timed model and what every step since was predicted to save), then keep it, or retake it with a corrected
+        budget when it saved far more than it asked for: beyond the target's tolerance, or twice the step's budget
+        and 5% of the latency. The retake's budget is scaled by this attempt's own misprediction."""
+        if measured.timed and removal.predicted_ms:
+            self.drift.add(measured.predicted_since_ms, measured.measured_since_ms, plan.step + 1)
+            self.fit.add(self.anchor.profile, measured.profile, _summed(self.anchor.layers, removal.predicted_layers))
+        keep = Decision(plan, removal, measured)
+        if plan.attempt >= RETRIES or not measured.timed or not removal.predicted_ms or measured.measured_ms <= 0:
+            return keep
         # only what the measurement can tell from its own noise: the spread's low end beyond the target, or an
         # excess wider than the spread (a timing that merely wobbles is not a step to undo)
-        beyond = self._beyond(attempt["low"])
-        excess = attempt["measured_ms"] - plan["wanted_ms"]
-        too_big = (attempt["measured_ms"] > 2.0 * plan["wanted_ms"] and excess > 0.05 * self.current_ms
-                   and excess > self.spread_ms(attempt["low"], attempt["high"]))
-        if not (beyond or too_big):
-            return None
-        ratio = attempt["measured_ms"] / attempt["predicted_ms"]
-        self.try_ = plan["try"] + 1
-        return {**plan, "budget_ms": plan["wanted_ms"] / ratio, "try": self.try_,
-                "why": f"saved {attempt['measured_ms']:.3g} ms of {plan['wanted_ms']:.3g} ms wanted "
-                       f"({attempt['speedup']:.2f}x)"}
+        excess = measured.measured_ms - plan.wanted_ms
+        too_big = (measured.measured_ms > 2.0 * plan.wanted_ms and excess > 0.05 * self.current_ms
+                   and excess > self.spread_ms(measured.low, measured.high))
+        if not (self._beyond(measured.low) or too_big):
+            return keep
+        ratio = measured.measured_ms / removal.predicted_ms
+        retake = dataclasses.replace(plan, budget_ms=plan.wanted_ms / ratio, attempt=plan.attempt + 1,
+                                     why=f"saved {measured.measured_ms:.3g} ms of {plan.wanted_ms:.3g} ms wanted "
+                                         f"({measured.speedup:.2f}x)")
+        return dataclasses.replace(keep, retake=retake)
 
-    def observe(self, model: nn.Module, gflops: float, attempt: dict[str, Any]) -> dict[str, Any]:
-        self._before.append((self.profile, self.anchor))
-        self.profile = attempt["profile"]
-        self.speedup, self.low, self.high = attempt["speedup"], attempt["low"], attempt["high"]
-        row = {"predicted_ms": attempt["predicted_ms"], "measured_ms": attempt["measured_ms"],
-               "latency_ms": self.current_ms, "speedup": self.speedup, "speedup_low": self.low,
-               "speedup_high": self.high, "timed": attempt["timed"]}
-        if attempt.get("contended"):
-            row["contended"] = attempt["contended"]
-        if attempt["timed"]:
-            if attempt["steps_since"] > 1:  # this timing measured the untimed steps before it too
-                row.update(predicted_since_ms=attempt["predicted_since_ms"],
-                           measured_since_ms=attempt["measured_since_ms"], steps_since=attempt["steps_since"])
-            self.anchor = {"ms": self.current_ms, "profile": self.profile, "predicted_ms": 0.0, "layers": {},
-                           "steps": 0}
+    def accept(self, decision: Decision) -> None:
+        m = decision.measured
+        self._before.append((self.profile, self.anchor, self.speedup, self.low, self.high, self.last))
+        self.profile, self.speedup, self.low, self.high, self.last = m.profile, m.speedup, m.low, m.high, m
+        if m.timed:
+            self.anchor = Anchor(self.current_ms, self.profile)
         else:
-            self.anchor = {**self.anchor, "predicted_ms": self.anchor["predicted_ms"] + attempt["predicted_ms"],
-                           "layers": _summed(self.anchor["layers"], attempt["predicted_layers"]),
-                           "steps": self.anchor["steps"] + 1}
-        self.steps.append(row)
-        return row
+            a = self.anchor
+            self.anchor = Anchor(a.ms, a.profile, a.predicted_ms + m.predicted_ms,
+                                 _summed(a.layers, decision.removal.predicted_layers), a.steps + 1)
 
-    def undo(self, row: dict[str, Any]) -> None:
-        self.steps.pop()
-        last = self.steps[-1] if self.steps else {"speedup": 1.0, "speedup_low": 1.0, "speedup_high": 1.0}
-        self.speedup, self.low, self.high = last["speedup"], last["speedup_low"], last["speedup_high"]
-        if self._before:
-            self.profile, self.anchor = self._before.pop()
+    def undo(self) -> None:
+        self.profile, self.anchor, self.speedup, self.low, self.high, self.last = self._before.pop()
 
-    def done(self) -> float:
+    def progress(self) -> float:
         return (1.0 - 1.0 / self.speedup) / (1.0 - 1.0 / self.cfg.target_speedup)
 
-    def caveat(self) -> str:
-        """What a stop on the last timing must say when that timing was taken on a busy machine ('' if clean)."""
-        why = self.steps[-1].get("contended") if self.steps else None
-        return (f"; the timing it stands on was taken while the machine was busy and stayed so after "
-                f"{CONTENDED_RETRIES} retries ({why}): the speedup is uncertain, re-run on an idle machine"
-                if why else "")
+    def reached_because(self) -> str:
+        """The stop on the last timing, with what it must say when that timing was taken on a busy machine."""
+        why = self.last.contended if self.last else None
+        return "reached the speedup target" + (
+            f"; the timing it stands on was taken while the machine was busy and stayed so after "
+            f"{CONTENDED_RETRIES} retries ({why}): the speedup is uncertain, re-run on an idle machine" if why else "")
 
     def describe(self) -> str:
         return f"latency {self.current_ms:.3g} ms, {self.speedup:.2f}x (target {self.cfg.target_speedup:g}x)"
 
-    def record(self) -> dict[str, Any]:
+    def record(self, steps: list[Measurement]) -> dict[str, Any]:
+        """The latency record of the accepted steps (`steps`, in order, from the stage's decision log)."""
+        rows = [m.latency_fields() for m in steps]
         return {"runtime": self.meter.runtime, "device": self.meter.device, "threads": self.meter.threads,
                 "base_ms": self.base.total_ms, "target_ms": self.target_ms, "speedup": self.speedup,
-                "speedup_low": self.low, "speedup_high": self.high, "steps": self.steps,
-                "speedup_timed": self.steps[-1]["timed"] if self.steps else True,
-                "untimed_steps": sum(not s["timed"] for s in self.steps),
+                "speedup_low": self.low, "speedup_high": self.high, "steps": rows,
+                "speedup_timed": rows[-1]["timed"] if rows else True,
+                "untimed_steps": sum(not s["timed"] for s in rows),
                 "layers_before": self.layers_before, "layers_after": dict(self.profile.layers),
                 "other_ms_before": self.base.other_ms, "other_ms_after": self.profile.other_ms,
                 "measure_seconds": round(self.meter.seconds, 2), "confirmations": self.meter.confirmations,
@@ -295,5 +392,15 @@ class SpeedupGoal:
                 "layer_fit": round(self.fit.overall(), 3)}
 
 
-def goal_for(ctx, model: nn.Module) -> MacsGoal | SpeedupGoal:
-    return SpeedupGoal(ctx, model) if ctx.config.filter_prune.target_speedup else MacsGoal(ctx, model)
+def goal_for(ctx, model: nn.Module, meter: LatencyMeter | None) -> Goal:
+    """The goal of `filter_prune`'s configuration for `model`; for a speedup target the base model is exported and
+    timed here, with `meter` (a LatencyMeter for the deployment target)."""
+    cfg, spec = ctx.config.filter_prune, ctx.config.model
+    gflops0 = count_macs(model, spec)[0]
+    if not cfg.target_speedup:
+        return MacsGoal(cfg, spec, gflops0)
+    tmp = tempfile.TemporaryDirectory()
+    base_path = Path(tmp.name) / "base.onnx"
+    goal = SpeedupGoal(cfg, spec, meter, meter.measure(model, save_as=base_path)[0], base_path, gflops0)
+    goal.folder = tmp  # the base model's file lives as long as the goal
+    return goal

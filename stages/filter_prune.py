@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,7 +17,7 @@ from pipeline.models import clone, count_macs
 from stages._attention import count_heads
 from stages._criteria import CRITERIA, accumulate_gradients
 from stages._flows import UnitStats, collect_unit_stats
-from stages._goals import goal_for
+from stages._goals import Decision, Goal, Plan, Removal, goal_for
 from stages._graph import in_attention
 from stages._latency import LatencyMeter, best_alignment, unit_costs
 from stages._pruning import (
@@ -29,7 +31,7 @@ from stages._pruning import (
     score_groups,
     work_per_unit,
 )
-from stages._recovery import Budget, recover
+from stages._recovery import Budget, Outcome, recover
 from stages._structure import (
     Held,
     fill_shares,
@@ -60,10 +62,11 @@ class Pruner:
 
     Keeps what spans steps: every group's original width (for the per-layer cap), the kept share of units,
     the groups held whole (found once, proved on a copy at the first step, never derived again), and the
-    graph-build count and time. The stage and the benchmarks prune through it alike.
+    graph-build count and time. The stage and the benchmarks prune through it alike. `round_to` is the channel
+    multiple (the configuration's unless given; `alignment` resolves "auto" by measuring).
     """
 
-    def __init__(self, criterion, ctx: Context) -> None:
+    def __init__(self, criterion, ctx: Context, round_to: int | None = None) -> None:
         spec = ctx.config.model
         self.criterion, self.ctx = criterion, ctx
         self.example = torch.zeros(1, spec.in_chans, *spec.input_size, device=ctx.device)
@@ -71,11 +74,9 @@ class Pruner:
         self.held: dict[str, Held] = {}
         self.proved = False
         self.keep, self.graph_builds, self.score_seconds, self.proof_seconds = 1.0, 0, 0.0, 0.0
-        self.predicted_ms = 0.0  # what the last latency-budgeted step was predicted to save
-        self.predicted_layers: dict[str, float] = {}  # the same per layer, uncorrected (for LayerFit)
-        cfg = ctx.config.filter_prune
-        # round_to: auto measures the channel multiple the validation runtime rewards (cached per machine)
-        self.round_to = best_alignment(LatencyMeter(ctx.config, ctx.target)) if cfg.round_to == "auto" else cfg.round_to
+        self.round_to = round_to if round_to is not None else ctx.config.filter_prune.round_to
+        if not isinstance(self.round_to, int):
+            raise ValueError("round_to 'auto' is measured: pass alignment(config, meter) as round_to")
 
     def prunable(self, model: nn.Module, graph) -> list[tuple[str, nn.Module, Any, Any]]:
         """The groups this step may prune; groups found (or proved) unprunable join `held`, with the reason."""
@@ -96,15 +97,10 @@ class Pruner:
             self.proved = True
         return found
 
-    def step(self, model: nn.Module, p: float = 0.0, stats: dict[str, Any] | None = None,
-             description: str = "flows", budget_ms: float | None = None, profile=None,
-             snapshot: nn.Module | None = None, scale: dict[str, float] | None = None, _retry: bool = False) -> int:
-        """Remove the share `p` of the remaining units, or (with `budget_ms` and the latency `profile`) the least
-        important units whose predicted saving (each layer's corrected by `scale`) reaches the budget; returns how
-        many were removed. The model is changed in place; a step whose removals would break it is undone and taken
-        again without the offending groups (`snapshot`, a copy of the model before the step, saves one copy when
-        the caller has it)."""
-        cfg, ctx, criterion = self.ctx.config.filter_prune, self.ctx, self.criterion
+    def _scores(self, model: nn.Module, stats: dict[str, Any] | None, description: str):
+        """The criterion's measurements (the unit statistics when `stats` is None and it needs them), one graph, and
+        every prunable group's scored record."""
+        ctx, criterion = self.ctx, self.criterion
         if criterion.needs_grad:
             # one pass: the gradient pass also measures the unit statistics when they must be measured again
             units = UnitStats() if criterion.needs_stats and stats is None else None
@@ -117,49 +113,61 @@ class Pruner:
         t0 = time.perf_counter()
         graph = build_graph(model, self.example)
         self.graph_builds += 1
-        found = self.prunable(model, graph)
         unscored: list[tuple[str, str]] = []
-        records = score_groups(found, model, criterion, unscored)
+        records = score_groups(self.prunable(model, graph), model, criterion, unscored)
         for name, why in unscored:
             self.held.setdefault(name, Held(name, why, "criterion", [name]))
         self.score_seconds += time.perf_counter() - t0
         for r in records:
             self.originals.setdefault(r.name, r.width)
-        if budget_ms is not None:
-            unit_ms = {r.name: unit_costs(profile, r.members, scale) for r in records}
-            weights = work_per_unit(records, module_macs(model, self.example))
-            plan = plan_latency_step(records, self.originals, budget_ms, self.round_to, cfg.max_layer_pruning_ratio,
-                                     unit_ms, weights=weights)
-            self.predicted_ms = sum(len(idx) * unit_ms[name] for name, idx in plan.items())
-            self.predicted_layers = {}
-            for r in records:
-                removing = len(plan.get(r.name, ()))
-                for layer, ms in per_unit(profile.layers, r.members).items():
-                    self.predicted_layers[layer] = self.predicted_layers.get(layer, 0.0) + ms * removing
-        else:
-            self.keep *= 1.0 - p
-            plan = plan_step(records, self.originals, p, self.round_to, cfg.max_layer_pruning_ratio, cfg.ranking,
-                             self.keep)
-        snapshot = snapshot if snapshot is not None else clone(model)
-        removed = apply_plan(graph, records, plan, model)
-        model.zero_grad(set_to_none=True)
-        error = runs(model, self.example)
-        if error is None:
-            return removed
-        # The step's real removals broke the model although the proof passed (a coupling that fails only for
-        # some index sets): undo it, hold the groups whose removals break it, and take the step without them.
-        restore(model, snapshot)
-        if budget_ms is None:
-            self.keep /= 1.0 - p
-        if _retry:
-            raise RuntimeError(f"a pruning step broke the model ({error}) even without the groups held for it")
-        roots = {r.name: r for r in records if plan.get(r.name)}
-        for name, err in plan_breaks(snapshot, self.example, roots, plan, build_graph).items():
-            rec = roots[name]
-            self.held[name] = Held(name, f"removing {len(plan[name])} of its {rec.width} units breaks the model "
-                                         f"({err})", "breaks forward", [n for n, m in model.named_modules()
-                                                                        if m is rec.module])
-        return self.step(model, p, stats, description, budget_ms, profile, scale=scale, _retry=True)
+        return stats, graph, records
+
+    def _choose(self, model: nn.Module, records, plan: Plan, keep: float) -> tuple[dict[str, list[int]], Removal]:
+        """Which units of which group go, and (for a budgeted plan) the latency they are predicted to save."""
+        cfg = self.ctx.config.filter_prune
+        if plan.budget_ms is None:
+            return plan_step(records, self.originals, plan.share, self.round_to, cfg.max_layer_pruning_ratio,
+                             cfg.ranking, keep), Removal(0)
+        unit_ms = {r.name: unit_costs(plan.profile, r.members, plan.scale) for r in records}
+        weights = work_per_unit(records, module_macs(model, self.example))
+        chosen = plan_latency_step(records, self.originals, plan.budget_ms, self.round_to,
+                                   cfg.max_layer_pruning_ratio, unit_ms, weights=weights)
+        layers: dict[str, float] = {}
+        for r in records:
+            removing = len(chosen.get(r.name, ()))
+            for layer, ms in per_unit(plan.profile.layers, r.members).items():
+                layers[layer] = layers.get(layer, 0.0) + ms * removing
+        return chosen, Removal(0, sum(len(idx) * unit_ms[name] for name, idx in chosen.items()), layers)
+
+    def apply(self, model: nn.Module, plan: Plan, stats: dict[str, Any] | None = None,
+              snapshot: nn.Module | None = None) -> Removal:
+        """Take `plan` on `model`, in place: remove its share of the remaining units, or the least important units
+        whose predicted saving reaches its latency budget. A step whose real removals break the model although the
+        proof passed (a coupling that fails only for some index sets) is undone, the groups whose removals break it
+        are held, and it is taken once more without them. `snapshot`, a copy of the model before the step, saves
+        one copy when the caller has it."""
+        for retake in (False, True):
+            stats, graph, records = self._scores(model, stats, f"flows, step {plan.step + 1}")
+            keep = self.keep * (1.0 - plan.share) if plan.budget_ms is None else self.keep
+            chosen, removal = self._choose(model, records, plan, keep)
+            snapshot = snapshot if snapshot is not None else clone(model)
+            removed = apply_plan(graph, records, chosen, model)
+            model.zero_grad(set_to_none=True)
+            error = runs(model, self.example)
+            if error is None:
+                self.keep = keep
+                return dataclasses.replace(removal, units=removed)
+            restore(model, snapshot)
+            if retake:
+                raise RuntimeError(f"a pruning step broke the model ({error}) even without the groups held for it")
+            roots = {r.name: r for r in records if chosen.get(r.name)}
+            for name, err in plan_breaks(snapshot, self.example, roots, chosen, build_graph).items():
+                rec = roots[name]
+                self.held[name] = Held(name, f"removing {len(chosen[name])} of its {rec.width} units breaks the "
+                                             f"model ({err})", "breaks forward",
+                                       [n for n, m in model.named_modules() if m is rec.module])
+            snapshot = None
+        raise AssertionError("unreachable")
 
     def held_records(self, model: nn.Module) -> list[dict[str, Any]]:
         """Every group held whole, with its reason and share of the model's MACs (as the model is now)."""
@@ -168,26 +176,56 @@ class Pruner:
         return [h.record() for h in sorted(held, key=lambda h: -h.macs_share)]
 
 
-def take_step(pruner: Pruner, goal, model: nn.Module, t: int, stats: dict[str, Any] | None, snapshot: nn.Module,
-              log=None) -> tuple[int, dict[str, Any], dict[str, Any]]:
-    """One step towards the goal: (units removed, the plan taken, the goal's measurement of the result). A step
-    that saved far more latency than it asked for is undone and retaken with a corrected budget (`goal.retry`),
-    so that neither a step nor the last one overshoots by the latency model's error."""
-    plan = goal.step(t)
+def alignment(config, meter: LatencyMeter | None) -> int:
+    """filter_prune.round_to, with "auto" measured on the deployment target (the multiple the runtime rewards;
+    cached per machine)."""
+    round_to = config.filter_prune.round_to
+    return best_alignment(meter or LatencyMeter(config)) if round_to == "auto" else round_to
+
+
+def take_step(pruner: Pruner, goal: Goal, model: nn.Module, t: int, stats: dict[str, Any] | None,
+              snapshot: nn.Module, log=None) -> Decision:
+    """One step towards the goal, as the goal decided it. A step that saved far more latency than it asked for is
+    undone and retaken with the goal's corrected plan, so that neither a step nor the last one overshoots by the
+    latency model's error; a decision whose removal is empty means nothing was left to remove."""
+    plan = goal.plan(t)
     while True:
-        removed = pruner.step(model, plan.get("p", 0.0), stats, f"flows, step {t + 1}", plan.get("budget_ms"),
-                              plan.get("profile"), snapshot, plan.get("scale"))
-        if removed == 0:
-            return 0, plan, {}
-        attempt = goal.attempt(model, (pruner.predicted_ms, pruner.predicted_layers) if "budget_ms" in plan else None)
-        again = goal.retry(attempt, plan)
-        if again is None:
-            return removed, plan, attempt
+        removal = pruner.apply(model, plan, stats, snapshot)
+        if removal.units == 0:
+            return Decision(plan, removal)
+        decision = goal.judge(plan, removal, goal.measure(model, plan, removal))
+        if decision.retake is None:
+            return decision
+        plan = decision.retake
         if log:
-            log(f"filter_prune step {t + 1}: {again['why']}; retaking it with a {again['budget_ms']:.3g} ms budget "
-                f"(attempt {again['try']})")
+            log(f"filter_prune step {t + 1}: {plan.why}; retaking it with a {plan.budget_ms:.3g} ms budget "
+                f"(attempt {plan.attempt})")
         restore(model, clone(snapshot))  # a copy: restore shares the snapshot's modules, which may be needed again
-        plan = again
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One entry of the stage's decision log: the step's decision and the model after recovery (step 0 is the
+    model the stage started from). The checkpoint's `dynamics`, the log lines, the report and summary.json read
+    it; `row()` is its form there."""
+
+    step: int
+    gflops: float
+    params_m: float
+    scores: dict[str, float]
+    accepted: bool = True
+    decision: Decision | None = None
+    recovery: Outcome | None = None
+
+    def row(self) -> dict[str, Any]:
+        out = {"step": self.step, "fraction": 0.0, "units_removed": 0, "params_m": self.params_m,
+               "gflops": self.gflops, **self.scores}
+        if self.decision is not None:
+            d = self.decision
+            out.update(fraction=d.plan.share, units_removed=d.removal.units, recovery_rounds=self.recovery.rounds,
+                       recovery_stop=self.recovery.stopped_by, attempts=d.plan.attempt, **d.measured.latency_fields())
+        out["accepted"] = self.accepted
+        return out
 
 
 @STAGES.register("filter_prune")
@@ -204,67 +242,76 @@ class FilterPrune:
         if not cfg.enabled:
             return StageResult(status="skipped", metrics={"reason": "filter_prune.enabled is false"})
         spec = ctx.config.model
-        calib = ctx.stage_state("calibrate")
-        stats: dict[str, Any] | None = calib["unit_stats"]  # step 0 uses the calibration pass
-        pruner = Pruner(CRITERIA.get(cfg.criterion)(), ctx)
-        gflops0, params0 = count_macs(model, spec)
+        stats: dict[str, Any] | None = ctx.stage_state("calibrate")["unit_stats"]  # step 0 uses the calibration pass
+        meter = LatencyMeter(ctx.config, ctx.target) if cfg.target_speedup or cfg.round_to == "auto" else None
+        pruner = Pruner(CRITERIA.get(cfg.criterion)(), ctx, alignment(ctx.config, meter))
         heads0 = count_heads(model)
-        start = evaluate(model, ctx)
         teacher, reference = teacher_and_reference(model, ctx)
         budget = Budget(rounds=cfg.recovery_rounds, steps=cfg.recovery_steps, lr=cfg.recovery_lr,
                         lr_key="filter_prune.recovery_lr")
-        goal = goal_for(ctx, model)
-        dynamics = [{"step": 0, "fraction": 0.0, "units_removed": 0, "params_m": params0, "gflops": gflops0,
-                     **start, "accepted": True}]
+        goal = goal_for(ctx, model, meter)
+        start = StepRecord(0, *count_macs(model, spec), evaluate(model, ctx))
+        log = [start]  # the decision log: every step taken, accepted or rolled back
         for key in ("params_m", "gflops", "top1", "top5"):
-            ctx.metric(f"prune/{key}", dynamics[0][key], step=0)
+            ctx.metric(f"prune/{key}", start.row()[key], step=0)
         stop = f"took all {cfg.steps} step{'' if cfg.steps == 1 else 's'} (filter_prune.steps)"
         started = time.monotonic()
         for t in ctx.track(range(cfg.steps), "pruning steps", total=cfg.steps):
             if goal.reached():
-                stop = f"reached the {'speedup' if goal.name == 'speedup' else 'FLOPs'} target{goal.caveat()}"
                 break
             snapshot = clone(model)
-            removed, plan, attempt = take_step(pruner, goal, model, t, stats, snapshot, ctx.log.info)
-            if removed == 0:
+            decision = take_step(pruner, goal, model, t, stats, snapshot, ctx.log.info)
+            if decision.removal.units == 0:
                 stop = unreachable(goal, cfg)
                 break
             model, outcome = recover(model, ctx, budget, teacher, reference, f"recovery {t + 1}", seed=100 + t)
-            gflops, params = count_macs(model, spec)
-            row = {"step": t + 1, "fraction": plan.get("p", 0.0), "units_removed": removed, "params_m": params,
-                   "gflops": gflops, **evaluate(model, ctx), "recovery_rounds": outcome.rounds,
-                   "recovery_stop": outcome.stopped_by, "attempts": plan.get("try", 1)}
-            row.update(goal.observe(model, gflops, attempt))
             stats = None  # the model changed: later steps measure flows again
-            for key in ("params_m", "gflops", "top1", "top5", "fraction", "units_removed", "speedup"):
-                if key in row:
-                    ctx.metric(f"prune/{key}", row[key], step=t + 1)
-            rejected = start["top1"] - row["top1"] > cfg.max_accuracy_drop
-            done = max((t + 1) / cfg.steps, goal.done())
-            ctx.milestone(f"filter_prune step {t + 1}/{cfg.steps}: GMACs {gflops:.4g} ({gflops / gflops0 - 1:+.1%}), "
-                          f"{goal.describe()}, params {params:.3g}M, top-1 {row['top1']:.2f} (start "
-                          f"{start['top1']:.2f}), {removed} units removed, "
-                          + ("ROLLED BACK (top-1 budget)" if rejected else f"kept (ETA {eta(started, done, 1.0)})"))
-            if rejected:
-                dynamics.append({**row, "accepted": False})
+            record = StepRecord(t + 1, *count_macs(model, spec), evaluate(model, ctx), decision=decision,
+                                recovery=outcome)
+            goal.accept(decision)
+            drop = start.scores["top1"] - record.scores["top1"]
+            if drop > cfg.max_accuracy_drop:
+                record = dataclasses.replace(record, accepted=False)
+            log.append(record)
+            self._report_step(ctx, record, log, goal, started)
+            if not record.accepted:
                 model = snapshot
-                goal.undo(dynamics[-2])
-                stop = (f"step {t + 1} dropped top-1 by {start['top1'] - row['top1']:.2f} > "
-                        f"max_accuracy_drop {cfg.max_accuracy_drop}; rolled back")
+                goal.undo()
+                stop = (f"step {t + 1} dropped top-1 by {drop:.2f} > max_accuracy_drop {cfg.max_accuracy_drop}; "
+                        f"rolled back")
                 break
-            dynamics.append({**row, "accepted": True})
-        else:
-            if goal.reached():
-                stop = f"reached the {'speedup' if goal.name == 'speedup' else 'FLOPs'} target{goal.caveat()}"
-        final = [d for d in dynamics if d["accepted"]][-1]
+        if goal.reached():
+            stop = goal.reached_because()
+        return self._result(ctx, model, pruner, goal, log, stop, heads0)
+
+    @staticmethod
+    def _report_step(ctx: Context, record: StepRecord, log: list[StepRecord], goal: Goal, started: float) -> None:
+        """A step's metrics and its milestone line, from its record in the decision log."""
+        cfg, row, start = ctx.config.filter_prune, record.row(), log[0]
+        for key in ("params_m", "gflops", "top1", "top5", "fraction", "units_removed", "speedup"):
+            if key in row:
+                ctx.metric(f"prune/{key}", row[key], step=record.step)
+        done = max(record.step / cfg.steps, goal.progress())
+        ctx.milestone(f"filter_prune step {record.step}/{cfg.steps}: GMACs {record.gflops:.4g} "
+                      f"({record.gflops / start.gflops - 1:+.1%}), {goal.describe()}, params {record.params_m:.3g}M, "
+                      f"top-1 {record.scores['top1']:.2f} (start {start.scores['top1']:.2f}), "
+                      f"{record.decision.removal.units} units removed, "
+                      + (f"kept (ETA {eta(started, done, 1.0)})" if record.accepted else "ROLLED BACK (top-1 budget)"))
+
+    @staticmethod
+    def _result(ctx: Context, model: nn.Module, pruner: Pruner, goal: Goal, log: list[StepRecord], stop: str,
+                heads0: int) -> StageResult:
+        """The stage's metrics and checkpoint state, read off the decision log."""
+        cfg = ctx.config.filter_prune
+        start, final = log[0], [r for r in log if r.accepted][-1]
         ctx.log.info(f"filter_prune stopped: {stop}")
-        metrics = {"criterion": cfg.criterion, "goal": goal.name, "steps_taken": len(dynamics) - 1,
-                   "stop_reason": stop, "gflops_before": gflops0, "gflops": final["gflops"],
-                   "params_m": final["params_m"], "flops_reduction": 1.0 - final["gflops"] / gflops0,
-                   "top1_start": start["top1"], "top1": final["top1"], "top5": final["top5"],
+        metrics = {"criterion": cfg.criterion, "goal": goal.name, "steps_taken": len(log) - 1,
+                   "stop_reason": stop, "gflops_before": start.gflops, "gflops": final.gflops,
+                   "params_m": final.params_m, "flops_reduction": 1.0 - final.gflops / start.gflops,
+                   "top1_start": start.scores["top1"], "top1": final.scores["top1"], "top5": final.scores["top5"],
                    "graph_builds": pruner.graph_builds, "scoring_seconds": round(pruner.score_seconds, 3),
                    "round_to": pruner.round_to}
-        latency = goal.record()
+        latency = goal.record([r.decision.measured for r in log[1:] if r.accepted])
         if latency:
             metrics.update({"speedup": latency["speedup"], "latency_runtime": latency["runtime"],
                             "latency_seconds": latency["measure_seconds"],
@@ -279,7 +326,7 @@ class FilterPrune:
                             f"{h['reason']}")
         metrics.update({"held_whole": len(held), "held_macs_share": round(sum(h["macs_share"] for h in held), 4),
                         "proof_seconds": round(pruner.proof_seconds, 3)})
-        state = {"dynamics": dynamics, "stop_reason": stop, "held_whole": held}
+        state = {"dynamics": [r.row() for r in log], "stop_reason": stop, "held_whole": held}
         if latency:
             state["latency"] = latency
         return StageResult(model=model, metrics=metrics, state=state)

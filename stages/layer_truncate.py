@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,6 +14,7 @@ from pipeline.context import STAGES, Context, StageResult
 from pipeline.models import clone, count_macs
 from stages._blocks import find_candidates, measure_blocks, replace_with_identity
 from stages._flows import calibration_pass
+from stages._latency import LatencyMeter, Profile
 from stages._recovery import Budget, recover
 from stages._training import evaluate, teacher_and_reference
 
@@ -28,20 +31,20 @@ class LatencyCurrency:
     share of the measured profile), each removal's saving measured, and no removal that overshoots the target
     (width pruning aimed at it; truncation fills what it left)."""
 
-    def __init__(self, ctx: Context, model: nn.Module) -> None:
-        import tempfile
-        from pathlib import Path
-
-        from stages._latency import LatencyMeter
-
-        self.fp = ctx.config.filter_prune
-        self.meter = LatencyMeter(ctx.config, ctx.target)
-        self.tmp = tempfile.TemporaryDirectory()
-        self.base = Path(self.tmp.name) / "base.onnx"
-        self.meter.export(ctx.model_of("calibrate"), self.base)
-        self.profile, (self.speedup, _, _) = self.meter.measure(model, self.base)
+    def __init__(self, fp, meter: LatencyMeter, base: Path, profile: Profile, speedup: float) -> None:
+        self.fp, self.meter, self.base = fp, meter, base
+        self.profile, self.speedup = profile, speedup
         self.previous: list[tuple] = []
         self.skipped: set[str] = set()
+
+    @classmethod
+    def measured(cls, ctx: Context, model: nn.Module, meter: LatencyMeter, folder: Path) -> LatencyCurrency:
+        """The currency for `model`, timed with `meter` against the base model (the calibrated one, exported into
+        `folder`)."""
+        base = folder / "base.onnx"
+        meter.export(ctx.model_of("calibrate"), base)
+        profile, (speedup, _, _) = meter.measure(model, base)
+        return cls(ctx.config.filter_prune, meter, base, profile, speedup)
 
     def reached(self) -> bool:
         return self.speedup >= self.fp.target_speedup * (1.0 - self.fp.speedup_tolerance)
@@ -113,7 +116,10 @@ class LayerTruncate:
         essential: set[str] = set()
         candidates, rejected = None, {}
         stop = f"removed max_layers={cfg.max_layers} blocks"
-        clock = LatencyCurrency(ctx, model) if ctx.config.filter_prune.target_speedup else None
+        clock, folder = None, None  # the base model's file lives in `folder` as long as the stage runs
+        if ctx.config.filter_prune.target_speedup:
+            folder = tempfile.TemporaryDirectory()
+            clock = LatencyCurrency.measured(ctx, model, LatencyMeter(ctx.config, ctx.target), Path(folder.name))
         example = torch.zeros(2, spec.in_chans, *spec.input_size, device=next(model.parameters()).device)
         for t in ctx.track(itertools.count(), "truncation decisions"):
             if len(removed) >= cfg.max_layers:

@@ -131,6 +131,7 @@ def test_unrecognised_attention_is_held_whole_with_the_reason_and_still_runs():
 
     from pipeline.config import Config
     from stages._criteria import CRITERIA
+    from stages._goals import Plan
     from stages.filter_prune import Pruner
 
     class Net(nn.Module):
@@ -155,7 +156,7 @@ def test_unrecognised_attention_is_held_whole_with_the_reason_and_still_runs():
     ctx = SimpleNamespace(config=cfg, device=torch.device("cpu"), loader=lambda *a, **k: [],
                           track=lambda items, *a, **k: items)
     pruner = Pruner(CRITERIA.get("l2")(), ctx)
-    pruner.step(model, 0.25)
+    pruner.apply(model, Plan(0, share=0.25))
     with torch.no_grad():
         assert model(torch.randn(2, 1, 8, 16)).shape == (2, 4)
     held = {h.root: h for h in pruner.held.values()}
