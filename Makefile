@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --upgrade pip
 	# The tested torch/torchvision pair first (pyproject.toml allows their minor releases), then the project.
 	$(BIN)/pip install torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -e '.[dev]'
+	$(BIN)/pip install -e '.[dev,hf]'
 	touch $(STAMP)
 
 demo: install

@@ -1,4 +1,5 @@
-"""Where an architecture comes from: timm or torchvision by name, the user's own factory, or a module object.
+"""Where an architecture comes from: timm or torchvision by name, a Hugging Face checkpoint folder, the user's own
+factory, or a module object.
 
 `model.source: python` imports the user's own code on purpose (`model.name: path/to/file.py:callable` or
 `package.module:callable`); `module` is what the Python API registers for a model object it was given. Each
@@ -19,8 +20,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
+from pipeline import _hf
 from pipeline._weights import load_weights
 from pipeline.config import ModelConfig, default_input_size
 from pipeline.errors import UserInputError, did_you_mean
@@ -50,6 +53,9 @@ def check_model_name(spec: ModelConfig) -> None:
     """Raise UserInputError when the architecture cannot be found (close names listed)."""
     if spec.source == "python":
         resolve_factory(spec.name)
+        return
+    if spec.source == "huggingface":
+        _hf.folder(spec.name)
         return
     if spec.source == "module":
         if spec.name not in MODULES:
@@ -256,3 +262,56 @@ def _adapt_first_conv(model: nn.Module, in_chans: int) -> None:
             setattr(parent, name.rpartition(".")[2], new)
             return
     raise UserInputError(f"cannot set in_chans={in_chans}: no 3-channel input conv found in the model")
+
+
+# ------------------------------------------------------------------------------------------- Hugging Face
+
+
+class HuggingFaceLogits(nn.Module):
+    """A transformers image classifier as the pipeline sees a model: pixels in, logits out. The classifier stays
+    whole under `.model`."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixel_values, return_dict=True).logits
+
+
+@SOURCES.register("huggingface")
+def _huggingface(spec: ModelConfig, pretrained: bool) -> nn.Module:
+    """The image classifier of the checkpoint folder `spec.name` (AutoModelForImageClassification), its weights
+    loaded when `pretrained` (the default when the folder holds weights), else initialised from its config.
+    model.kwargs override config entries; a model.num_classes other than the config's gives a new classifier
+    head (fine-tune it)."""
+    try:
+        import transformers
+    except ImportError:
+        raise UserInputError(f"model.source: huggingface needs transformers, which is not installed: "
+                             f"{_hf.INSTALL}") from None
+    root = _hf.folder(spec.name)
+    stated = _hf.defaults(spec.name)
+    if stated.get("in_chans", spec.in_chans) != spec.in_chans:
+        raise UserInputError(f"model.in_chans is {spec.in_chans} but {root / 'config.json'} says num_channels "
+                             f"{stated['in_chans']}; leave model.in_chans unset (it is read from the config)")
+    overrides = dict(spec.kwargs)
+    new_head = spec.num_classes != stated.get("num_classes", spec.num_classes)
+    if new_head:
+        overrides["num_labels"] = spec.num_classes
+    if pretrained and not any((root / f).is_file() for f in _hf.WEIGHT_FILES):
+        raise UserInputError(f"{root} holds no weights ({' or '.join(_hf.WEIGHT_FILES[::2])}); write them with "
+                             f"save_pretrained, or set model.pretrained: false to compress it at random init")
+    auto = transformers.AutoModelForImageClassification
+    try:
+        config = transformers.AutoConfig.from_pretrained(root, local_files_only=True, **overrides)
+        if pretrained:
+            model = auto.from_pretrained(root, config=config, local_files_only=True,
+                                         ignore_mismatched_sizes=new_head)
+        else:
+            model = auto.from_config(config)
+    except ValueError as exc:
+        raise UserInputError(f"transformers cannot build an image classifier from {root}: {exc}. "
+                             f"model.source: huggingface takes what AutoModelForImageClassification builds "
+                             f"(ViT, DeiT, BEiT, Swin, ConvNeXt, ResNet, MobileViT, EfficientNet, ...)") from None
+    return HuggingFaceLogits(model.eval())

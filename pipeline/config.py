@@ -10,6 +10,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline import _hf
 from pipeline._sections import (  # noqa: F401 - re-exported: every section is importable from pipeline.config
     ExportConfig,
     GatesConfig,
@@ -43,12 +44,14 @@ def default_input_size(source: str, name: str) -> tuple[int, int] | None:
 class ModelConfig(Section):
     """What network to compress and where its weights come from."""
 
-    source: Literal["timm", "torchvision", "python", "module"] = Field(
-        "timm", description="where model.name is looked up: timm or torchvision by name; python: your own "
-        "factory (model.name path/to/file.py:callable), imported on purpose; module: a model object given to "
-        "the Python API")
-    name: str = Field(min_length=1, description="architecture name in the source's model registry, or "
-                      "file.py:callable / package.module:callable for model.source: python")
+    source: Literal["timm", "torchvision", "huggingface", "python", "module"] = Field(
+        "timm", description="where model.name is looked up: timm or torchvision by name; huggingface: a folder "
+        "written by save_pretrained (an AutoModelForImageClassification checkpoint; needs the hf extra); python: "
+        "your own factory (model.name path/to/file.py:callable), imported on purpose; module: a model object given "
+        "to the Python API")
+    name: str = Field(min_length=1, description="architecture name in the source's model registry, "
+                      "file.py:callable / package.module:callable for model.source: python, or the checkpoint "
+                      "folder (or a hub id already in the local cache) for model.source: huggingface")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the model's "
                                    "factory (your callable, timm.create_model or torchvision's builder)")
     num_classes: int = Field(1000, ge=1, description="classifier outputs (never pruned)")
@@ -57,16 +60,40 @@ class ModelConfig(Section):
                                         "model's own default (timm pretrained config, torchvision weights' crop "
                                         "size: 299 for Inception-v3, 320 for timm EfficientNet-B4)")
     weights: Path | None = Field(None, description="local weights file (state dict or checkpoint wrapper)")
-    pretrained: bool = Field(False, description="use the source's pretrained weights from the local cache only")
+    pretrained: bool = Field(False, description="use the source's pretrained weights from the local cache only; "
+                             "with model.source: huggingface, the checkpoint folder's weights (the default when it "
+                             "holds them)")
+
+    @staticmethod
+    def _checkpoint_defaults(data: dict[str, Any]) -> dict[str, Any]:
+        """A Hugging Face checkpoint states its classes, input channels and size: those not set are read from
+        its config.json, and its weights are used unless model.pretrained says otherwise."""
+        try:
+            stated = _hf.defaults(data["name"])
+            holds_weights = any((_hf.folder(data["name"]) / f).is_file() for f in _hf.WEIGHT_FILES)
+        except UserInputError as exc:
+            raise ValueError(str(exc)) from None
+        filled = {k: v for k, v in stated.items() if data.get(k) is None}
+        if data.get("pretrained") is None:
+            filled["pretrained"] = holds_weights
+        elif data["pretrained"] is True and not holds_weights:
+            raise ValueError(f"model.pretrained is true but {data['name']} holds no weights "
+                             f"({' or '.join(_hf.WEIGHT_FILES[::2])}): write them with save_pretrained, or set "
+                             f"model.pretrained: false to compress the architecture at random init")
+        return {**data, **filled}
 
     @model_validator(mode="before")
     @classmethod
     def _default_input_size(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("source") == "huggingface" and isinstance(data.get("name"), str):
+            data = cls._checkpoint_defaults(data)
         if isinstance(data, dict) and data.get("input_size") is None and isinstance(data.get("name"), str):
             source = data.get("source", "timm")
-            if source in ("python", "module"):
-                raise ValueError(f"model.input_size is required with model.source: {source} (your model's own "
-                                 f"input, e.g. input_size: [224, 224]): it decides tracing, export and latency")
+            if source in ("python", "module", "huggingface"):
+                where = ("its config.json states no image_size" if source == "huggingface" else
+                         f"it is required with model.source: {source}")
+                raise ValueError(f"model.input_size is not set and {where} (your model's own input, e.g. "
+                                 f"input_size: [224, 224]): it decides tracing, export and latency")
             size = default_input_size(source, data["name"])
             data = {**data, "input_size": size} if size else {k: v for k, v in data.items() if k != "input_size"}
         return data

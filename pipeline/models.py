@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline import _hf
 from pipeline._sources import SOURCES, check_model_name, factory_file, known_models  # noqa: F401
 from pipeline._weights import (  # noqa: F401 - re-exported
     check_fit,
@@ -74,6 +75,9 @@ def _spec_key(spec: ModelConfig) -> str:
     if spec.source == "python":
         path = factory_file(spec.name)
         key += f"@{path}:{path.stat().st_mtime_ns}" if path is not None and path.is_file() else ""
+    if spec.source == "huggingface":  # the architecture is the checkpoint's config.json
+        path = _hf.folder(spec.name) / "config.json"
+        key += f"@{path}:{path.stat().st_mtime_ns}"
     return key
 
 
@@ -221,8 +225,9 @@ def clone(model: nn.Module) -> nn.Module:
 
 def fingerprint(spec: ModelConfig) -> dict[str, str]:
     """What the model's config does not say but its checkpoints depend on: the content of the weights file, of
-    the factory's source file, or of a model object given to the API. Part of the load stage's config hash, so
-    that retrained weights or an edited factory under the same name re-run the pipeline."""
+    the factory's source file, of a Hugging Face checkpoint's files, or of a model object given to the API. Part
+    of the load stage's config hash, so that retrained weights or an edited factory under the same name re-run
+    the pipeline."""
     from pipeline._sources import MODULES
     from pipeline.rundir import sha256
 
@@ -235,6 +240,9 @@ def fingerprint(spec: ModelConfig) -> dict[str, str]:
             out["factory"] = sha256(path)
     if spec.source == "module" and spec.name in MODULES:
         out["module"] = state_digest(MODULES.get(spec.name))
+    if spec.source == "huggingface":
+        root = _hf.folder(spec.name)
+        out.update({f"checkpoint/{p.relative_to(root)}": sha256(p) for p in _hf.model_files(spec.name)})
     return out
 
 

@@ -124,6 +124,8 @@ def gather_inputs(config: Config, names: list[str]) -> Inputs:
     for name in names:
         own_sections = sections.get(name, {name: config.section(name)})
         libs = LIBRARIES.get(name, ("torch",)) + (_RUNTIME_LIBS if timed and name in _TIMED else ())
+        if name == "load" and config.model.source == "huggingface":
+            libs += ("transformers",)  # it builds the model
         inputs: dict[str, Any] = {
             "config": {k: section_hash(v) for k, v in own_sections.items()},
             "versions": library_versions(tuple(dict.fromkeys(libs))),

@@ -13,7 +13,8 @@ from pipeline.models import build_model, check_deterministic, count_macs, nonfin
 @STAGES.register("load")
 class Load:
     name = "load"
-    description = "build the model (timm/torchvision by name, or your own) and load its local weights"
+    description = ("build the model (timm/torchvision by name, a Hugging Face checkpoint, or your own) and load its "
+                   "local weights")
 
     def run(self, model: nn.Module | None, ctx: Context) -> StageResult:
         spec = ctx.config.model
@@ -37,7 +38,8 @@ class Load:
                             f"{', '.join(skipped[:10])}" + (" ..." if len(skipped) > 10 else ""))
             metrics["skipped_images"] = len(skipped)
         gflops, params = count_macs(model, spec)
-        source = str(spec.weights) if spec.weights else ("pretrained cache" if spec.pretrained else
+        checkpoint = "the checkpoint folder" if spec.source == "huggingface" else "pretrained cache"
+        source = str(spec.weights) if spec.weights else (checkpoint if spec.pretrained else
                                                          "the model object" if spec.source == "module" else
                                                          "random init")
         return StageResult(model=model, metrics={"gflops": gflops, "params_m": params, "weights": source,

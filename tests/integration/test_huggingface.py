@@ -1,0 +1,98 @@
+"""Hugging Face checkpoints (`model.source: huggingface`): a folder written by save_pretrained goes through the
+pipeline as it is, its classes, channels and input size read from its config.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import run_here, tiny_config
+
+transformers = pytest.importorskip("transformers", reason="the hf extra (make install installs it)")
+
+
+def _convnext(folder: Path, weights: bool = True, **config) -> Path:
+    """A small random-init ConvNeXt classifier written by save_pretrained (config.json beside its weights)."""
+    cfg = transformers.ConvNextConfig(**{"num_channels": 1, "hidden_sizes": [16, 32, 64, 128],
+                                         "depths": [1, 1, 2, 1], "num_labels": 4, "image_size": 32, **config})
+    torch.manual_seed(0)
+    model = transformers.ConvNextForImageClassification(cfg)
+    model.save_pretrained(folder)
+    if not weights:
+        (folder / "model.safetensors").unlink()
+    return folder
+
+
+def test_a_checkpoint_folder_states_classes_channels_size_and_weights(tmp_path: Path):
+    from pipeline.config import Config
+    from pipeline.models import build_model, fingerprint
+
+    folder = _convnext(tmp_path / "ckpt")
+    spec = Config.model_validate({**tiny_config(), "model": {"source": "huggingface", "name": str(folder)}}).model
+    assert (spec.num_classes, spec.in_chans, tuple(spec.input_size), spec.pretrained) == (4, 1, (32, 32), True)
+    model = build_model(spec).eval()
+    reference = transformers.AutoModelForImageClassification.from_pretrained(folder).eval()
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), reference(pixel_values=x).logits), "the folder's weights, logits out"
+    # the fingerprint holds the checkpoint's files: new weights under the same folder re-run the pipeline
+    before = fingerprint(spec)
+    assert {"checkpoint/config.json", "checkpoint/model.safetensors"} <= set(before)
+    _convnext(folder, hidden_act="relu")
+    assert fingerprint(spec) != before
+    # set keys win over the config's; a folder without weights is compressed at random init
+    bare = _convnext(tmp_path / "bare", weights=False)
+    spec = Config.model_validate({**tiny_config(), "model": {"source": "huggingface", "name": str(bare),
+                                                             "num_classes": 7, "input_size": [48, 48]}}).model
+    assert (spec.num_classes, tuple(spec.input_size), spec.pretrained) == (7, (48, 48), False)
+    assert build_model(spec)(torch.zeros(1, 1, 48, 48)).shape == (1, 7), "a new head for model.num_classes"
+
+
+def test_checkpoint_errors_exit_2_with_the_fix(tmp_path: Path):
+    _convnext(tmp_path / "ckpt")
+    bare = _convnext(tmp_path / "bare", weights=False)
+    (tmp_path / "empty").mkdir()
+    cases = {
+        str(tmp_path / "missing"): "neither a folder nor a hub id in the local Hugging Face cache",
+        str(tmp_path / "empty"): "a folder without config.json",
+        str(bare): "holds no weights",  # pretrained asked for explicitly below
+    }
+    for name, expected in cases.items():
+        cfg = {**tiny_config(), "model": {"source": "huggingface", "name": name, "pretrained": True}}
+        path = tmp_path / "c.yaml"
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        done = run_here("pipeline", str(path), "--dry-run")
+        err = " ".join(done.stderr.split())
+        assert done.returncode == 2 and expected in err and "Traceback" not in done.stderr, (name, err[-1500:])
+    cfg = {**tiny_config(), "model": {"source": "huggingface", "name": str(tmp_path / "ckpt"), "in_chans": 3}}
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    done = run_here("pipeline", str(path), "--dry-run")
+    assert done.returncode == 2 and "says num_channels 1" in " ".join(done.stderr.split()), done.stderr[-1500:]
+
+
+def test_a_convnext_checkpoint_is_compressed_exported_and_rebuilt(tmp_path: Path):
+    from pipeline.config import load_config
+    from pipeline.models import rebuild
+
+    folder = _convnext(tmp_path / "ckpt")
+    cfg = tiny_config(model={"source": "huggingface", "name": str(folder)},
+                      filter_prune={"target_flops_reduction": 0.4, "steps": 3})
+    for key in ("num_classes", "in_chans", "input_size"):
+        cfg["model"].pop(key)  # read from the checkpoint's config.json
+    path = tmp_path / "hf.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    run = tmp_path / "run"
+    done = run_here("pipeline", str(path), "--run-dir", str(run))
+    assert done.returncode == 0, done.stderr[-3000:]
+    s = json.loads((run / "summary.json").read_text())
+    assert s["delta_pct"]["gflops"] <= -30.0 and s["parity"]["max_abs_diff"] <= 1e-4, s
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["stages"]["load"]["metrics"]["weights"] == "the checkpoint folder"
+    # the compressed model rebuilds from its checkpoint (a fresh build of the folder's config, then its widths)
+    data = torch.load(run / "05_finetune" / "checkpoint.pt", weights_only=True)
+    model = rebuild(load_config(run / "config.json").model, data["structure"], data["model"]).eval()
+    assert model(torch.zeros(1, 1, 32, 32)).shape == (1, 4)
