@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from export.runtime import TorchModel, open_artifact
+from export.runtime import TorchModel, int8_saturation, open_artifact
 from export.target import resolve
 from export.validation import accuracy, check_gates, clean_latency, compare, latency_record, speedup
 from pipeline.config import INT8_RUNTIMES
@@ -101,6 +101,10 @@ class Validate:
         }
         if int8:
             summary["quantized"] = quantized_record(scores, lat, arts["quantized"], rts["quantized"], int8)
+            saturates = int8_saturation() if rts["quantized"].backend == "onnxruntime-cpu" else None
+            if saturates:  # the figure is this CPU's, not the model's: say so beside it
+                summary["quantized"]["caveat"] = saturates
+                ctx.log.warning(f"INT8 accuracy: {saturates}")
             gate = cfg.gates.max_top1_drop_int8
             if gate is not None and summary["quantized"]["top1_drop"] > gate:
                 summary["quantized"]["sensitivity"] = layer_sensitivity(ctx, int8, model)
