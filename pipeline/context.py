@@ -49,9 +49,8 @@ class StageResult:
 
 
 class Stage(Protocol):
-    """A pipeline stage: registry name == config key == module name."""
+    """A pipeline stage, named once: by its registration in STAGES (== its config key == its module's name)."""
 
-    name: ClassVar[str]
     description: ClassVar[str]
 
     def run(self, model: nn.Module | None, ctx: Context) -> StageResult: ...

@@ -14,7 +14,6 @@ from stages._training import evaluate
 
 @STAGES.register("calibrate")
 class Calibrate:
-    name = "calibrate"
     description = "one pass measuring unit and block flows on the calibration split; base metrics"
 
     def run(self, model: nn.Module | None, ctx: Context) -> StageResult:

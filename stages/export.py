@@ -93,7 +93,6 @@ def export_engine(onnx_path: Path, engine_path: Path, config: Config) -> dict[st
 
 @STAGES.register("export")
 class Export:
-    name = "export"
     description = "export ONNX (dynamic batch, metadata, onnx.checker) and a TensorRT engine when configured"
 
     def run(self, model: nn.Module | None, ctx: Context) -> StageResult:

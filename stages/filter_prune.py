@@ -230,7 +230,6 @@ class StepRecord:
 
 @STAGES.register("filter_prune")
 class FilterPrune:
-    name = "filter_prune"
     description = "iterative divergence-aware filter pruning to the target FLOPs, with rollback"
 
     @staticmethod

@@ -13,7 +13,6 @@ PROGRESS = "progress.pt"
 
 @STAGES.register("finetune")
 class Finetune:
-    name = "finetune"
     distributed = True  # under torchrun every rank trains its share of each global batch
     description = "recover accuracy: CE + distillation, stopped by recovery.stopping, resumable per epoch"
 

@@ -87,7 +87,6 @@ def forward_error(model: nn.Module, example: torch.Tensor) -> str | None:
 
 @STAGES.register("layer_truncate")
 class LayerTruncate:
-    name = "layer_truncate"
     description = "replace the lowest-divergence blocks by the identity; keep a removal only within budget"
 
     @staticmethod

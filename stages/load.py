@@ -12,7 +12,6 @@ from pipeline.models import build_model, check_deterministic, count_macs, nonfin
 
 @STAGES.register("load")
 class Load:
-    name = "load"
     description = ("build the model (timm/torchvision by name, a Hugging Face checkpoint, or your own) and load its "
                    "local weights")
 

@@ -12,7 +12,6 @@ from stages._training import evaluate, steps_per_epoch
 
 @STAGES.register("train")
 class Train:
-    name = "train"
     distributed = True  # under torchrun every rank trains its share of each global batch
     description = "train the base model (only when train.enabled)"
 

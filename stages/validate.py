@@ -31,7 +31,6 @@ def parity_batch(ctx: Context) -> torch.Tensor:
 
 @STAGES.register("validate")
 class Validate:
-    name = "validate"
     description = "accuracy, parity vs PyTorch and base vs compressed latency on the deployed runtime; summary.json"
 
     def run(self, model: nn.Module | None, ctx: Context) -> StageResult:

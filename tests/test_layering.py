@@ -71,3 +71,16 @@ def test_no_import_cycle_between_project_modules():
         if state.get(m, 0) == 0 and visit(m, []):
             break
     assert not cycle, f"import cycle: {' -> '.join(cycle)}"
+
+
+def test_a_stage_is_named_once_by_its_registration_and_ordered():
+    """The registry name is the stage's only name (it is its module's name), and PIPELINE orders exactly the
+    registered stages."""
+    import stages  # noqa: F401 - registers every stage
+    from pipeline.context import PIPELINE, STAGES
+
+    assert sorted(STAGES) == sorted(PIPELINE)
+    for name in PIPELINE:
+        cls = STAGES.get(name)
+        assert cls.__module__ == f"stages.{name}", (name, cls.__module__)
+        assert "name" not in vars(cls), f"{cls.__name__} names itself again; the registry names it"
