@@ -114,7 +114,7 @@ def inspect_model(config: Config, onnx: bool = True) -> Inspection:
         else:
             pruner = graph.get_pruner_of_module(module)
             groups.append({"root": name, "width": pruner.get_out_channels(module), "layers": len(layers),
-                           "kind": "heads" if any(m.qkv is module for m in _heads(model)) else "channels"})
+                           "kind": "heads" if module in _head_roots(model) else "channels"})
     macs = module_macs(model, example)
     fill_shares(held, macs)
     seconds["proof"] = time.perf_counter() - t0
@@ -158,9 +158,10 @@ def inspect_model(config: Config, onnx: bool = True) -> Inspection:
     return result
 
 
-def _heads(model: nn.Module) -> list[nn.Module]:
-    from stages._attention import attention_modules
+def _head_roots(model: nn.Module) -> list[nn.Module]:
+    """The projections that root each head-prunable attention's group."""
+    from stages._attention import attention_modules, layout
 
-    return list(attention_modules(model).values())
+    return [layout(m).root for m in attention_modules(model).values()]
 
 

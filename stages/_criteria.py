@@ -15,7 +15,7 @@ from torch import nn
 
 from pipeline.context import Context
 from pipeline.registry import Registry
-from stages._attention import head_weight_norms, qkv_indices
+from stages._attention import head_weight_norms, heads_of, qkv_indices
 
 CRITERIA: Registry[type[Criterion]] = Registry("criterion")
 
@@ -45,7 +45,7 @@ def _per_head(units: torch.Tensor | None, attention: nn.Module) -> torch.Tensor 
     if units is None:
         return None
     units = torch.nan_to_num(units.detach().float().cpu(), nan=0.0)
-    return torch.stack([units[qkv_indices(attention, [h])].mean() for h in range(attention.num_heads)])
+    return torch.stack([units[qkv_indices(attention, [h])].mean() for h in range(heads_of(attention))])
 
 
 def _members(group, fns) -> list[tuple[nn.Module, list[int], list[int]]]:
@@ -125,7 +125,7 @@ class _Divergence(Criterion):
     def heads(self, name: str, attention: nn.Module, group) -> torch.Tensor | None:
         """D_h = ||softmax(Q_h K_h^T / sqrt(d)) V_h||_F / n * sum of the head's Q, K, V weight norms."""
         st = self.stats.get(name)
-        if st is None or "head_norm" not in st or len(st["head_norm"]) != attention.num_heads:
+        if st is None or "head_norm" not in st or len(st["head_norm"]) != heads_of(attention):
             return None
         d = st["head_norm"] * head_weight_norms(attention).cpu()
         return d / d.mean().clamp(min=1e-12)

@@ -11,6 +11,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from stages._attention import attention_modules, layout
 from stages._structure import (
     GROUP_SECONDS,
     GroupTimeout,
@@ -208,12 +209,16 @@ class _Graph(tp.DependencyGraph):
         not derived again."""
         names = {m: n for n, m in model.named_modules()}
         attention = unrecognised_attention(model)
+        # a recognised attention's heads are removed whole, which maps through the reshapes that split them; its
+        # group is rooted at its first projection, whichever of its projections the graph reaches first
+        head_roots = {p: lay.root for lay in map(layout, attention_modules(model).values()) for p in lay.inputs}
         skip = set(ignored) | set(self.IGNORED_LAYERS_IN_TRACING)
         held_layers = {layer for h in held.values() for layer in h.layers}
         covered: set[nn.Module] = set()
         found, new = [], []
         with _index_maps_once():
             for module in list(self.module2node):
+                module = head_roots.get(module, module)
                 name = names.get(module)
                 if module in skip or module in covered or not isinstance(module, (nn.Conv2d, nn.Linear)) \
                         or name is None or name in held_layers:
@@ -241,7 +246,7 @@ class _Graph(tp.DependencyGraph):
                 if skip.intersection(producers) or not self.is_out_channel_pruning_fn(group[0].dep.handler):
                     continue
                 layers = sorted({names[m] for m in producers if m in names})
-                reason = _held_reason(group, layers, attention)
+                reason = None if module in head_roots else _held_reason(group, layers, attention)
                 if reason:
                     new.append(Held(name, reason[1], reason[0], layers))
                 else:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from stages._attention import attention_modules, qkv_indices
+from stages._attention import attention_modules, layout, members, qkv_indices
 from stages._criteria import Criterion
 from stages._graph import build_graph, crosses_unmapped, touches_grouped_conv  # noqa: F401 - re-exported
 from stages._structure import prune_group
@@ -58,18 +58,18 @@ def score_groups(found: list[tuple[str, nn.Module, Any, Any]], model: nn.Module,
     """Score the prunable groups (`_Graph.groups`) with the criterion: channels per unit, attention per head.
     Groups the criterion cannot score consistently go to `unscored` as (root, why)."""
     unscored = unscored if unscored is not None else []
-    heads = {m.qkv: (n, m) for n, m in attention_modules(model).items()}
+    heads = {layout(m).root: (n, m) for n, m in attention_modules(model).items()}
     names = {m: n for n, m in model.named_modules()}
     records = []
     for name, root, handler, group in found:
         if root in heads:
             att_name, attention = heads[root]
             scores = criterion.heads(att_name, attention, group)
-            if scores is not None and attention.num_heads > 1:
-                d, h = attention.head_dim, attention.num_heads
-                members = {f"{att_name}.qkv": (3 * h * d, 3 * d), f"{att_name}.proj": (h * d, d)}
-                records.append(GroupRecord(att_name, root, handler, h, scores.detach().float().cpu(), unit=d,
-                                           attention=attention, members=members))
+            lay = layout(attention)
+            h = getattr(attention, lay.heads_attr)
+            if scores is not None and h > 1:
+                records.append(GroupRecord(att_name, root, handler, h, scores.detach().float().cpu(),
+                                           unit=lay.head_dim, attention=attention, members=members(lay, att_name)))
             continue
         scores = criterion(group)
         if scores is None:

@@ -26,10 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from stages._attention import attention_modules, qkv_indices, sync_attributes
+from stages._attention import HEAD_ATTRS, attention_modules, layout, qkv_indices, sync_attributes
 
 GROUP_SECONDS = 20.0  # most time Torch-Pruning may take to derive one group before it is held whole
-_HEAD_ATTRS = ("num_heads", "heads", "n_heads", "num_attention_heads", "nhead")
 
 
 @dataclass
@@ -73,7 +72,7 @@ def time_limit(seconds: float) -> Iterator[None]:
 
 def head_count_attr(mod: nn.Module) -> str | None:
     """The attribute that holds a module's head count, if it has one (any attention implementation)."""
-    return next((a for a in _HEAD_ATTRS if isinstance(getattr(mod, a, None), int) and getattr(mod, a) > 1), None)
+    return next((a for a in HEAD_ATTRS if isinstance(getattr(mod, a, None), int) and getattr(mod, a) > 1), None)
 
 
 def unrecognised_attention(model: nn.Module) -> dict[str, nn.Module]:
@@ -153,13 +152,14 @@ def prune_group(dg, module: nn.Module, handler, idxs: list[int], model: nn.Modul
     group = dg.get_pruning_group(module, handler, idxs=idxs)
     if not dg.check_pruning_group(group):
         return False
+    before = layout(attention) if attention is not None else None
     owners = owners_of_parameters(model)
     loose = [(*owners[id(dep.target.module)], tuple(dep.target.module.shape)) for dep, _ in group
              if isinstance(dep.target.module, nn.Parameter) and id(dep.target.module) in owners]
     group.prune()
     sync_derived_attributes(loose)
-    if attention is not None:
-        sync_attributes(attention)
+    if before is not None:
+        sync_attributes(attention, before)
     return True
 
 
@@ -184,13 +184,13 @@ def spread_copy(model: nn.Module, example: torch.Tensor, roots: list[str], build
     trial = copy.deepcopy(model).eval()
     dg = build_graph(trial, example)
     modules = dict(trial.named_modules())
-    heads = {m.qkv: m for m in attention_modules(trial).values()}
+    heads = {layout(m).root: m for m in attention_modules(trial).values()}
     for name in roots:
         mod = modules[name]
         pruner = dg.get_pruner_of_module(mod)
         if mod in heads:
             attention = heads[mod]
-            if attention.num_heads > 1:
+            if getattr(attention, layout(attention).heads_attr) > 1:
                 prune_group(dg, mod, pruner.prune_out_channels, qkv_indices(attention, [0]), trial, attention)
         elif (width := pruner.get_out_channels(mod)) > 1:
             prune_group(dg, mod, pruner.prune_out_channels, spread_units(width), trial)

@@ -96,3 +96,37 @@ def test_a_convnext_checkpoint_is_compressed_exported_and_rebuilt(tmp_path: Path
     data = torch.load(run / "05_finetune" / "checkpoint.pt", weights_only=True)
     model = rebuild(load_config(run / "config.json").model, data["structure"], data["model"]).eval()
     assert model(torch.zeros(1, 1, 32, 32)).shape == (1, 4)
+
+
+def test_a_vit_checkpoint_with_separate_query_key_value_is_pruned_by_whole_heads(tmp_path: Path):
+    """Hugging Face's ViT attention: q_proj, k_proj, v_proj and o_proj, num_attention_heads, a view to (-1,
+    head_dim). Its heads are recognised by structure and removed whole; the head count follows; the ONNX agrees."""
+    from pipeline.config import load_config
+    from pipeline.models import rebuild
+    from stages._attention import attention_modules, count_heads
+
+    cfg = transformers.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                                 image_size=16, patch_size=4, num_channels=1, num_labels=4)
+    torch.manual_seed(0)
+    transformers.ViTForImageClassification(cfg).save_pretrained(tmp_path / "vit")
+    run_cfg = tiny_config(model={"source": "huggingface", "name": str(tmp_path / "vit")},
+                          filter_prune={"target_flops_reduction": 0.5, "steps": 3, "p0": 0.3},
+                          layer_truncate={"max_layers": 0})
+    for key in ("num_classes", "in_chans", "input_size"):
+        run_cfg["model"].pop(key)
+    path = tmp_path / "vit.yaml"
+    path.write_text(yaml.safe_dump(run_cfg, sort_keys=False))
+    run = tmp_path / "run"
+    done = run_here("pipeline", str(path), "--run-dir", str(run))
+    assert done.returncode == 0, done.stderr[-3000:]
+    s = json.loads((run / "summary.json").read_text())
+    fp = json.loads((run / "manifest.json").read_text())["stages"]["filter_prune"]["metrics"]
+    assert fp["held_macs_share"] < 0.1, fp
+    assert fp["heads_before"] == 8 and fp["heads"] < 8, fp
+    assert s["parity"]["max_abs_diff"] <= 1e-4, s["parity"]
+    data = torch.load(run / "05_finetune" / "checkpoint.pt", weights_only=True)
+    model = rebuild(load_config(run / "config.json").model, data["structure"], data["model"]).eval()
+    assert count_heads(model) == fp["heads"]
+    for attention in attention_modules(model).values():
+        assert attention.q_proj.out_features == attention.num_attention_heads * attention.head_dim
+    assert model(torch.zeros(1, 1, 16, 16)).shape == (1, 4)
