@@ -101,9 +101,9 @@ def count_heads(model: nn.Module) -> int:
     return sum(heads_of(m) for m in attention_modules(model).values())
 
 
-def qkv_indices(mod: nn.Module, heads: list[int], lay: Layout | None = None) -> list[int]:
+def qkv_indices(mod: nn.Module, heads: list[int]) -> list[int]:
     """The root projection's output features of the given heads (its q, k and v parts when fused)."""
-    lay = lay or layout(mod)
+    lay = layout(mod)
     d = lay.head_dim
     width = getattr(mod, lay.heads_attr) * d
     return sorted(part * width + h * d + j for part in range(lay.parts) for h in heads for j in range(d))
