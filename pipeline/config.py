@@ -67,7 +67,10 @@ class ModelConfig(Section):
     @staticmethod
     def _checkpoint_defaults(data: dict[str, Any]) -> dict[str, Any]:
         """A Hugging Face checkpoint states its classes, input channels and size: those not set are read from
-        its config.json, and its weights are used unless model.pretrained says otherwise."""
+        its config.json, and its weights are used unless model.pretrained says otherwise. A config that sets all
+        of them (a run directory's config.json) is taken as it is: the folder need not exist to read it."""
+        if all(data.get(k) is not None for k in ("num_classes", "in_chans", "input_size", "pretrained")):
+            return data
         try:
             stated = _hf.defaults(data["name"])
             holds_weights = any((_hf.folder(data["name"]) / f).is_file() for f in _hf.WEIGHT_FILES)

@@ -241,8 +241,12 @@ def fingerprint(spec: ModelConfig) -> dict[str, str]:
     if spec.source == "module" and spec.name in MODULES:
         out["module"] = state_digest(MODULES.get(spec.name))
     if spec.source == "huggingface":
-        root = _hf.folder(spec.name)
-        out.update({f"checkpoint/{p.relative_to(root)}": sha256(p) for p in _hf.model_files(spec.name)})
+        try:
+            root = _hf.folder(spec.name)
+        except UserInputError:
+            root = None  # gone: building the model says so, with the fix
+        if root is not None:
+            out.update({f"checkpoint/{p.relative_to(root)}": sha256(p) for p in _hf.model_files(spec.name)})
     return out
 
 

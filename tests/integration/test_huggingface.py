@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -96,6 +97,8 @@ def test_a_convnext_checkpoint_is_compressed_exported_and_rebuilt(tmp_path: Path
     data = torch.load(run / "05_finetune" / "checkpoint.pt", weights_only=True)
     model = rebuild(load_config(run / "config.json").model, data["structure"], data["model"]).eval()
     assert model(torch.zeros(1, 1, 32, 32)).shape == (1, 4)
+    folder.rename(tmp_path / "moved")
+    assert load_config(run / "config.json").model.num_classes == 4, "a run's config reads without the checkpoint"
 
 
 def test_a_vit_checkpoint_with_separate_query_key_value_is_pruned_by_whole_heads(tmp_path: Path):
@@ -130,3 +133,39 @@ def test_a_vit_checkpoint_with_separate_query_key_value_is_pruned_by_whole_heads
     for attention in attention_modules(model).values():
         assert attention.q_proj.out_features == attention.num_attention_heads * attention.head_dim
     assert model(torch.zeros(1, 1, 16, 16)).shape == (1, 4)
+
+
+# Small random-init configurations of the image classifiers AutoModelForImageClassification builds, one per family
+# (attention with separate q/k/v, windowed attention with a per-head table, ConvNeXt blocks, bottlenecks, a
+# conv-transformer hybrid, depthwise-separable blocks with squeeze-excitation), at the input size given.
+HF_MATRIX: dict[str, tuple[str, dict[str, Any], int]] = {
+    "vit": ("ViTConfig", {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                          "intermediate_size": 128, "patch_size": 8}, 32),
+    "deit": ("DeiTConfig", {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                            "intermediate_size": 128, "patch_size": 8}, 32),
+    "swin": ("SwinConfig", {"patch_size": 2, "embed_dim": 16, "depths": [1, 1], "num_heads": [2, 2],
+                            "window_size": 4}, 32),
+    "convnext": ("ConvNextConfig", {"hidden_sizes": [16, 32, 64, 128], "depths": [1, 1, 1, 1]}, 32),
+    "resnet": ("ResNetConfig", {"embedding_size": 16, "hidden_sizes": [16, 32, 64, 128], "depths": [1, 1, 1, 1]},
+               32),
+    "mobilevit": ("MobileViTConfig", {}, 64),
+    "efficientnet": ("EfficientNetConfig", {"width_coefficient": 1.0, "depth_coefficient": 1.0}, 64),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(HF_MATRIX))
+def test_hugging_face_families_finish_with_parity_and_reload(family: str, tmp_path: Path):
+    """Each family through load, calibrate, filter_prune (-50% MACs), layer_truncate, finetune and export, then
+    the ONNX against the model rebuilt from its weights-only checkpoint (benchmarks/matrix.py's run)."""
+    from benchmarks.matrix import run_one
+
+    kind, settings, size = HF_MATRIX[family]
+    cfg = getattr(transformers, kind)(**{"num_channels": 3, "num_labels": 10, "image_size": size, **settings})
+    torch.manual_seed(0)
+    transformers.AutoModelForImageClassification.from_config(cfg).save_pretrained(tmp_path / family)
+    row = run_one("huggingface", str(tmp_path / family), size, tmp_path)
+    print(f"{family}: -{row['cut']:.1%} MACs, held {row['held']} ({row['held_share']:.1%}) {row['held_reasons']}, "
+          f"parity {row['parity_rel']:.1e}, {row['seconds']:.0f} s")
+    assert row["parity_rel"] <= 1e-4
+    assert row["cut"] >= 0.5 - 0.02 or row["held"] > 0 or row["stop"].startswith("reached"), row
