@@ -67,7 +67,7 @@ def inspect_model(config: Config, onnx: bool = True) -> Inspection:
     from stages._blocks import find_candidates, measure_blocks
     from stages._graph import build_graph, in_attention
     from stages._pruning import classifier_layers, producers_of
-    from stages._structure import Held, fill_shares, module_macs, prove, spread_copy, unrecognised_attention
+    from stages._structure import Held, every_attention, fill_shares, module_macs, prove, spread_copy
 
     spec = config.model
     seconds: dict[str, float] = {}
@@ -104,7 +104,7 @@ def inspect_model(config: Config, onnx: bool = True) -> Inspection:
 
     t0 = time.perf_counter()
     broken = prove(model, example, [f[0] for f in found], build_graph)
-    attention = unrecognised_attention(model)
+    attention = every_attention(model)
     groups = []
     for name, module, _, group in found:
         layers = producers_of(graph, group, model)

@@ -276,9 +276,11 @@ def in_attention(layers: list[str], attention: dict[str, nn.Module], reason: str
     if not where:
         return reason
     mod = attention[where]
-    attr = head_count_attr(mod)
-    return (f"inside attention `{where}` ({type(mod).__name__}, {attr}={getattr(mod, attr)}), whose head layout "
-            f"is not recognised for head pruning: {reason}")
+    lay = layout(mod)
+    attr = lay.heads_attr if lay else head_count_attr(mod)
+    what = ("whose heads were recognised and removed whole, yet its forward does not follow (it derives a head "
+            "size from another width)" if lay else "whose head layout is not recognised for head pruning")
+    return f"inside attention `{where}` ({type(mod).__name__}, {attr}={getattr(mod, attr)}), {what}: {reason}"
 
 
 def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:

@@ -83,6 +83,11 @@ def unrecognised_attention(model: nn.Module) -> dict[str, nn.Module]:
             and any(isinstance(c, (nn.Linear, nn.Conv2d, nn.Conv1d)) for c in m.modules())}
 
 
+def every_attention(model: nn.Module) -> dict[str, nn.Module]:
+    """Every module with a head count holding layers: the head-prunable ones and the rest (for reasons)."""
+    return {**unrecognised_attention(model), **attention_modules(model)}
+
+
 def inside_attention(producers: list[str], attention: dict[str, nn.Module]) -> str | None:
     """The unrecognised attention module that holds every producer of a group (its q/k/v widths), if any."""
     for name in attention:

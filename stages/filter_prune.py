@@ -34,13 +34,13 @@ from stages._pruning import (
 from stages._recovery import Budget, Outcome, recover
 from stages._structure import (
     Held,
+    every_attention,
     fill_shares,
     module_macs,
     plan_breaks,
     prove,
     restore,
     runs,
-    unrecognised_attention,
 )
 from stages._training import evaluate, teacher_and_reference
 
@@ -87,7 +87,7 @@ class Pruner:
             t0 = time.perf_counter()
             broken = prove(model, self.example, [f[0] for f in found], build_graph)
             self.proof_seconds = time.perf_counter() - t0
-            attention = unrecognised_attention(model)
+            attention = every_attention(model)
             for name, _, _, group in found:
                 if name in broken:
                     layers = producers_of(graph, group, model)

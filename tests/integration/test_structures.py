@@ -109,7 +109,8 @@ def test_layer_scale_attribute_follows_its_pruned_parameter(tmp_path: Path):
 
 
 class _Heads(nn.Module):
-    """Attention with separate q, k, v projections and a head count: not timm's fused layout."""
+    """Attention with separate q, k, v projections and a head count, recognised by structure, whose forward takes
+    the head size from the input's width (c // n_heads), as torch's MultiheadAttention does: no head can go."""
 
     def __init__(self, dim: int = 32, n_heads: int = 4) -> None:
         super().__init__()
@@ -126,7 +127,7 @@ class _Heads(nn.Module):
         return self.out((att @ split(self.v(x))).transpose(1, 2).reshape(b, n, c))
 
 
-def test_unrecognised_attention_is_held_whole_with_the_reason_and_still_runs():
+def test_attention_whose_heads_cannot_go_is_held_whole_with_the_reason_and_still_runs():
     from types import SimpleNamespace
 
     from pipeline.config import Config
@@ -162,6 +163,6 @@ def test_unrecognised_attention_is_held_whole_with_the_reason_and_still_runs():
     held = {h.root: h for h in pruner.held.values()}
     inside = [h for h in held.values() if "attention `attn`" in h.reason]
     assert inside, {r: h.reason for r, h in held.items()}
-    assert all("_Heads, n_heads=4" in h.reason for h in inside)
+    assert all("_Heads, n_heads=4" in h.reason and "derives a head size" in h.reason for h in inside)
     assert model.attn.q.out_features == 32 and model.attn.n_heads == 4, "the heads are kept whole"
     assert model.mlp[0].out_features < 64, "the rest of the model is pruned"
