@@ -153,8 +153,16 @@ HF_MATRIX: dict[str, tuple[str, dict[str, Any], int]] = {
 }
 
 
+# Known failures at 0299e33 (2026-12-04), each a piece of issue 27 still open:
+KNOWN = {"deit": "AutoModelForImageClassification.save_pretrained of a random DeiT does not reload (TypeError in "
+                 "transformers' auto factory)",
+         "efficientnet": "a BatchNorm of fixed width after a pruned concatenation (running_mean 1280 vs 2560): "
+                         "width-derived attributes, issue 27 item 3"}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("family", list(HF_MATRIX))
+@pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.xfail(reason=KNOWN[f], strict=True))
+                                    if f in KNOWN else f for f in HF_MATRIX])
 def test_hugging_face_families_finish_with_parity_and_reload(family: str, tmp_path: Path):
     """Each family through load, calibrate, filter_prune (-50% MACs), layer_truncate, finetune and export, then
     the ONNX against the model rebuilt from its weights-only checkpoint (benchmarks/matrix.py's run)."""
