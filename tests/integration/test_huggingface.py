@@ -28,6 +28,20 @@ def _convnext(folder: Path, weights: bool = True, **config) -> Path:
     return folder
 
 
+def _compress(folder: Path, tmp_path: Path, **sections) -> Path:
+    """`compress pipeline` on the checkpoint folder with the tiny settings; num_classes, in_chans and input_size
+    left unset (read from its config.json). The run directory, after an exit 0."""
+    cfg = tiny_config(model={"source": "huggingface", "name": str(folder)}, **sections)
+    for key in ("num_classes", "in_chans", "input_size"):
+        cfg["model"].pop(key)
+    path = tmp_path / "hf.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    run = tmp_path / "run"
+    done = run_here("pipeline", str(path), "--run-dir", str(run))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run
+
+
 def test_a_checkpoint_folder_states_classes_channels_size_and_weights(tmp_path: Path):
     from pipeline.config import Config
     from pipeline.models import build_model, fingerprint
@@ -80,15 +94,7 @@ def test_a_convnext_checkpoint_is_compressed_exported_and_rebuilt(tmp_path: Path
     from pipeline.models import rebuild
 
     folder = _convnext(tmp_path / "ckpt")
-    cfg = tiny_config(model={"source": "huggingface", "name": str(folder)},
-                      filter_prune={"target_flops_reduction": 0.4, "steps": 3})
-    for key in ("num_classes", "in_chans", "input_size"):
-        cfg["model"].pop(key)  # read from the checkpoint's config.json
-    path = tmp_path / "hf.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    run = tmp_path / "run"
-    done = run_here("pipeline", str(path), "--run-dir", str(run))
-    assert done.returncode == 0, done.stderr[-3000:]
+    run = _compress(folder, tmp_path, filter_prune={"target_flops_reduction": 0.4, "steps": 3})
     s = json.loads((run / "summary.json").read_text())
     assert s["delta_pct"]["gflops"] <= -30.0 and s["parity"]["max_abs_diff"] <= 1e-4, s
     manifest = json.loads((run / "manifest.json").read_text())
@@ -112,16 +118,8 @@ def test_a_vit_checkpoint_with_separate_query_key_value_is_pruned_by_whole_heads
                                  image_size=16, patch_size=4, num_channels=1, num_labels=4)
     torch.manual_seed(0)
     transformers.ViTForImageClassification(cfg).save_pretrained(tmp_path / "vit")
-    run_cfg = tiny_config(model={"source": "huggingface", "name": str(tmp_path / "vit")},
-                          filter_prune={"target_flops_reduction": 0.5, "steps": 3, "p0": 0.3},
-                          layer_truncate={"max_layers": 0})
-    for key in ("num_classes", "in_chans", "input_size"):
-        run_cfg["model"].pop(key)
-    path = tmp_path / "vit.yaml"
-    path.write_text(yaml.safe_dump(run_cfg, sort_keys=False))
-    run = tmp_path / "run"
-    done = run_here("pipeline", str(path), "--run-dir", str(run))
-    assert done.returncode == 0, done.stderr[-3000:]
+    run = _compress(tmp_path / "vit", tmp_path, filter_prune={"target_flops_reduction": 0.5, "steps": 3, "p0": 0.3},
+                    layer_truncate={"max_layers": 0})
     s = json.loads((run / "summary.json").read_text())
     fp = json.loads((run / "manifest.json").read_text())["stages"]["filter_prune"]["metrics"]
     assert fp["held_macs_share"] < 0.1, fp
