@@ -48,11 +48,11 @@ def _context(cfg, images: int, batch: int, seed: int) -> SimpleNamespace:
 
 def prune_to_target(cfg, target: float, images: int = 8, batch: int = 4, max_steps: int = 16) -> dict[str, Any]:
     """Build cfg.model with random weights and prune it with the Pruner until MACs fall by `target`."""
-    from pipeline.models import build_model, clone, count_macs
+    from core.models import build_model, clone, count_macs
     from stages._attention import count_heads
     from stages._criteria import CRITERIA
     from stages._goals import Plan, capped_fraction
-    from stages.filter_prune import Pruner
+    from stages._pruner import Pruner
 
     torch.manual_seed(0)
     spec = cfg.model
@@ -76,10 +76,11 @@ def prune_to_target(cfg, target: float, images: int = 8, batch: int = 4, max_ste
 
 
 def _measure(label: str, source: str, name: str, warmup: int, runs: int, workdir: Path) -> dict[str, Any]:
+    from export.config import ExportConfig
     from export.runtime import OrtModel
     from export.torch2onnx import torch2onnx
     from export.validation import latency
-    from pipeline.config import Config, ExportConfig
+    from pipeline.config import Config
 
     cfg = Config.model_validate({"name": "arch", "model": {"source": source, "name": name, "num_classes": 1000}})
     spec = cfg.model

@@ -25,11 +25,11 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from pipeline._progress import Tracker
+from core._progress import Tracker
+from core.context import Context, load_model_upto, seed_everything
+from core.models import clone, count_macs
+from core.rundir import RunDir
 from pipeline.config import Config, load_config
-from pipeline.context import Context, load_model_upto, seed_everything
-from pipeline.models import clone, count_macs
-from pipeline.rundir import RunDir
 from pipeline.runner import run_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,9 +61,9 @@ def trajectory(model, ctx: Context, criterion_name: str, recovery_steps: int, se
     """Prune along the schedule to each milestone; returns one record (with a model snapshot) per level."""
     from stages._criteria import CRITERIA
     from stages._goals import Plan, capped_fraction, step_fraction
+    from stages._pruner import Pruner
     from stages._recovery import Budget, recover
     from stages._training import evaluate
-    from stages.filter_prune import Pruner
 
     cfg, spec = ctx.config.filter_prune, ctx.config.model
     seed_everything(seed)
@@ -174,7 +174,7 @@ def verdict(cell: dict[str, tuple[float, float]], ours: list[str], theirs: list[
 
 
 def markdown(res: dict[str, Any]) -> str:
-    from pipeline.config import FilterPruneConfig
+    from stages.filter_prune import FilterPruneConfig
 
     table = summarise(res)
     ours = [c for c in res["criteria"] if c.startswith("divergence")]

@@ -24,7 +24,7 @@ def _timed(fn) -> tuple[float, Any]:
 def run(out: Path, seeds: list[int], quick: bool) -> dict[str, Any]:
     from PIL import Image
 
-    from pipeline._datafiles import fingerprint, scan
+    from core._datafiles import fingerprint, scan
 
     n = FILES // 10 if quick else FILES
     rng = np.random.default_rng(0)

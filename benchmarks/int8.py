@@ -74,10 +74,10 @@ def demo_seed(out: Path, seed: int) -> dict[str, Any]:
     """One demo pipeline run with INT8, plus the base model quantized on the same calibration split."""
     from torch.utils.data import DataLoader
 
+    from core.data import build_splits
     from export.runtime import OrtModel
     from export.validation import accuracy
     from pipeline.config import load_config
-    from pipeline.data import build_splits
 
     run = out / f"int8-demo-seed{seed}"
     overrides = [f"seed={seed}", "export.quantize=int8", "runtime.progress=false"]

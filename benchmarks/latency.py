@@ -17,11 +17,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from core.config import ModelConfig
+from core.models import build_model, clone, count_macs
+from export.config import ExportConfig
 from export.runtime import OrtModel
 from export.torch2onnx import torch2onnx
 from export.validation import latency
-from pipeline.config import ExportConfig, ModelConfig
-from pipeline.models import build_model, clone, count_macs
 
 MODELS = {
     "demo (timm resnet18, 1x32x32)": ModelConfig(source="timm", name="resnet18", num_classes=10, in_chans=1,
@@ -64,7 +65,7 @@ def _prune_to(model, spec: ModelConfig, reduction: float, round_to: int, g0: flo
     from pipeline.config import Config
     from stages._criteria import CRITERIA
     from stages._goals import Plan, capped_fraction
-    from stages.filter_prune import Pruner
+    from stages._pruner import Pruner
 
     cfg = Config.model_validate({"name": "latency", "model": spec.model_dump(mode="json"),
                                  "filter_prune": {"criterion": "l2", "round_to": round_to}})

@@ -56,12 +56,13 @@ def validated_speedup(base, model, cfg) -> dict[str, float]:
 def prune_to_speedup(source: str, name: str, target: float, size: int | None = None,
                      max_steps: int = 16, round_to: int | str = 8, models: dict | None = None) -> dict[str, Any]:
     """Prune a random-weight zoo model to a speedup target; `models`, given, receives base and pruned."""
+    from core.models import build_model, clone, count_macs
     from pipeline.config import Config
-    from pipeline.models import build_model, clone, count_macs
     from stages._criteria import CRITERIA
     from stages._goals import goal_for
     from stages._latency import LatencyMeter
-    from stages.filter_prune import Pruner, alignment, take_step
+    from stages._pruner import Pruner, alignment
+    from stages.filter_prune import take_step
 
     model_cfg = {"source": source, "name": name, "num_classes": 1000}
     if size:

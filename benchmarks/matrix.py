@@ -55,10 +55,10 @@ def run_one(source: str, name: str, size: int, workdir: Path) -> dict[str, Any]:
     import yaml
     from rich.console import Console
 
+    from core.models import rebuild, structure_of
+    from core.rundir import RunDir, load_checkpoint
     from export.runtime import OrtModel
     from pipeline.config import load_config
-    from pipeline.models import rebuild, structure_of
-    from pipeline.rundir import RunDir, load_checkpoint
     from pipeline.runner import run_pipeline
 
     (workdir / "c.yaml").write_text(yaml.safe_dump(_config(source, name, size)))

@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 import onnx
 
+from core.errors import UserInputError, did_you_mean
+from core.rundir import atomic_write
 from export.onnx_names import node_owners
-from pipeline.errors import UserInputError, did_you_mean
-from pipeline.rundir import atomic_write
 
 METHODS = ("minmax", "entropy", "percentile")
 INT8_ONNX = "model.int8.onnx"

@@ -9,7 +9,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from pipeline.errors import UserInputError
+from core.errors import UserInputError
 
 RUNTIMES = ("onnxruntime-cpu", "onnxruntime-cuda", "tensorrt")  # what runs an exported file
 # torch-cuda times the PyTorch model itself on the GPU (TorchModel): the GPU latency where neither TensorRT nor

@@ -21,8 +21,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from core.errors import UserInputError
 from export.runtime import default_threads
-from pipeline.errors import UserInputError
 
 GPU_RUNTIMES = ("onnxruntime-cuda", "tensorrt", "torch-cuda")
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import UserInputError
-from pipeline.rundir import atomic_json, atomic_write, sha256
+from core.errors import UserInputError
+from core.rundir import atomic_json, atomic_write, sha256
 
 INSTALL_HINT = ("install the gpu extra on a machine with an NVIDIA GPU and driver: pip install "
                 "'idap-compress[gpu]' (tensorrt 10.x and onnxruntime-gpu), then pip install --force-reinstall "

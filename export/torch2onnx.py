@@ -13,9 +13,9 @@ import onnx
 import torch
 from torch import nn
 
-from pipeline.config import ExportConfig
-from pipeline.errors import UserInputError, first_line
-from pipeline.rundir import atomic_write
+from core.errors import UserInputError, first_line
+from core.rundir import atomic_write
+from export.config import ExportConfig
 
 
 def _names(cfg: ExportConfig) -> dict[str, list[str]]:

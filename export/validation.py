@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from export.config import GatesConfig
 from export.runtime import Runtime, busy_warning, latency_stats
-from pipeline.config import GatesConfig
 
 
 def _identity(items: Iterable, *_: Any, **__: Any) -> Iterable:
@@ -221,3 +221,8 @@ def _parity(summary: dict[str, Any], gates: GatesConfig, lat: dict[str, Any], fa
         elif parity[measure] > limit:
             fails.append(f"artifact vs PyTorch {measure} {parity[measure]:.2e} > {key} {limit:.0e}")
     return fails, unchecked
+
+
+def contended(lat: dict[str, Any]) -> str | None:
+    """Why a summary's latency figures cannot be trusted (recorded by validate; older summaries: from their load)."""
+    return lat.get("contended") if "contended" in lat else busy_warning(lat.get("machine"), lat.get("threads"))

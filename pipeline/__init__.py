@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pipeline._version import __version__
-from pipeline.errors import GateFailure, UserInputError
+from core._version import __version__
+from core.errors import GateFailure, UserInputError
 
 if TYPE_CHECKING:
     from pipeline.api import Result

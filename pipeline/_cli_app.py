@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from typer.core import TyperOption
 
-from pipeline._version import __version__
+from core._version import __version__
 
 app = typer.Typer(
     add_completion=False,

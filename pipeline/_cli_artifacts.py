@@ -8,8 +8,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from core.errors import GateFailure, UserInputError
 from pipeline._cli_app import app, console, one_of
-from pipeline.errors import GateFailure, UserInputError
 
 RUNTIME_CHOICES = ("auto", "onnxruntime-cpu", "onnxruntime-cuda", "tensorrt")
 FORMATS = ("onnx", "tensorrt")
@@ -59,12 +59,12 @@ def validate_cmd(
     """Score and time an existing artifact on the config's validation split; gates as in the pipeline (exit 3)."""
     from torch.utils.data import DataLoader
 
+    from core.data import build_splits
+    from core.errors import did_you_mean
+    from core.rundir import atomic_json, check_writable
     from export.runtime import RUNTIMES, open_artifact
     from export.validation import accuracy, check_gates, clean_latency, latency_record
     from pipeline.config import load_config
-    from pipeline.data import build_splits
-    from pipeline.errors import did_you_mean
-    from pipeline.rundir import atomic_json, check_writable
 
     cfg = load_config(config, set_)
     vcfg = cfg.validate_
@@ -150,10 +150,11 @@ def export_cmd(
                                    "export.opset=18 or export.tensorrt.precision=fp16 (repeatable)"),
 ) -> None:
     """Re-export the compressed model of a finished run, without touching the run's own stages and artifacts."""
+    from core.context import load_model_upto
+    from core.errors import did_you_mean
+    from core.registry import PIPELINE
+    from core.rundir import RunDir, check_writable
     from pipeline.config import load_config
-    from pipeline.context import PIPELINE, load_model_upto
-    from pipeline.errors import did_you_mean
-    from pipeline.rundir import RunDir, check_writable
     from stages.export import engine_spec, export_onnx
 
     if fmt not in FORMATS:

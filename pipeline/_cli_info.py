@@ -8,8 +8,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from core.errors import UserInputError
 from pipeline._cli_app import app, console
-from pipeline.errors import UserInputError
 
 
 @app.command("report", epilog="Example:\n\n  compress report runs/demo   # then open runs/demo/report.html")
@@ -20,9 +20,9 @@ def report_cmd(
                                                              "needed for per-layer widths"),
 ) -> None:
     """Write report.md, report.html (self-contained) and figures/*.png into the run directory."""
+    from core.rundir import RunDir
     from pipeline.config import load_config
     from pipeline.report import write_report
-    from pipeline.rundir import RunDir
 
     cfg = load_config(config) if config else None
     rd = RunDir(run_dir)
@@ -63,8 +63,8 @@ def init_cmd(
     output: Path | None = typer.Option(None, "--output", help="write here instead of to stdout (never overwrites)"),
 ) -> None:
     """Write a commented starter config with every key at its default."""
-    from pipeline.errors import did_you_mean
-    from pipeline.rundir import check_writable
+    from core.errors import did_you_mean
+    from core.rundir import check_writable
     from pipeline.starter import examples, render
 
     if example is not None:
@@ -82,7 +82,7 @@ def init_cmd(
         raise UserInputError(f"--output {output} already exists; init never overwrites a file: choose another "
                              f"name or remove it first")
     check_writable(output, "--output")
-    from pipeline.rundir import atomic_write
+    from core.rundir import atomic_write
 
     atomic_write(output, text.encode())
     console.print(f"wrote {output}; check it with `compress pipeline {output} --dry-run`", markup=False,
@@ -138,9 +138,9 @@ def inspect_cmd(
     a proof on a copy that pruning leaves a model that runs and exports. Seconds, no data, no training."""
     import dataclasses
 
+    from core.rundir import atomic_json, check_writable
     from pipeline.config import load_config
     from pipeline.inspect import inspect_model
-    from pipeline.rundir import atomic_json, check_writable
 
     cfg = load_config(config, set_)
     if output is not None:
@@ -156,7 +156,8 @@ def inspect_cmd(
 def stages() -> None:
     """List the pipeline's stages in order."""
     import stages  # noqa: F401 - registers every stage in STAGES
-    from pipeline.context import PIPELINE, STAGES
+    from core.context import STAGES
+    from core.registry import PIPELINE
 
     table = Table(title="stages")
     table.add_column("#")

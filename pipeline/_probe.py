@@ -17,8 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.config import Config, ModelConfig
-from pipeline.errors import UserInputError
+from core.config import ModelConfig
+from core.errors import UserInputError
+from pipeline.config import Config
 
 
 def output_problem(out: Any, num_classes: int | None) -> str | None:
@@ -71,7 +72,7 @@ def _leaf_outputs(model: nn.Module) -> tuple[list[int], list[Any]]:
 
 def probe(spec: ModelConfig) -> Probe:
     """Run the model built from `spec` on one image of the configured shape (meta device, else CPU)."""
-    from pipeline.models import build_model
+    from core.models import build_model
 
     def run(device: str) -> Probe:
         with torch.device(device):

@@ -6,7 +6,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from pipeline.rundir import atomic_write
+from core.rundir import atomic_write
 
 
 def _save(fig: Any, path: Path) -> None:

@@ -5,22 +5,9 @@ from __future__ import annotations
 import base64
 import functools
 import html
-from dataclasses import dataclass, field
 from pathlib import Path
 
-
-@dataclass
-class Table:
-    headers: list[str]
-    rows: list[list[str]]
-
-
-@dataclass
-class Section:
-    title: str
-    text: list[str] = field(default_factory=list)
-    tables: list[Table] = field(default_factory=list)
-    figures: list[tuple[str, str]] = field(default_factory=list)  # (relative path, caption)
+from core.records import ReportSection as Section
 
 
 def _md_cell(text: str) -> str:

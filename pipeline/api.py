@@ -19,8 +19,8 @@ from rich.console import Console
 from torch import nn
 from torch.utils.data import Dataset
 
+from core.errors import GateFailure, UserInputError
 from pipeline.config import Config, set_key, validate_config
-from pipeline.errors import GateFailure, UserInputError
 
 
 @dataclass
@@ -98,7 +98,7 @@ def _data_key(train: Dataset, val: Dataset) -> str:
 
 
 def _class_info(train: Dataset, val: Dataset):
-    from pipeline.data import ClassInfo
+    from core.data import ClassInfo
 
     for ds in (train, val):
         classes = getattr(ds, "classes", None)
@@ -139,7 +139,7 @@ def _raw_config(config: Config | dict[str, Any] | str | Path | None) -> dict[str
         return config.model_dump(mode="json", by_alias=True)
     if isinstance(config, dict):
         return copy.deepcopy(config)
-    from pipeline._yaml import read_yaml
+    from core._yaml import read_yaml
 
     return read_yaml(Path(config))
 
@@ -166,11 +166,12 @@ def compress(model: nn.Module, train: Dataset, val: Dataset, run_dir: str | Path
         GateFailure: a validation gate failed; its `result` attribute holds the Result.
         pipeline.signals.Interrupted: SIGINT/SIGTERM/SIGHUP during the run (the run resumes on the next call).
     """
-    from pipeline._sources import MODULES
-    from pipeline.context import PIPELINE, load_model_upto
-    from pipeline.data import DATA_OBJECTS, DataObjects
+    from core._sources import MODULES
+    from core.context import load_model_upto
+    from core.data import DATA_OBJECTS, DataObjects
+    from core.registry import PIPELINE
+    from core.rundir import RunDir
     from pipeline.preflight import preflight
-    from pipeline.rundir import RunDir
     from pipeline.runner import run_pipeline
     from pipeline.signals import Interrupted, handling
 

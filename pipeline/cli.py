@@ -12,10 +12,10 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from core.errors import GateFailure, UserInputError
+from core.registry import PIPELINE
 from pipeline import _cli_artifacts, _cli_info  # noqa: F401 - register the other verbs
 from pipeline._cli_app import app, console, one_of, version_text
-from pipeline.errors import GateFailure, UserInputError
-from pipeline.registry import PIPELINE
 from pipeline.signals import Interrupted, handling
 
 
@@ -33,7 +33,7 @@ def root(version: bool = typer.Option(False, "--version", callback=_version, is_
 
 def _auto_report(rd, cfg) -> None:
     """The report at the end of `compress pipeline` (rank 0); a failure to write it never changes the exit code."""
-    from pipeline import distributed as D
+    from core import distributed as D
 
     if not cfg.logging.report or not D.is_main() or not rd.manifest_path.is_file():
         return
@@ -117,10 +117,10 @@ def pipeline_cmd(
 
     Re-running the same command resumes: finished stages whose config and inputs are unchanged are reused.
     """
+    from core.rundir import RunDir
     from pipeline.config import load_config
     from pipeline.plan import make_plan, print_plan
     from pipeline.preflight import preflight
-    from pipeline.rundir import RunDir
     from pipeline.runner import run_pipeline
 
     cfg = load_config(config, set_)

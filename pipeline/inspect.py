@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from core.errors import UserInputError, first_line
 from pipeline.config import Config
-from pipeline.errors import UserInputError, first_line
 
 
 @dataclass
@@ -63,7 +63,7 @@ def _onnx_check(model: nn.Module, example: torch.Tensor, config: Config) -> dict
 
 def inspect_model(config: Config, onnx: bool = True) -> Inspection:
     """Run the structural check on the config's model; UserInputError (exit 2) names the class of problem."""
-    from pipeline.models import build_model, count_macs
+    from core.models import build_model, count_macs
     from stages._blocks import find_candidates, measure_blocks
     from stages._graph import build_graph, in_attention
     from stages._pruning import classifier_layers, producers_of

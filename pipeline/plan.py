@@ -17,9 +17,10 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.config import Config, section_hash
-from pipeline.errors import UserInputError, did_you_mean
-from pipeline.rundir import RunDir
+from core.config import section_hash
+from core.errors import UserInputError, did_you_mean
+from core.rundir import RunDir
+from pipeline.config import Config
 
 TOOL = "idap-compress"
 DATA_FILES = "data_files.json"  # the load stage's listing of the data folder, for the next plan's "what changed"
@@ -90,7 +91,7 @@ class Inputs:
 
 def _off(config: Config, name: str) -> str | None:
     """Why the config switches a stage off, or None."""
-    from pipeline.context import STAGES
+    from core.context import STAGES
 
     cls = STAGES.get(name) if name in STAGES else None
     off = getattr(cls, "off", None)
@@ -99,8 +100,8 @@ def _off(config: Config, name: str) -> str | None:
 
 def gather_inputs(config: Config, names: list[str]) -> Inputs:
     """Each stage's inputs (config sections, library versions, named files' content) and the chained hashes."""
-    from pipeline.data import data_fingerprint
-    from pipeline.models import fingerprint
+    from core.data import data_fingerprint
+    from core.models import fingerprint
 
     engine = "off"
     if config.export.tensorrt.mode != "off":
@@ -167,7 +168,7 @@ def _previous_listing(run_dir: RunDir, entry: dict[str, Any]) -> dict[str, str] 
 def what_changed(before: dict[str, Any], now: dict[str, Any], run_dir: RunDir, entry: dict[str, Any],
                  data_entries: dict[str, str] | None) -> list[str]:
     """A stage's own inputs that differ from those recorded when it last finished, in words."""
-    from pipeline._datafiles import describe_change
+    from core._datafiles import describe_change
 
     out = []
     changed = sorted(k for k in now["config"].keys() | before.get("config", {}).keys()

@@ -10,9 +10,9 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from core.errors import UserInputError
+from core.rundir import RunDir
 from pipeline.config import Config
-from pipeline.errors import UserInputError
-from pipeline.rundir import RunDir
 
 # A run keeps about this many copies of the model: checkpoints of load, train, filter_prune, layer_truncate and
 # finetune, finetune's resumable optimizer state, and the base and compressed ONNX files.
@@ -45,7 +45,7 @@ def runtime_problems(config: Config) -> list[str]:
 
 
 def _config_problems(config: Config) -> list[str]:
-    from pipeline.models import check_model_name
+    from core._sources import check_model_name
     from stages._criteria import CRITERIA
 
     problems = _problems_of(lambda: check_model_name(config.model))
@@ -73,14 +73,9 @@ def _config_problems(config: Config) -> list[str]:
 def _model_problems(config: Config, warnings: list[str]) -> tuple[list[str], int]:
     """Weights that do not fit the architecture, a factory that is not deterministic, the class count; and the
     model's size in bytes (for the free-space check)."""
-    from pipeline.data import check_classes, class_info
-    from pipeline.models import (
-        check_deterministic,
-        fit_problems,
-        nonfinite_tensors,
-        parameter_shapes,
-        read_state_dict,
-    )
+    from core._weights import fit_problems, nonfinite_tensors, read_state_dict
+    from core.data import check_classes, class_info
+    from core.models import check_deterministic, parameter_shapes
 
     spec = config.model
     problems: list[str] = []
@@ -104,7 +99,8 @@ def _model_problems(config: Config, warnings: list[str]) -> tuple[list[str], int
                 probe = _ShapeModel(shapes)
             missing, unexpected, shape = fit_problems(probe, state)
             if missing or unexpected or shape:
-                from pipeline.models import build_model, check_fit
+                from core._weights import check_fit
+                from core.models import build_model
 
                 problems += _problems_of(lambda: check_fit(build_model(spec, with_weights=False), state,
                                                            spec.weights, f"{spec.source}:{spec.name}"))
@@ -170,7 +166,7 @@ def batch_warnings(config: Config) -> list[str]:
 
 def exclude_problems(config: Config, shapes: dict[str, tuple[int, ...]], warnings: list[str]) -> list[str]:
     """export.quantize_exclude names layers of the model (or ONNX nodes: "/..."), and only with quantize: int8."""
-    from pipeline.errors import did_you_mean
+    from core.errors import did_you_mean
 
     names = config.export.quantize_exclude
     if names and config.export.quantize is None:

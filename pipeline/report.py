@@ -7,52 +7,21 @@ state), so a report can be made for any run: finished, failed, interrupted or st
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from export.runtime import busy_warning
+from core.errors import UserInputError
+from core.records import FIGURES, ReportSection, RunRecords, Table, f2, f4, pct, pts
+from core.rundir import RunDir, atomic_write, load_checkpoint, sha256
+from export.validation import contended
 from pipeline._report_figures import figure_dynamics, figure_latency, figure_latency_model, figure_widths
-from pipeline._report_render import Section, Table, render_html, render_md
+from pipeline._report_render import render_html, render_md
 from pipeline.config import Config
-from pipeline.errors import UserInputError
-from pipeline.rundir import RunDir, atomic_write, load_checkpoint, sha256
 
-REPORT_MD, REPORT_HTML, FIGURES = "report.md", "report.html", "figures"
-
-
-def f2(x: float | None) -> str:
-    return "-" if x is None else f"{x:.2f}"
-
-
-def f4(x: float | None) -> str:
-    return "-" if x is None else f"{x:.4f}"
-
-
-def pct(new: float, old: float) -> str:
-    return f"{100.0 * (new - old) / old:+.1f}%" if old else "-"
-
-
-def pts(new: float | None, old: float | None) -> str:
-    return "-" if new is None or old is None else f"{new - old:+.2f}"
+REPORT_MD, REPORT_HTML = "report.md", "report.html"
 
 
 # ---------------------------------------------------------------------------------------------- records
-
-
-@dataclass
-class RunRecords:
-    """What a run directory holds, read once."""
-
-    root: Path
-    manifest: dict[str, Any]
-    summary: dict[str, Any] | None
-    summary_note: str | None
-    config: Config | None
-    states: dict[str, dict[str, Any]]
-    structures: dict[str, dict[str, Any]]
-    damage: dict[str, list[str]] = field(default_factory=dict)  # stage -> its files missing or altered
-    notes: list[str] = field(default_factory=list)
 
 
 def read_run(run_dir: Path, config: Config | None = None) -> RunRecords:
@@ -86,11 +55,6 @@ def read_run(run_dir: Path, config: Config | None = None) -> RunRecords:
             if ckpt.get("structure") is not None:
                 structures[name] = ckpt["structure"]
     return RunRecords(rd.root, manifest, summary, note, config, states, structures, damage)
-
-
-def contended(lat: dict[str, Any]) -> str | None:
-    """Why a summary's latency figures cannot be trusted (recorded by validate; older summaries: from their load)."""
-    return lat.get("contended") if "contended" in lat else busy_warning(lat.get("machine"), lat.get("threads"))
 
 
 def run_status(rec: RunRecords) -> tuple[str, str]:
@@ -129,34 +93,15 @@ def run_status(rec: RunRecords) -> tuple[str, str]:
 
 
 def dynamics_rows(rec: RunRecords) -> list[dict[str, Any]]:
-    """One row per pruning step and truncation decision, then fine-tuning and the deployed artifact."""
+    """One row per pruning step and truncation decision, then fine-tuning and the deployed artifact: each stage
+    gives its own rows (its `dynamics` method), in pipeline order."""
+    from core.context import STAGES
+    from stages import PIPELINE
+
     rows: list[dict[str, Any]] = []
-    dyn = rec.states.get("filter_prune", {}).get("dynamics", [])
-    for d in dyn:
-        rows.append({"stage": "filter_prune", "what": "start" if d["step"] == 0 else f"step {d['step']}",
-                     "params_m": d["params_m"], "gflops": d["gflops"], "top1": d["top1"], "top5": d["top5"],
-                     "accepted": d["accepted"], "recovery_rounds": d.get("recovery_rounds"),
-                     "recovery_stop": d.get("recovery_stop")})
-    last = next((r for r in reversed(rows) if r["accepted"]), None)
-    for d in rec.states.get("layer_truncate", {}).get("decisions", []):
-        row = {"stage": "layer_truncate", "what": f"remove {d['block']}", "params_m": d.get("params_m_after"),
-               "gflops": d.get("gflops_after"), "top1": d.get("top1_after"), "top5": d.get("top5_after"),
-               "accepted": d["accepted"], "recovery_rounds": d.get("recovery_rounds"),
-               "recovery_stop": d.get("recovery_stop"), "divergence": d["divergence"]}
-        rows.append(row)
-        if d["accepted"]:
-            last = row
-    ft = rec.manifest["stages"].get("finetune", {})
-    if ft.get("status") == "done" and last is not None:
-        m = ft["metrics"]
-        rows.append({"stage": "finetune", "what": f"{m.get('epochs')} epoch(s)", "params_m": last["params_m"],
-                     "gflops": last["gflops"], "top1": m.get("top1"), "top5": m.get("top5"), "accepted": True,
-                     "recovery_rounds": m.get("epochs"), "recovery_stop": m.get("stopped_by")})
-    if rec.summary is not None:
-        c = rec.summary["compressed"]
-        rows.append({"stage": "validate", "what": f"deployed ({rec.summary['latency_ms']['backend']})",
-                     "params_m": c["params_m"], "gflops": c["gflops"], "top1": c["top1"], "top5": c["top5"],
-                     "accepted": True, "recovery_rounds": None, "recovery_stop": None})
+    for name in PIPELINE:
+        if (own := getattr(STAGES.get(name), "dynamics", None)) is not None:
+            rows += own(rec, rows)
     return rows
 
 
@@ -164,7 +109,7 @@ def layer_widths(rec: RunRecords) -> list[dict[str, Any]]:
     """Output width of every conv and linear layer in the base model and in the latest model checkpoint."""
     from torch import nn
 
-    from pipeline.models import build_model
+    from core.models import build_model
     from stages import PIPELINE
 
     if rec.config is None or not rec.structures:
@@ -191,12 +136,15 @@ def layer_widths(rec: RunRecords) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------- sections
 
 
-def build_sections(rec: RunRecords, rows: list[dict[str, Any]], widths: list[dict[str, Any]]) -> list[Section]:
+def build_sections(rec: RunRecords, rows: list[dict[str, Any]], widths: list[dict[str, Any]]) -> list[ReportSection]:
+    """The run's sections (status, settings, results, dynamics, widths, recovery, stages, artifacts) around each
+    stage's own, which it writes itself (`report`), in pipeline order."""
+    from core.context import STAGES
     from stages import PIPELINE
 
     word, sentence = run_status(rec)
     name = rec.manifest.get("name", rec.root.name)
-    intro = Section(f"Compression report: {name}", [
+    intro = ReportSection(f"Compression report: {name}", [
         f"Model `{rec.manifest.get('model', '?')}`, run directory `{rec.root}`.",
         f"Status: **{word}** {sentence}."])
     if rec.summary_note:
@@ -213,8 +161,8 @@ def build_sections(rec: RunRecords, rows: list[dict[str, Any]], widths: list[dic
     sections = [intro]
     settings = settings_rows(rec)
     if settings:
-        sections.append(Section("Settings", ["What this run was asked to do (from its config.json)."],
-                                [Table(["setting", "value"], settings)]))
+        sections.append(ReportSection("Settings", ["What this run was asked to do (from its config.json)."],
+                                      [Table(["setting", "value"], settings)]))
     s = rec.summary
     if s is not None:
         b, c, lat = s["base"], s["compressed"], s["latency_ms"]
@@ -230,7 +178,7 @@ def build_sections(rec: RunRecords, rows: list[dict[str, Any]], widths: list[dic
              f"{lat.get('compressed_p10', 0):.3f}-{lat.get('compressed_p90', 0):.3f}",
              f"speedup {lat.get('speedup_low', 0):.2f}-{lat.get('speedup_high', 0):.2f}x across blocks"],
         ])
-        sec = Section("Base vs compressed", [
+        sec = ReportSection("Base vs compressed", [
             f"Accuracy: {s.get('accuracy_source', 'validation split')}. GMACs are multiply-accumulates at the "
             f"model's input size (summary.json `gflops`). Parity with PyTorch: max |difference| "
             f"{s['parity']['max_abs_diff']:.2e} over {s['parity']['samples']} images."
@@ -244,7 +192,7 @@ def build_sections(rec: RunRecords, rows: list[dict[str, Any]], widths: list[dic
                   [[r["stage"], r["what"], "-" if r["params_m"] is None else f"{r['params_m']:.3f}", f4(r["gflops"]),
                     f2(r["top1"]), f2(r["top5"]), pts(r["top1"], base_top1), "yes" if r["accepted"] else
                     "rolled back"] for r in rows])
-        sections.append(Section("Dynamics", [
+        sections.append(ReportSection("Dynamics", [
             "One row per pruning step and truncation decision (after its recovery), then fine-tuning and the "
             "deployed artifact; Δ top-1 is against the first row. Rolled-back rows were measured, then undone."],
             [t], [(f"{FIGURES}/dynamics.png", "GMACs, parameters and top-1 across the run")]))
@@ -253,94 +201,34 @@ def build_sections(rec: RunRecords, rows: list[dict[str, Any]], widths: list[dic
         t = Table(["layer", "type", "base width", "compressed width", "retained"],
                   [[w["layer"], w["type"], str(w["base"]), "removed" if w["removed"] else str(w["compressed"]),
                     f"{100.0 * w['compressed'] / w['base']:.0f}%"] for w in widths])
-        sections.append(Section("Per-layer widths", [
+        sections.append(ReportSection("Per-layer widths", [
             f"{len(changed)} of {len(widths)} conv/linear layers changed (output channels or features; "
             f"`removed` = inside a block replaced by the identity)."], [t],
             [(f"{FIGURES}/widths.png", "retained output width per layer")]))
     elif rec.config is None and rec.structures:
-        sections.append(Section("Per-layer widths", [
+        sections.append(ReportSection("Per-layer widths", [
             "Not shown: the run has no config.json (it is written when an invocation completes); pass the "
             "run's YAML with `compress report RUN_DIR --config CONFIG`."]))
-    lat_model = rec.states.get("filter_prune", {}).get("latency")
-    if lat_model:
-        steps = lat_model.get("steps", [])
-        def measured(s: dict[str, Any]) -> str:
-            if not s.get("timed", True):
-                return "not timed (far from the target)"
-            if s.get("steps_since", 1) > 1:  # the timing covers the untimed steps before it
-                return (f"{f4(s['measured_since_ms'])} over the last {s['steps_since']} steps (predicted "
-                        f"{f4(s['predicted_since_ms'])})")
-            return f4(s["measured_ms"])
-
-        t = Table(["step", "predicted saving (ms)", "measured saving (ms)", "latency (ms)", "speedup",
-                   "spread"], [[str(i + 1), f4(s["predicted_ms"]), measured(s),
-                                f4(s["latency_ms"]) + ("" if s.get("timed", True) else " (predicted)"),
-                                f"{s['speedup']:.2f}x" + ("" if s.get("timed", True) else " (predicted)"),
-                                f"{s['speedup_low']:.2f}-{s['speedup_high']:.2f}" if s.get("timed", True) else "-"]
-                               for i, s in enumerate(steps)])
-        untimed = sum(not s.get("timed", True) for s in steps)
-        sections.append(Section("Latency model", [
-            f"Pruned to a measured speedup on {lat_model['runtime']} ({lat_model['threads']} threads, "
-            f"{lat_model['device']}): base {lat_model['base_ms']:.4g} ms, target {lat_model['target_ms']:.4g} ms, "
-            f"reached {lat_model['speedup']:.2f}x in the stage (validated figure above). Each step's budget is "
-            f"spent by a knapsack over the groups' predicted savings (per-layer times from ONNX Runtime's "
-            f"profiler), then the model is timed against the base and the misprediction corrects the next budget "
-            f"(drift {lat_model['drift']:.2f})"
-            + (f"; {untimed} step(s) far from the target were not timed, the timing after each measured it with the "
-               f"step before" if untimed else "") + f". Measuring took {lat_model['measure_seconds']:.1f} s "
-            f"({lat_model['cache_hits']} measurements from the cache, {lat_model['cache_misses']} new)."], [t],
-            [(f"{FIGURES}/latency_model.png", "predicted vs measured saving per step; ms per layer before/after")]))
-    trunc = rec.states.get("layer_truncate")
-    if trunc is not None:
-        dec = trunc.get("decisions", [])
-        timed = any("ms_saved" in d for d in dec)
-        t = Table(["block", "divergence D", "MACs share", "top-1 before", "top-1 after"]
-                  + (["ms saved", "speedup after"] if timed else []) + ["decision"],
-                  [[d["block"], f"{d['divergence']:.4f}", f"{100 * d['macs_share']:.1f}%", f2(d["top1_before"]),
-                    f2(d["top1_after"]) if d.get("top1_after") is not None else "-"]
-                   + ([f4(d.get("ms_saved")), f"{d.get('speedup_after', 0):.2f}x"] if timed else [])
-                   + ["removed" if d["accepted"] else ("rolled back (overshoots the target)" if d.get("overshoots")
-                                                       else f"kept: the model does not run without it "
-                                                            f"({d['breaks_forward']})" if d.get("breaks_forward")
-                                                       else "rolled back (essential)")] for d in dec])
-        text = [f"Removed blocks: {', '.join(trunc.get('removed_blocks', [])) or 'none'}. "
-                f"Stopped: {trunc.get('stop_reason', '-')}. Candidates: {len(trunc.get('candidates', []))}."]
-        for why, n in (trunc.get("rejected") or {}).items():
-            text.append(f"Not candidates: {n} module(s) {why}.")
-        sections.append(Section("Removed blocks", text, [t] if dec else []))
     rec_rows = [[r["stage"], r["what"], str(r["recovery_rounds"]), str(r["recovery_stop"])] for r in rows
                 if r["recovery_rounds"] is not None or r["recovery_stop"] is not None]
     if rec_rows:
-        sections.append(Section("Recovery", [
+        sections.append(ReportSection("Recovery", [
             "Rounds of recovery training after each step (fine-tuning: epochs) and what stopped them "
             "(`recovery.stopping`)."], [Table(["stage", "step", "rounds / epochs", "stopped by"], rec_rows)]))
-    if s is not None:
-        g = s["gates"]
-        text = [f"Gates {'passed' if g['passed'] else '**failed**'}."]
-        text += [f"Failed: {f}" for f in g.get("failures", [])]
-        text += [f"Not checked: {u}" for u in g.get("unchecked", [])]
-        tables = []
-        if rec.config is not None:
-            gc = rec.config.validate_.gates.model_dump()
-            tables.append(Table(["gate", "threshold"], [[k, "not set" if v is None else str(v)] for k, v in
-                                                        gc.items()]))
-        sections.append(Section("Gates", text, tables))
-        sections.append(Section("Latency", [
-            f"{_runs(lat['runs'])} timed runs after {lat['warmup']} warm-up runs per model, in {lat.get('blocks', 1)} "
-            f"interleaved blocks (base and compressed alternate block by block); the speedup's spread is the "
-            f"10th-90th percentile of the per-block speedups, and `min_speedup` gates on its low end. "
-            f"{lat.get('threads') or '?'} threads on {lat.get('device') or 'an unrecorded device'}."], [],
-            [(f"{FIGURES}/latency.png", "median latency, p10-p90 whiskers")]))
+    for name in PIPELINE:  # each stage's own section(s), from its records
+        if (own := getattr(STAGES.get(name), "report", None)) is not None:
+            sections += own(rec)
     st = rec.manifest["stages"]
-    sections.append(Section("Stages", [], [Table(["#", "stage", "status", "seconds", "finished"], [
+    sections.append(ReportSection("Stages", [], [Table(["#", "stage", "status", "seconds", "finished"], [
         [str(i), n, st.get(n, {}).get("status", "not run"), f"{st[n]['seconds']:.1f}" if "seconds" in st.get(n, {})
          else "-", st.get(n, {}).get("finished", "-")] for i, n in enumerate(PIPELINE)])]))
-    sections.append(Section("Artifacts", ["Files of the run (report files excluded), with their size and sha256."],
-                            [Table(["file", "bytes", "sha256"], artifact_rows(rec))]))
+    sections.append(ReportSection("Artifacts", [
+        "Files of the run (report files excluded), with their size and sha256."],
+        [Table(["file", "bytes", "sha256"], artifact_rows(rec))]))
     return sections
 
 
-def quantized_section(s: dict[str, Any]) -> Section:
+def quantized_section(s: dict[str, Any]) -> ReportSection:
     """The three deployable artifacts side by side, and how the INT8 one was made (export.quantize: int8)."""
     b, c, q, lat = s["base"], s["compressed"], s["quantized"], s["latency_ms"]
     vb, vc = q["speedup_vs_base"], q["speedup_vs_compressed"]
@@ -371,11 +259,7 @@ def quantized_section(s: dict[str, Any]) -> Section:
         tables.append(Table(["layer", "top-1 agreement alone", "logit error alone"],
                             [[r["layer"], f"{100 * r['agreement']:.1f}%", f"{r['logit_error']:.3f}"]
                              for r in q["sensitivity"]]))
-    return Section("Deployed artifacts: FP32 and INT8", text, tables)
-
-
-def _runs(runs: Any) -> str:
-    return " and ".join(f"{n} ({role})" for role, n in runs.items()) if isinstance(runs, dict) else str(runs)
+    return ReportSection("Deployed artifacts: FP32 and INT8", text, tables)
 
 
 def settings_rows(rec: RunRecords) -> list[list[str]]:
@@ -444,12 +328,13 @@ def write_report(run_dir: Path, config: Config | None = None) -> list[Path]:
     rec = read_run(run_dir, config)
     rows, widths = dynamics_rows(rec), layer_widths(rec)
     sections = build_sections(rec, rows, widths)
+    drawn_from = {name: data for sec in sections for name, data in sec.data.items()}  # the stages' own figures
     figs = rec.root / FIGURES
     figs.mkdir(exist_ok=True)
     written = []
     jobs = {"dynamics.png": (lambda d, p: figure_dynamics(d, p, budget_lines(rec)), rows),
             "widths.png": (figure_widths, widths), "latency.png": (figure_latency, rec.summary),
-            "latency_model.png": (figure_latency_model, rec.states.get("filter_prune", {}).get("latency"))}
+            "latency_model.png": (figure_latency_model, drawn_from.get("latency_model.png"))}
     for name, (draw, data) in jobs.items():
         path = figs / name
         if not data:

@@ -15,15 +15,16 @@ from rich.console import Console
 from torch import nn
 
 import stages  # noqa: F401 - registers every stage in STAGES
+from core._progress import RunClock, Tracker
+from core.context import STAGES, SUMMARY, Context, StageResult, load_model_upto, seed_everything
+from core.errors import UserInputError
+from core.metrics import MetricsLog
+from core.models import structure_of
+from core.registry import PIPELINE
+from core.rundir import RunDir, atomic_json, atomic_torch_save, atomic_write, now
 from pipeline._probe import out_of_memory
-from pipeline._progress import RunClock, Tracker
 from pipeline.config import Config
-from pipeline.context import PIPELINE, STAGES, SUMMARY, Context, StageResult, load_model_upto, seed_everything
-from pipeline.errors import UserInputError
-from pipeline.metrics import MetricsLog
-from pipeline.models import structure_of
 from pipeline.plan import DATA_FILES, PlanItem, make_plan, upstream_fingerprint
-from pipeline.rundir import RunDir, atomic_json, atomic_torch_save, atomic_write, now
 from pipeline.signals import Interrupted, critical
 
 CHECKPOINT = "checkpoint.pt"
@@ -91,7 +92,7 @@ def run_pipeline(config: Config, run_dir: RunDir, console: Console, start: str |
     Under torchrun, rank 0 plans, writes and runs the single-process stages while the other ranks wait;
     stages marked `distributed` (training) run on every rank.
     """
-    from pipeline import distributed as D
+    from core import distributed as D
 
     if config.runtime.threads:
         torch.set_num_threads(config.runtime.threads)
@@ -153,7 +154,7 @@ def run_pipeline(config: Config, run_dir: RunDir, console: Console, start: str |
 
 def _on_main(main: bool, work) -> Any:
     """Rank 0 does `work` and shares its result (or its error) with every rank; the others receive it."""
-    from pipeline import distributed as D
+    from core import distributed as D
 
     if not main:
         status, value = D.broadcast(None)
@@ -219,7 +220,7 @@ def _supersede(run_dir: RunDir, manifest: dict[str, Any], plan: list[PlanItem]):
 
 
 def _context(item: PlanItem, s: _Session, manifest: dict[str, Any]) -> Context:
-    from pipeline import distributed as D
+    from core import distributed as D
 
     stage_dir = s.run_dir.stage_dir(item.index, item.name)
     rt = s.config.runtime

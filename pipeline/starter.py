@@ -13,8 +13,8 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 from pydantic import BaseModel
 
+from core.errors import UserInputError
 from pipeline.config import Config
-from pipeline.errors import UserInputError
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "configs"
 SECTION_NOTES = {
@@ -104,8 +104,8 @@ def _fit_to_data(model_part: dict[str, Any], data_part: dict[str, Any]) -> dict[
         model_part.setdefault("input_size", size)
         return {"train": {"enabled": True}}
     if kind == "imagefolder" and data_part.get("root") and "num_classes" not in model_part:
-        from pipeline.config import DataConfig, ModelConfig
-        from pipeline.data import class_info
+        from core.config import DataConfig, ModelConfig
+        from core.data import class_info
 
         probe = Config.model_construct(data=DataConfig(**data_part), model=ModelConfig(source="timm", name="x"))
         count = class_info(probe).count

@@ -13,8 +13,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from pipeline.context import Context
-from pipeline.registry import Registry
+from core.context import Context
+from core.registry import Registry
 from stages._attention import head_weight_norms, heads_of, qkv_indices
 
 CRITERIA: Registry[type[Criterion]] = Registry("criterion")

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.context import Context
+from core.context import Context
 from stages._attention import HeadStats
 
 MEASURED = (nn.Conv2d, nn.Linear)

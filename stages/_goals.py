@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 from torch import nn
 
-from pipeline.models import count_macs
+from core.models import count_macs
 from stages._latency import CONTENDED_RETRIES, FIRM_TIMING, STEP_TIMING, Drift, LatencyMeter, LayerFit, Profile
 
 

@@ -52,7 +52,7 @@ CONTENDED_RETRIES = 2
 
 def cache_dir() -> Path:
     """Where measurements are kept between runs: $COMPRESS_CACHE_DIR/latency, else ~/.cache/idap-compress/latency."""
-    from pipeline.cache import cache_root
+    from core.cache import cache_root
 
     return cache_root() / "latency"
 

@@ -11,7 +11,6 @@ from torch import nn
 
 from stages._attention import attention_modules, layout, members, qkv_indices
 from stages._criteria import Criterion
-from stages._graph import build_graph, crosses_unmapped, touches_grouped_conv  # noqa: F401 - re-exported
 from stages._structure import prune_group
 
 

@@ -7,23 +7,52 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 from torch.utils.data import DataLoader
 
-from pipeline import distributed as D
-from pipeline._progress import eta
-from pipeline.config import RecoveryConfig
-from pipeline.context import Context
-from pipeline.errors import UserInputError
-from pipeline.rundir import atomic_torch_save, load_checkpoint
+from core import distributed as D
+from core._progress import eta
+from core.config import Section
+from core.context import Context
+from core.errors import UserInputError
+from core.rundir import atomic_torch_save, load_checkpoint
 from stages._flows import calibration_pass
 from stages._incop import InformationFlow, flow_distance, gradient_flow
 from stages._training import evaluate
+
+
+class RecoveryConfig(Section):
+    """Loss, optimiser and stopping rule of every recovery: fine-tuning and the short ones between steps."""
+
+    optimizer: Literal["sgd", "adamw"] = Field("sgd", description="SGD with Nesterov momentum, or AdamW")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum")
+    weight_decay: float = Field(5e-4, ge=0.0, description="not on norms and biases")
+    schedule: Literal["cosine", "step"] = Field("cosine", description="learning-rate schedule over the budget")
+    warmup_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="share of the budget spent warming up")
+    step_every: int = Field(1, ge=1, description="step schedule: rounds between decays")
+    step_gamma: float = Field(0.1, gt=0.0, le=1.0, description="step schedule: factor at each decay")
+    grad_clip: float | None = Field(None, gt=0.0, description="max gradient norm")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="of the cross-entropy term")
+    distill_weight: float = Field(0.5, ge=0.0, le=1.0, description="lambda of the distillation term")
+    temperature: float = Field(4.0, gt=0.0, description="distillation temperature tau")
+    teacher: Literal["stage_input", "base"] = Field("base", description="distil from the base model or the "
+                                                                       "model entering the stage")
+    stopping: Literal["fixed", "accuracy", "information_flow", "gradient_flow"] = Field(
+        "fixed", description="when a recovery stops early: never (fixed), at the base top-1, or InCoP flow "
+        "consistency")
+    epsilon: float | None = Field(None, gt=0.0, description="flow distance that stops (default IF 0.11, GF 0.5)")
+    amp: bool = Field(True, description="mixed precision on CUDA")
+    channels_last: bool = Field(True, description="channels-last memory format on CUDA")
+
+    def threshold(self) -> float:
+        """epsilon, or the InCoP authors' default for the stopping rule."""
+        return self.epsilon if self.epsilon is not None else {"gradient_flow": 0.5}.get(self.stopping, 0.11)
 
 
 @dataclass

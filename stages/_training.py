@@ -9,9 +9,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from pipeline import distributed as D
-from pipeline.context import Context
-from pipeline.models import clone
+from core import distributed as D
+from core.context import Context
+from core.models import clone
 
 
 @torch.no_grad()

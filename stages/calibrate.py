@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+from pydantic import Field
 from torch import nn
 
-from pipeline.context import STAGES, Context, StageResult
-from pipeline.models import count_macs
+from core.config import Section
+from core.context import STAGES, Context, StageResult
+from core.models import count_macs
 from stages._blocks import measure_blocks
 from stages._flows import UnitStats, calibration_pass
 from stages._incop import InformationFlow, reference_gradient_flow
 from stages._training import evaluate
+
+
+class CalibrateConfig(Section):
+    """Flow calibration: forward hooks over a slice of train, no gradients."""
+
+    batches: int = Field(4, ge=1, description="calibration batches")
+    batch_size: int = Field(64, ge=1, description="images per calibration batch")
 
 
 @STAGES.register("calibrate")

@@ -4,19 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
 import torch
 from torch import nn
 
+from core._version import __version__
+from core.context import STAGES, Context, StageResult
+from core.models import count_macs
+from core.rundir import now
 from export.torch2onnx import torch2onnx
-from pipeline._version import __version__
-from pipeline.config import Config
-from pipeline.context import STAGES, Context, StageResult
-from pipeline.models import count_macs
-from pipeline.rundir import now
+
+if TYPE_CHECKING:  # the composed schema sits above the stages; only its type is named here
+    from pipeline.config import Config
 
 ENGINE = "model.engine"
 INT8 = "model.int8.onnx"

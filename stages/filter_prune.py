@@ -5,182 +5,70 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-import torch
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-from pipeline._progress import eta
-from pipeline.context import STAGES, Context, StageResult
-from pipeline.errors import UserInputError, did_you_mean
-from pipeline.models import clone, count_macs
+from core._progress import eta
+from core.config import Section
+from core.context import STAGES, Context, StageResult
+from core.models import clone, count_macs
+from core.records import FIGURES, ReportSection, RunRecords, Table, dynamics_row, f4
 from stages._attention import count_heads
-from stages._criteria import CRITERIA, accumulate_gradients
-from stages._flows import UnitStats, collect_unit_stats
-from stages._goals import Decision, Goal, Plan, Removal, goal_for
-from stages._graph import in_attention
-from stages._latency import LatencyMeter, best_alignment, unit_costs
-from stages._pruning import (
-    apply_plan,
-    build_graph,
-    classifier_layers,
-    per_unit,
-    plan_latency_step,
-    plan_step,
-    producers_of,
-    score_groups,
-    work_per_unit,
-)
+from stages._criteria import CRITERIA
+from stages._goals import Decision, Goal, goal_for
+from stages._latency import LatencyMeter
+from stages._pruner import Pruner, alignment
 from stages._recovery import Budget, Outcome, recover
 from stages._structure import (
-    Held,
-    every_attention,
-    fill_shares,
-    module_macs,
-    plan_breaks,
-    prove,
     restore,
-    runs,
 )
 from stages._training import evaluate, teacher_and_reference
 
 
-def ignored_modules(model: nn.Module, ctx: Context, outputs: list[nn.Module] = ()) -> list[nn.Module]:
-    cfg = ctx.config.filter_prune
-    ignored = classifier_layers(model, ctx.config.model.num_classes, outputs)
-    names = dict(model.named_modules())
-    for name in cfg.ignore:
-        if name not in names:
-            raise UserInputError(f"filter_prune.ignore names {name!r}, which is not a module of the model."
-                                 f"{did_you_mean(name, names)} Use names as model.named_modules() gives them.")
-        ignored.append(names[name])
-    return ignored
+class FilterPruneConfig(Section):
+    """IDAP++ divergence-aware filter pruning (docs/method.md section 2)."""
 
+    @model_validator(mode="after")
+    def _one_target(self) -> FilterPruneConfig:
+        if self.target_flops_reduction is not None and self.target_speedup is not None:
+            raise ValueError("set one target: filter_prune.target_flops_reduction (a share of the MACs) or "
+                             "filter_prune.target_speedup (a measured speedup), not both; remove the other (on the "
+                             "command line: --set filter_prune.target_flops_reduction=null)")
+        if self.target_flops_reduction is None and self.target_speedup is None:
+            object.__setattr__(self, "target_flops_reduction", 0.5)
+        return self
 
-class Pruner:
-    """One pruning step at a time: measure what the criterion needs, one dependency graph, aligned plan, apply.
+    @field_validator("round_to")
+    @classmethod
+    def _round_to(cls, value: int | str) -> int | str:  # a field validator, so it is reported with the other keys
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be at least 1 (or auto)")
+        return value
 
-    Keeps what spans steps: every group's original width (for the per-layer cap), the kept share of units,
-    the groups held whole (found once, proved on a copy at the first step, never derived again), and the
-    graph-build count and time. The stage and the benchmarks prune through it alike. `round_to` is the channel
-    multiple (the configuration's unless given; `alignment` resolves "auto" by measuring).
-    """
-
-    def __init__(self, criterion, ctx: Context, round_to: int | None = None) -> None:
-        spec = ctx.config.model
-        self.criterion, self.ctx = criterion, ctx
-        self.example = torch.zeros(1, spec.in_chans, *spec.input_size, device=ctx.device)
-        self.originals: dict[str, int] = {}
-        self.held: dict[str, Held] = {}
-        self.proved = False
-        self.keep, self.graph_builds, self.score_seconds, self.proof_seconds = 1.0, 0, 0.0, 0.0
-        self.round_to = round_to if round_to is not None else ctx.config.filter_prune.round_to
-        if not isinstance(self.round_to, int):
-            raise ValueError("round_to 'auto' is measured: pass alignment(config, meter) as round_to")
-
-    def prunable(self, model: nn.Module, graph) -> list[tuple[str, nn.Module, Any, Any]]:
-        """The groups this step may prune; groups found (or proved) unprunable join `held`, with the reason."""
-        found, new = graph.groups(model, ignored_modules(model, self.ctx, graph.output_layers), self.held)
-        for h in new:
-            self.held.setdefault(h.root, h)
-        if not self.proved:
-            t0 = time.perf_counter()
-            broken = prove(model, self.example, [f[0] for f in found], build_graph)
-            self.proof_seconds = time.perf_counter() - t0
-            attention = every_attention(model)
-            for name, _, _, group in found:
-                if name in broken:
-                    layers = producers_of(graph, group, model)
-                    reason = f"removing some of its units breaks the model ({broken[name]})"
-                    self.held[name] = Held(name, in_attention(layers, attention, reason), "breaks forward", layers)
-            found = [f for f in found if f[0] not in broken]
-            self.proved = True
-        return found
-
-    def _scores(self, model: nn.Module, stats: dict[str, Any] | None, description: str):
-        """The criterion's measurements (the unit statistics when `stats` is None and it needs them), one graph, and
-        every prunable group's scored record."""
-        ctx, criterion = self.ctx, self.criterion
-        if criterion.needs_grad:
-            # one pass: the gradient pass also measures the unit statistics when they must be measured again
-            units = UnitStats() if criterion.needs_stats and stats is None else None
-            accumulate_gradients(model, ctx, [units] if units else [])
-            if units:
-                stats = units.result()
-        elif criterion.needs_stats and stats is None:
-            stats = collect_unit_stats(model, ctx, description)
-        criterion.prepare(model, ctx, stats)
-        t0 = time.perf_counter()
-        graph = build_graph(model, self.example)
-        self.graph_builds += 1
-        unscored: list[tuple[str, str]] = []
-        records = score_groups(self.prunable(model, graph), model, criterion, unscored)
-        for name, why in unscored:
-            self.held.setdefault(name, Held(name, why, "criterion", [name]))
-        self.score_seconds += time.perf_counter() - t0
-        for r in records:
-            self.originals.setdefault(r.name, r.width)
-        return stats, graph, records
-
-    def _choose(self, model: nn.Module, records, plan: Plan, keep: float) -> tuple[dict[str, list[int]], Removal]:
-        """Which units of which group go, and (for a budgeted plan) the latency they are predicted to save."""
-        cfg = self.ctx.config.filter_prune
-        if plan.budget_ms is None:
-            return plan_step(records, self.originals, plan.share, self.round_to, cfg.max_layer_pruning_ratio,
-                             cfg.ranking, keep), Removal(0)
-        unit_ms = {r.name: unit_costs(plan.profile, r.members, plan.scale) for r in records}
-        weights = work_per_unit(records, module_macs(model, self.example))
-        chosen = plan_latency_step(records, self.originals, plan.budget_ms, self.round_to,
-                                   cfg.max_layer_pruning_ratio, unit_ms, weights=weights)
-        layers: dict[str, float] = {}
-        for r in records:
-            removing = len(chosen.get(r.name, ()))
-            for layer, ms in per_unit(plan.profile.layers, r.members).items():
-                layers[layer] = layers.get(layer, 0.0) + ms * removing
-        return chosen, Removal(0, sum(len(idx) * unit_ms[name] for name, idx in chosen.items()), layers)
-
-    def apply(self, model: nn.Module, plan: Plan, stats: dict[str, Any] | None = None,
-              snapshot: nn.Module | None = None) -> Removal:
-        """Take `plan` on `model`, in place: remove its share of the remaining units, or the least important units
-        whose predicted saving reaches its latency budget. A step whose real removals break the model although the
-        proof passed (a coupling that fails only for some index sets) is undone, the groups whose removals break it
-        are held, and it is taken once more without them. `snapshot`, a copy of the model before the step, saves
-        one copy when the caller has it."""
-        for retake in (False, True):
-            stats, graph, records = self._scores(model, stats, f"flows, step {plan.step + 1}")
-            keep = self.keep * (1.0 - plan.share) if plan.budget_ms is None else self.keep
-            chosen, removal = self._choose(model, records, plan, keep)
-            snapshot = snapshot if snapshot is not None else clone(model)
-            removed = apply_plan(graph, records, chosen, model)
-            model.zero_grad(set_to_none=True)
-            error = runs(model, self.example)
-            if error is None:
-                self.keep = keep
-                return dataclasses.replace(removal, units=removed)
-            restore(model, snapshot)
-            if retake:
-                raise RuntimeError(f"a pruning step broke the model ({error}) even without the groups held for it")
-            roots = {r.name: r for r in records if chosen.get(r.name)}
-            for name, err in plan_breaks(snapshot, self.example, roots, chosen, build_graph).items():
-                rec = roots[name]
-                self.held[name] = Held(name, f"removing {len(chosen[name])} of its {rec.width} units breaks the "
-                                             f"model ({err})", "breaks forward",
-                                       [n for n, m in model.named_modules() if m is rec.module])
-            snapshot = None
-        raise AssertionError("unreachable")
-
-    def held_records(self, model: nn.Module) -> list[dict[str, Any]]:
-        """Every group held whole, with its reason and share of the model's MACs (as the model is now)."""
-        held = list(self.held.values())
-        fill_shares(held, module_macs(model, self.example))
-        return [h.record() for h in sorted(held, key=lambda h: -h.macs_share)]
-
-
-def alignment(config, meter: LatencyMeter | None) -> int:
-    """filter_prune.round_to, with "auto" measured on the deployment target (the multiple the runtime rewards;
-    cached per machine)."""
-    round_to = config.filter_prune.round_to
-    return best_alignment(meter or LatencyMeter(config)) if round_to == "auto" else round_to
+    enabled: bool = Field(True, description="run filter pruning")
+    criterion: str = Field("divergence_taylor", description="importance criterion; `compress criteria` lists them")
+    target_flops_reduction: float | None = Field(None, gt=0.0, lt=1.0, description="fraction of MACs to remove "
+                                                 "(0.5 when target_speedup is unset too)")
+    target_speedup: float | None = Field(None, gt=1.0, description="instead of a MACs target: the batch latency "
+                                         "speedup over the base to reach on the validation runtime (e.g. 2.0)")
+    speedup_tolerance: float = Field(0.03, ge=0.0, lt=0.5, description="a measured speedup this close below the "
+                                     "target counts as reaching it")
+    steps: int = Field(20, ge=1, description="T, the maximum number of pruning steps")
+    p0: float = Field(0.05, gt=0.0, lt=1.0, description="first step's fraction of remaining units")
+    alpha: float = Field(1.5, ge=0.0, description="growth of the step fraction: p_t = p0 (1 + t/T)^alpha")
+    round_to: int | Literal["auto"] = Field(8, description="channel counts are kept at multiples of this; auto: "
+                                            "the multiple the validation runtime rewards, measured (8, 16 or 32)")
+    ranking: Literal["global", "per_layer"] = Field("global", description="one ranking over all layers, or the "
+                                                   "same share from each layer")
+    max_layer_pruning_ratio: float = Field(0.9, gt=0.0, lt=1.0, description="cap per layer vs original width")
+    max_accuracy_drop: float = Field(5.0, ge=0.0, le=100.0, description="top-1 points below the stage start")
+    recovery_steps: int = Field(30, ge=0, description="training steps per recovery round after each step")
+    recovery_rounds: int = Field(1, ge=1, description="most recovery rounds after each step (recovery.stopping)")
+    recovery_lr: float = Field(0.01, gt=0.0, description="peak learning rate of those recoveries")
+    ignore: list[str] = Field(default_factory=list, description="module names never pruned")
+    flops_tolerance: float = Field(0.005, ge=0.0, lt=0.1, description="stop when this close to the target")
 
 
 def take_step(pruner: Pruner, goal: Goal, model: nn.Module, t: int, stats: dict[str, Any] | None,
@@ -235,6 +123,50 @@ class FilterPrune:
     @staticmethod
     def off(config) -> str | None:
         return None if config.filter_prune.enabled else "filter_prune.enabled is false"
+
+    @staticmethod
+    def dynamics(rec: RunRecords, before: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The report's dynamics rows: the start, then every step after its recovery, rolled back or kept."""
+        return [dynamics_row("filter_prune", "start" if d["step"] == 0 else f"step {d['step']}", d["params_m"],
+                             d["gflops"], d["top1"], d["top5"], d["accepted"], d.get("recovery_rounds"),
+                             d.get("recovery_stop")) for d in rec.states.get("filter_prune", {}).get("dynamics", [])]
+
+    @staticmethod
+    def report(rec: RunRecords) -> list[ReportSection]:
+        """With a speedup target: each step's predicted and measured saving (the latency model at work)."""
+        lat = rec.states.get("filter_prune", {}).get("latency")
+        if not lat:
+            return []
+        steps = lat.get("steps", [])
+
+        def measured(s: dict[str, Any]) -> str:
+            if not s.get("timed", True):
+                return "not timed (far from the target)"
+            if s.get("steps_since", 1) > 1:  # the timing covers the untimed steps before it
+                return (f"{f4(s['measured_since_ms'])} over the last {s['steps_since']} steps (predicted "
+                        f"{f4(s['predicted_since_ms'])})")
+            return f4(s["measured_ms"])
+
+        def timed(s: dict[str, Any], text: str, untimed: str = " (predicted)") -> str:
+            return text + ("" if s.get("timed", True) else untimed)
+
+        t = Table(["step", "predicted saving (ms)", "measured saving (ms)", "latency (ms)", "speedup", "spread"],
+                  [[str(i + 1), f4(s["predicted_ms"]), measured(s), timed(s, f4(s["latency_ms"])),
+                    timed(s, f"{s['speedup']:.2f}x"),
+                    f"{s['speedup_low']:.2f}-{s['speedup_high']:.2f}" if s.get("timed", True) else "-"]
+                   for i, s in enumerate(steps)])
+        untimed = sum(not s.get("timed", True) for s in steps)
+        return [ReportSection("Latency model", [
+            f"Pruned to a measured speedup on {lat['runtime']} ({lat['threads']} threads, {lat['device']}): base "
+            f"{lat['base_ms']:.4g} ms, target {lat['target_ms']:.4g} ms, reached {lat['speedup']:.2f}x in the stage "
+            f"(validated figure above). Each step's budget is spent by a knapsack over the groups' predicted "
+            f"savings (per-layer times from ONNX Runtime's profiler), then the model is timed against the base and "
+            f"the misprediction corrects the next budget (drift {lat['drift']:.2f})"
+            + (f"; {untimed} step(s) far from the target were not timed, the timing after each measured it with the "
+               f"step before" if untimed else "") + f". Measuring took {lat['measure_seconds']:.1f} s "
+            f"({lat['cache_hits']} measurements from the cache, {lat['cache_misses']} new)."], [t],
+            [(f"{FIGURES}/latency_model.png", "predicted vs measured saving per step; ms per layer before/after")],
+            {"latency_model.png": lat})]
 
     def run(self, model: nn.Module | None, ctx: Context) -> StageResult:
         cfg = ctx.config.filter_prune

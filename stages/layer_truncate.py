@@ -8,15 +8,30 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import Field
 from torch import nn
 
-from pipeline.context import STAGES, Context, StageResult
-from pipeline.models import clone, count_macs
+from core.config import Section
+from core.context import STAGES, Context, StageResult
+from core.models import clone, count_macs
+from core.records import ReportSection, RunRecords, Table, dynamics_row, f2, f4
 from stages._blocks import find_candidates, measure_blocks, replace_with_identity
 from stages._flows import calibration_pass
 from stages._latency import LatencyMeter, Profile
 from stages._recovery import Budget, recover
 from stages._training import evaluate, teacher_and_reference
+
+
+class LayerTruncateConfig(Section):
+    """IDAP++ flow-guided layer truncation (docs/method.md section 3): whole blocks become the identity."""
+
+    enabled: bool = Field(True, description="run layer truncation")
+    max_layers: int = Field(2, ge=0, description="most blocks removed")
+    max_accuracy_drop: float = Field(1.0, ge=0.0, le=100.0, description="top-1 points below the stage start")
+    recovery_steps: int = Field(30, ge=0, description="training steps per recovery round after each removal")
+    recovery_rounds: int = Field(1, ge=1, description="most recovery rounds after each removal")
+    recovery_lr: float = Field(0.01, gt=0.0, description="peak learning rate of those recoveries")
+    min_flops_share: float = Field(0.005, ge=0.0, lt=1.0, description="ignore blocks with a smaller share of MACs")
 
 
 def measure(model: nn.Module, ctx: Context, description: str) -> tuple[dict[str, Any], dict[str, float]]:
@@ -94,6 +109,43 @@ class LayerTruncate:
         cfg = config.layer_truncate
         return None if cfg.enabled and cfg.max_layers else \
             ("layer_truncate.enabled is false" if not cfg.enabled else "layer_truncate.max_layers is 0")
+
+    @staticmethod
+    def dynamics(rec: RunRecords, before: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The report's dynamics rows: every block tried, with the model after it (kept or rolled back)."""
+        return [dynamics_row("layer_truncate", f"remove {d['block']}", d.get("params_m_after"), d.get("gflops_after"),
+                             d.get("top1_after"), d.get("top5_after"), d["accepted"], d.get("recovery_rounds"),
+                             d.get("recovery_stop"), divergence=d["divergence"])
+                for d in rec.states.get("layer_truncate", {}).get("decisions", [])]
+
+    @staticmethod
+    def report(rec: RunRecords) -> list[ReportSection]:
+        """Every candidate block tried, its divergence and share, and why it was removed or kept."""
+        trunc = rec.states.get("layer_truncate")
+        if trunc is None:
+            return []
+        dec = trunc.get("decisions", [])
+        timed = any("ms_saved" in d for d in dec)
+
+        def decision(d: dict[str, Any]) -> str:
+            if d["accepted"]:
+                return "removed"
+            if d.get("overshoots"):
+                return "rolled back (overshoots the target)"
+            if d.get("breaks_forward"):
+                return f"kept: the model does not run without it ({d['breaks_forward']})"
+            return "rolled back (essential)"
+
+        t = Table(["block", "divergence D", "MACs share", "top-1 before", "top-1 after"]
+                  + (["ms saved", "speedup after"] if timed else []) + ["decision"],
+                  [[d["block"], f"{d['divergence']:.4f}", f"{100 * d['macs_share']:.1f}%", f2(d["top1_before"]),
+                    f2(d["top1_after"]) if d.get("top1_after") is not None else "-"]
+                   + ([f4(d.get("ms_saved")), f"{d.get('speedup_after', 0):.2f}x"] if timed else [])
+                   + [decision(d)] for d in dec])
+        text = [f"Removed blocks: {', '.join(trunc.get('removed_blocks', [])) or 'none'}. "
+                f"Stopped: {trunc.get('stop_reason', '-')}. Candidates: {len(trunc.get('candidates', []))}."]
+        text += [f"Not candidates: {n} module(s) {why}." for why, n in (trunc.get("rejected") or {}).items()]
+        return [ReportSection("Removed blocks", text, [t] if dec else [])]
 
     def run(self, model: nn.Module | None, ctx: Context) -> StageResult:
         cfg = ctx.config.layer_truncate

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from torch import nn
 
-from pipeline.context import STAGES, Context, StageResult
-from pipeline.data import check_classes, class_info
-from pipeline.errors import UserInputError
-from pipeline.models import build_model, check_deterministic, count_macs, nonfinite_tensors
+from core._weights import nonfinite_tensors
+from core.context import STAGES, Context, StageResult
+from core.data import check_classes, class_info
+from core.errors import UserInputError
+from core.models import build_model, check_deterministic, count_macs
 
 
 @STAGES.register("load")

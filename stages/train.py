@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+from pydantic import Field
 from torch import nn
 
-from pipeline.config import RecoveryConfig
-from pipeline.context import STAGES, Context, StageResult
-from stages._recovery import Budget, recover
+from core.config import Section
+from core.context import STAGES, Context, StageResult
+from stages._recovery import Budget, RecoveryConfig, recover
 from stages._training import evaluate, steps_per_epoch
+
+
+class TrainConfig(Section):
+    """Train the base model (only when no trained weights exist, e.g. the offline demo)."""
+
+    enabled: bool = Field(False, description="train the base model before compressing it")
+    epochs: int = Field(5, ge=1, description="SGD epochs, cosine schedule")
+    lr: float = Field(0.05, gt=0.0, description="peak learning rate")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum")
+    weight_decay: float = Field(5e-4, ge=0.0, description="L2 weight decay (not on norms and biases)")
 
 
 @STAGES.register("train")

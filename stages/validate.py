@@ -3,20 +3,45 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
+from core.config import Section
+from core.context import STAGES, SUMMARY, Context, StageResult
+from core.errors import UserInputError
+from core.models import count_macs
+from core.records import FIGURES, ReportSection, RunRecords, Table, dynamics_row
+from core.rundir import atomic_json, now, sha256
+from export.config import INT8_RUNTIMES, GatesConfig
 from export.runtime import TorchModel, int8_saturation, open_artifact
 from export.target import resolve
 from export.validation import accuracy, check_gates, clean_latency, compare, latency_record, speedup
-from pipeline.config import INT8_RUNTIMES
-from pipeline.context import STAGES, SUMMARY, Context, StageResult
-from pipeline.errors import UserInputError
-from pipeline.models import count_macs
-from pipeline.rundir import atomic_json, now, sha256
 from stages.export import ENGINE, INT8, export_onnx
+
+
+class ValidateConfig(Section):
+    """Accuracy, parity and latency of the deployed artifact on the runtime that ships it."""
+
+    runtime: Literal["auto", "onnxruntime-cpu", "onnxruntime-cuda", "tensorrt", "torch-cuda"] = Field(
+        "auto", description="auto: on the CPU ONNX Runtime; on CUDA the TensorRT engine when one is built, else "
+        "ONNX Runtime's CUDA provider, else torch-cuda (PyTorch timed on the GPU with CUDA events, the ONNX file "
+        "scored on ONNX Runtime's CPU provider). summary.json `target` says what it resolved to")
+
+    warmup: int = Field(20, ge=0, description="untimed runs per model before timing")
+    runs: int = Field(100, ge=1, description="timed runs per model, at least")
+    block_seconds: float = Field(0.2, ge=0.0, description="each model's timing block lasts at least this long "
+                                 "(sub-millisecond models get more runs)")
+    blocks: int = Field(10, ge=1, description="the runs are timed in this many interleaved blocks; the speedup's "
+                        "spread is taken across blocks")
+    batch: int = Field(1, ge=1, description="latency batch")
+    threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads (default: every core of "
+                                "the process's CPU affinity)")
+    parity_samples: int = Field(16, ge=1, description="validation images compared between PyTorch and the "
+                                "artifact")
+    gates: GatesConfig = Field(default_factory=GatesConfig)
 
 
 def _pct(new: float, old: float) -> float:
@@ -32,6 +57,38 @@ def parity_batch(ctx: Context) -> torch.Tensor:
 @STAGES.register("validate")
 class Validate:
     description = "accuracy, parity vs PyTorch and base vs compressed latency on the deployed runtime; summary.json"
+
+    @staticmethod
+    def dynamics(rec: RunRecords, before: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The report's dynamics row: the deployed artifact as validated."""
+        if rec.summary is None:
+            return []
+        c = rec.summary["compressed"]
+        return [dynamics_row("validate", f"deployed ({rec.summary['latency_ms']['backend']})", c["params_m"],
+                             c["gflops"], c["top1"], c["top5"], True)]
+
+    @staticmethod
+    def report(rec: RunRecords) -> list[ReportSection]:
+        """The gates and how the latency was taken (the figures themselves head the report)."""
+        s = rec.summary
+        if s is None:
+            return []
+        g, lat = s["gates"], s["latency_ms"]
+        text = [f"Gates {'passed' if g['passed'] else '**failed**'}."]
+        text += [f"Failed: {f}" for f in g.get("failures", [])]
+        text += [f"Not checked: {u}" for u in g.get("unchecked", [])]
+        tables = []
+        if rec.config is not None:
+            tables.append(Table(["gate", "threshold"], [[k, "not set" if v is None else str(v)]
+                                                        for k, v in rec.config.validate_.gates.model_dump().items()]))
+        runs = lat["runs"]
+        runs = " and ".join(f"{n} ({role})" for role, n in runs.items()) if isinstance(runs, dict) else str(runs)
+        return [ReportSection("Gates", text, tables), ReportSection("Latency", [
+            f"{runs} timed runs after {lat['warmup']} warm-up runs per model, in {lat.get('blocks', 1)} interleaved "
+            f"blocks (base and compressed alternate block by block); the speedup's spread is the 10th-90th "
+            f"percentile of the per-block speedups, and `min_speedup` gates on its low end. "
+            f"{lat.get('threads') or '?'} threads on {lat.get('device') or 'an unrecorded device'}."], [],
+            [(f"{FIGURES}/latency.png", "median latency, p10-p90 whiskers")])]
 
     def run(self, model: nn.Module | None, ctx: Context) -> StageResult:
         cfg, spec, root = ctx.config.validate_, ctx.config.model, ctx.run_dir.root

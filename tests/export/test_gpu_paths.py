@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from core.errors import UserInputError
 from export import runtime, tensorrt
+from export.config import GatesConfig
 from export.validation import check_gates
-from pipeline.config import GatesConfig, load_config
-from pipeline.errors import UserInputError
+from pipeline.config import load_config
 from tests.conftest import tiny_config, write_config
 
 

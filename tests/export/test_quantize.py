@@ -9,11 +9,11 @@ import onnx
 import pytest
 import torch
 
+from core.errors import UserInputError
+from export.config import ExportConfig
 from export.quantize import INT8_ONNX, int8_model, layers_of, own_parameters, sensitivity
 from export.runtime import OrtModel
 from export.torch2onnx import torch2onnx
-from pipeline.config import ExportConfig
-from pipeline.errors import UserInputError
 from tests.fixtures.outlier import Outlier
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from core.errors import UserInputError
 from export import runtime, target, tensorrt
 from pipeline.config import Config
-from pipeline.errors import UserInputError
 from tests.conftest import tiny_config
 
 

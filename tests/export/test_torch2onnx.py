@@ -10,10 +10,11 @@ import pytest
 import torch
 import torch_pruning as tp
 
+from core.config import ModelConfig
+from core.models import build_model
+from export.config import ExportConfig
 from export.runtime import OrtModel, latency_stats
 from export.torch2onnx import torch2onnx
-from pipeline.config import ExportConfig, ModelConfig
-from pipeline.models import build_model
 
 
 @pytest.fixture(scope="module")

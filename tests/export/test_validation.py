@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from core.errors import UserInputError
 from export import tensorrt
+from export.config import ExportConfig, GatesConfig
 from export.runtime import OrtModel, open_artifact
 from export.torch2onnx import torch2onnx
 from export.validation import accuracy, check_gates, latency
-from pipeline.config import ExportConfig, GatesConfig
-from pipeline.errors import UserInputError
 
 
 def summary(top1_base=90.0, top1=89.0, speedup=2.0, latency_ms=1.0, parity=1e-6, precision="fp32"):

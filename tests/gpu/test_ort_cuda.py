@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from core.config import ModelConfig
+from core.models import build_model
+from export.config import ExportConfig
 from export.runtime import OrtModel, cuda_provider_problem
 from export.torch2onnx import torch2onnx
-from pipeline.config import ExportConfig, ModelConfig
-from pipeline.models import build_model
 from tests.conftest import run_cli, tiny_config, write_config
 
 

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 import torch
 
+from core.config import ModelConfig
+from core.models import build_model
+from core.rundir import sha256
 from export import tensorrt
+from export.config import ExportConfig
 from export.runtime import open_artifact
 from export.torch2onnx import torch2onnx
-from pipeline.config import ExportConfig, ModelConfig
-from pipeline.models import build_model
-from pipeline.rundir import sha256
 from tests.conftest import resnet50_config, run_cli, tiny_config, write_config
 
 pytestmark = [pytest.mark.gpu,

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from export.config import ExportConfig
 from export.target import resolve
 from export.torch2onnx import torch2onnx
-from pipeline.config import Config, ExportConfig
+from pipeline.config import Config
 from tests.conftest import run_cli, tiny_config, write_config
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),

@@ -18,10 +18,10 @@ import torch
 from rich.console import Console
 
 from benchmarks.arch import ARCHITECTURES
+from core.models import build_model, rebuild, structure_of
+from core.rundir import RunDir, load_checkpoint
 from export.runtime import OrtModel
 from pipeline.config import load_config
-from pipeline.models import build_model, rebuild, structure_of
-from pipeline.rundir import RunDir, load_checkpoint
 from pipeline.runner import run_pipeline
 from stages._attention import attention_modules
 from stages._recovery import split_outputs

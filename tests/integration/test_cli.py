@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from core.config import ModelConfig
+from core.models import build_model
+from core.rundir import sha256
 from export import tensorrt
 from pipeline.cli import main
-from pipeline.config import ModelConfig
-from pipeline.models import build_model
-from pipeline.rundir import sha256
 from stages import PIPELINE
 from tests.conftest import REPO, tiny_config, write_config
 from tests.report_checks import check_numbers
@@ -293,7 +293,7 @@ def test_downstream_reruns_when_an_upstream_checkpoint_changed(finished, tmp_pat
 def test_metrics_jsonl_and_tensorboard_record_the_same_values(finished, tmp_path: Path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from pipeline.metrics import read_metrics
+    from core.metrics import read_metrics
 
     config, run = finished
     rows = read_metrics(run)

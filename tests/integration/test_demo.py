@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from core.rundir import sha256
 from export.runtime import OrtModel
-from pipeline.rundir import sha256
 from tests.conftest import REPO, run_cli
 from tests.report_checks import check_numbers
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.rundir import sha256
+from core.rundir import sha256
 from tests.conftest import REPO, run_cli, tiny_config, write_config
 
 
@@ -134,7 +134,7 @@ def test_disk_full_while_writing_a_checkpoint_keeps_earlier_files_and_exits_2(fi
                                                                               monkeypatch, capsys):
     """The disk fills up during a stage (after the free-space check passed): exit 2, nothing finished is lost,
     and the same command resumes once there is room."""
-    from pipeline import rundir
+    from core import rundir
     from pipeline.cli import run
 
     config, run_dir = finished
@@ -162,8 +162,8 @@ def test_disk_full_while_writing_a_checkpoint_keeps_earlier_files_and_exits_2(fi
 
 
 def _weights_with_nan(tmp: Path) -> Path:
-    from pipeline.config import ModelConfig
-    from pipeline.models import build_model
+    from core.config import ModelConfig
+    from core.models import build_model
 
     state = build_model(ModelConfig(**tiny_config()["model"])).state_dict()
     state["layer1.0.conv1.weight"][0, 0, 0, 0] = float("nan")

@@ -43,8 +43,8 @@ def _compress(folder: Path, tmp_path: Path, **sections) -> Path:
 
 
 def test_a_checkpoint_folder_states_classes_channels_size_and_weights(tmp_path: Path):
+    from core.models import build_model, fingerprint
     from pipeline.config import Config
-    from pipeline.models import build_model, fingerprint
 
     folder = _convnext(tmp_path / "ckpt")
     spec = Config.model_validate({**tiny_config(), "model": {"source": "huggingface", "name": str(folder)}}).model
@@ -90,8 +90,8 @@ def test_checkpoint_errors_exit_2_with_the_fix(tmp_path: Path):
 
 
 def test_a_convnext_checkpoint_is_compressed_exported_and_rebuilt(tmp_path: Path):
+    from core.models import rebuild
     from pipeline.config import load_config
-    from pipeline.models import rebuild
 
     folder = _convnext(tmp_path / "ckpt")
     run = _compress(folder, tmp_path, filter_prune={"target_flops_reduction": 0.4, "steps": 3})
@@ -110,8 +110,8 @@ def test_a_convnext_checkpoint_is_compressed_exported_and_rebuilt(tmp_path: Path
 def test_a_vit_checkpoint_with_separate_query_key_value_is_pruned_by_whole_heads(tmp_path: Path):
     """Hugging Face's ViT attention: q_proj, k_proj, v_proj and o_proj, num_attention_heads, a view to (-1,
     head_dim). Its heads are recognised by structure and removed whole; the head count follows; the ONNX agrees."""
+    from core.models import rebuild
     from pipeline.config import load_config
-    from pipeline.models import rebuild
     from stages._attention import attention_modules, count_heads
 
     cfg = transformers.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,

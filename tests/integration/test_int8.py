@@ -96,9 +96,9 @@ def test_bad_int8_settings_exit_2_with_the_allowed_values(tmp_path: Path, overri
 
 
 def test_an_int8_artifact_on_the_cuda_provider_is_refused(tmp_path: Path):
+    from core.errors import UserInputError
     from export.quantize import int8_model
     from export.runtime import OrtModel
-    from pipeline.errors import UserInputError
     from tests.export.test_quantize import Outlier, _batches, _export
 
     model = Outlier(scale=1.0)

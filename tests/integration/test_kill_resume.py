@@ -93,8 +93,8 @@ def test_truncated_checkpoint_rebuilds_in_a_fresh_process(setup, tmp_path: Path)
     import subprocess
     import sys
 
+    from core.models import rebuild
     from pipeline.config import load_config
-    from pipeline.models import rebuild
 
     config, _ = setup
     run = config.parent / "baseline"
@@ -105,7 +105,7 @@ def test_truncated_checkpoint_rebuilds_in_a_fresh_process(setup, tmp_path: Path)
     here = model(x).detach()
     torch.save(x, tmp_path / "x.pt")
     code = (
-        "import sys, torch; from pipeline.config import load_config; from pipeline.models import rebuild\n"
+        "import sys, torch; from pipeline.config import load_config; from core.models import rebuild\n"
         f"ck = torch.load({str(run / '04_layer_truncate' / 'checkpoint.pt')!r}, weights_only=True)\n"
         f"m = rebuild(load_config(__import__('pathlib').Path({str(config)!r})).model, ck['structure'], ck['model'])\n"
         f"torch.save(m.eval()(torch.load({str(tmp_path / 'x.pt')!r})).detach(), {str(tmp_path / 'y.pt')!r})\n"

@@ -16,9 +16,9 @@ import torch
 import yaml
 from torch.utils.data import TensorDataset
 
+from core.models import count_macs, rebuild
 from pipeline import UserInputError, compress
 from pipeline.config import load_config
-from pipeline.models import count_macs, rebuild
 from tests.conftest import REPO, run_cli
 
 FIXTURE = REPO / "tests" / "fixtures" / "mynet.py"
@@ -67,7 +67,7 @@ def test_own_class_from_yaml_compresses_exports_and_rebuilds_in_a_fresh_process(
             expected[ckpt.parent.name] = rebuild(cfg.model, data["structure"], data["model"]).eval()(x).detach()
     assert {"00_load", "03_filter_prune", "04_layer_truncate", "05_finetune"} <= set(expected)
     code = ("import sys, torch; from pathlib import Path\n"
-            "from pipeline.config import load_config; from pipeline.models import rebuild\n"
+            "from pipeline.config import load_config; from core.models import rebuild\n"
             "run = Path(sys.argv[1]); cfg = load_config(run / 'config.json'); x = torch.load(sys.argv[2])\n"
             "out = {}\n"
             "for p in sorted(run.glob('0*/checkpoint.pt')):\n"
@@ -201,8 +201,8 @@ def test_pickled_model_is_refused_with_the_conversion(tmp_path: Path):
 def test_dry_run_catches_what_would_fail_later_in_seconds(tmp_path: Path, case: str):
     from PIL import Image
 
-    from pipeline.config import ModelConfig
-    from pipeline.models import build_model
+    from core.config import ModelConfig
+    from core.models import build_model
 
     cfg = {"name": "d", "model": {"source": "timm", "name": "resnet18", "num_classes": 10, "in_chans": 3,
                                   "input_size": [32, 32]},

@@ -19,10 +19,10 @@ import torch
 from rich.console import Console
 from torch import nn
 
+from core.models import rebuild, structure_of
+from core.rundir import RunDir, load_checkpoint
 from export.runtime import OrtModel
 from pipeline.config import load_config
-from pipeline.models import rebuild, structure_of
-from pipeline.rundir import RunDir, load_checkpoint
 from pipeline.runner import run_pipeline
 from tests.conftest import write_config
 from tests.integration.test_architectures import _config
@@ -83,12 +83,12 @@ def test_structural_class_finishes_with_reasons_parity_and_reload(label: str, tm
 def test_layer_scale_attribute_follows_its_pruned_parameter(tmp_path: Path):
     """A module whose forward reshapes its own parameter by a stored shape (MetaFormer's Scale): the shape is
     pruned with the channels, recorded in the structure, and rebuilt from it."""
-    from pipeline.config import ModelConfig
+    from core.config import ModelConfig
     from stages._graph import build_graph
     from stages._structure import prune_group
 
     spec = ModelConfig(source="timm", name="poolformer_s12", num_classes=10, input_size=(64, 64))
-    from pipeline.models import build_model
+    from core.models import build_model
 
     torch.manual_seed(0)
     model = build_model(spec).eval()
@@ -133,7 +133,7 @@ def test_attention_whose_heads_cannot_go_is_held_whole_with_the_reason_and_still
     from pipeline.config import Config
     from stages._criteria import CRITERIA
     from stages._goals import Plan
-    from stages.filter_prune import Pruner
+    from stages._pruner import Pruner
 
     class Net(nn.Module):
         def __init__(self) -> None:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from pipeline.errors import UserInputError
+from core.errors import UserInputError
 from tests.conftest import REPO, run_cli, run_here, tiny_config, write_config
 from tests.integration.test_faults import expect
 
@@ -156,7 +156,7 @@ def test_blocks_called_with_keyword_arguments_are_truncated_and_exported(tmp_pat
 
 def test_when_the_torchscript_exporter_fails_auto_falls_back_and_names_both_causes(tmp_path: Path, monkeypatch):
     import export.torch2onnx as T
-    from pipeline.config import ExportConfig
+    from export.config import ExportConfig
 
     model, x = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.LazyLinear(3)), torch.zeros(1, 1, 8, 8)
     model(x)
@@ -174,8 +174,8 @@ def test_when_the_torchscript_exporter_fails_auto_falls_back_and_names_both_caus
 
 
 def test_export_gives_the_callers_model_back_as_it_was(tmp_path: Path):
+    from export.config import ExportConfig
     from export.torch2onnx import torch2onnx
-    from pipeline.config import ExportConfig
 
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(144, 3)).train()
     model[1].eval()  # a frozen norm inside a training model

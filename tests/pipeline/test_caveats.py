@@ -8,8 +8,8 @@ from pathlib import Path
 from rich.console import Console
 
 import pipeline._report_figures as F
+from export.validation import contended
 from pipeline.cli import summary_table
-from pipeline.report import contended
 
 BUSY = "while timing with 2 threads, other processes kept 1.90 of the 2 cores busy"
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from core.errors import UserInputError
 from pipeline.config import load_config
-from pipeline.errors import UserInputError
 from pipeline.plan import stage_hashes
 from stages import PIPELINE
 from tests.conftest import REPO, tiny_config, write_config

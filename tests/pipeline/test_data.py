@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
+from core.data import DATASETS, build_splits
+from core.errors import UserInputError
 from pipeline.config import Config
-from pipeline.data import DATASETS, build_splits
-from pipeline.errors import UserInputError
 from tests.conftest import tiny_config
 
 
@@ -62,7 +62,7 @@ def test_missing_root_is_a_clear_error(tmp_path: Path):
 def test_every_dataset_kind_is_registered():
     from typing import get_args
 
-    from pipeline.config import DataConfig
+    from core.config import DataConfig
 
     assert set(get_args(DataConfig.model_fields["kind"].annotation)) == set(DATASETS.names())
 

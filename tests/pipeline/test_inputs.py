@@ -9,14 +9,14 @@ import pytest
 from PIL import Image
 
 import stages  # noqa: F401 - registers the stages (their `off` rules)
+from core._datafiles import describe_change, fingerprint, scan
+from core.data import build_splits
+from core.errors import UserInputError
+from core.registry import PIPELINE
+from core.rundir import RunDir, atomic_json
 from pipeline import plan as plan_mod
-from pipeline._datafiles import describe_change, fingerprint, scan
 from pipeline.config import validate_config
-from pipeline.context import PIPELINE
-from pipeline.data import build_splits
-from pipeline.errors import UserInputError
 from pipeline.plan import make_plan
-from pipeline.rundir import RunDir, atomic_json
 from tests.conftest import tiny_config
 
 

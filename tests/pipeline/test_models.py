@@ -8,10 +8,11 @@ import pytest
 import torch
 import torch_pruning as tp
 
-from pipeline.config import ModelConfig
-from pipeline.errors import UserInputError
-from pipeline.models import build_model, count_macs, load_weights, rebuild, structure_of
-from pipeline.rundir import atomic_torch_save, load_checkpoint
+from core._weights import load_weights
+from core.config import ModelConfig
+from core.errors import UserInputError
+from core.models import build_model, count_macs, rebuild, structure_of
+from core.rundir import atomic_torch_save, load_checkpoint
 
 SPEC = ModelConfig(source="timm", name="resnet18", num_classes=5, in_chans=1, input_size=(32, 32))
 

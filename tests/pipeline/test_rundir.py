@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import rundir
-from pipeline.errors import UserInputError
-from pipeline.registry import Registry
+from core import rundir
+from core.errors import UserInputError
+from core.registry import Registry
 
 
 def test_atomic_write_keeps_old_file_when_interrupted(tmp_path: Path, monkeypatch):

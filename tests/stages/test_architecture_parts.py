@@ -8,16 +8,11 @@ import torch
 import torchvision
 from torch import nn
 
-from pipeline.config import ModelConfig
+from core.config import ModelConfig
 from stages._attention import HeadStats, attention_modules, head_weight_norms, qkv_indices
 from stages._criteria import CRITERIA
-from stages._pruning import (
-    apply_plan,
-    build_graph,
-    classifier_layers,
-    plan_step,
-    score_groups,
-)
+from stages._graph import build_graph
+from stages._pruning import apply_plan, classifier_layers, plan_step, score_groups
 
 
 def test_head_divergence_matches_the_attention_output_the_module_computes():

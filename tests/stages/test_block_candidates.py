@@ -11,10 +11,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from core.config import ModelConfig
+from core.models import build_model, rebuild, structure_of
+from export.config import ExportConfig
 from export.runtime import OrtModel
 from export.torch2onnx import torch2onnx
-from pipeline.config import ExportConfig, ModelConfig
-from pipeline.models import build_model, rebuild, structure_of
 from stages._blocks import find_candidates, measure_blocks, replace_with_identity
 from stages._flows import calibration_pass
 

@@ -8,11 +8,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from pipeline.config import ModelConfig
-from pipeline.models import build_model
+from core.config import ModelConfig
+from core.models import build_model
 from stages._criteria import CRITERIA, accumulate_gradients
 from stages._flows import collect_unit_stats
-from stages._pruning import build_graph, classifier_layers, score_groups
+from stages._graph import build_graph
+from stages._pruning import classifier_layers, score_groups
 
 SPEC = ModelConfig(source="timm", name="resnet18", num_classes=4, in_chans=1, input_size=(32, 32))
 

@@ -265,8 +265,8 @@ def test_a_short_timing_clearly_beyond_the_target_is_not_timed_again_unless_it_i
 def test_node_owners_follow_fused_ops_back_to_their_conv(tmp_path: Path):
     import timm
 
+    from export.config import ExportConfig
     from export.torch2onnx import torch2onnx
-    from pipeline.config import ExportConfig
 
     model = timm.create_model("resnet18", num_classes=4).eval()
     path = tmp_path / "m.onnx"

@@ -11,11 +11,11 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import stages.layer_truncate as lt
-from pipeline._progress import Tracker
+from core._progress import Tracker
+from core.context import Context
+from core.data import Splits
+from core.rundir import RunDir
 from pipeline.config import Config
-from pipeline.context import Context
-from pipeline.data import Splits
-from pipeline.rundir import RunDir
 from stages._blocks import find_candidates, measure_blocks
 from stages._flows import calibration_pass
 from tests.conftest import tiny_config

@@ -11,13 +11,14 @@ import torch.nn.functional as F
 from rich.console import Console
 
 import stages._recovery as R
-from pipeline._progress import Tracker
-from pipeline.config import Config, RecoveryConfig
-from pipeline.context import Context
-from pipeline.models import build_model, clone
-from pipeline.rundir import RunDir
+from core._progress import Tracker
+from core.context import Context
+from core.models import build_model, clone
+from core.rundir import RunDir
+from pipeline.config import Config
 from stages._flows import calibration_pass
 from stages._incop import InformationFlow, gradient_flow, reference_gradient_flow
+from stages._recovery import RecoveryConfig
 from tests.conftest import tiny_config
 
 

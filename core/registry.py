@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
-from pipeline.errors import UserInputError, did_you_mean
+from core.errors import UserInputError, did_you_mean
 
 T = TypeVar("T")
 
-# The stages in the order they run; each is registered in STAGES (pipeline.context) by its module in stages/.
+# The stages in the order they run; each is registered in STAGES (core.context) by its module in stages/.
 PIPELINE: list[str] = ["load", "train", "calibrate", "filter_prune", "layer_truncate", "finetune", "export", "validate"]
 
 

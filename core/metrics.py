@@ -32,7 +32,7 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as exc:  # checked before the run starts; kept for library use
-                from pipeline.errors import UserInputError
+                from core.errors import UserInputError
 
                 raise UserInputError("logging.tensorboard is true but the tensorboard package is not installed; "
                                      "pip install -e '.[tensorboard]' (or set logging.tensorboard: false)") from exc

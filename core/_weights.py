@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.config import ModelConfig
-from pipeline.errors import UserInputError
+from core.config import ModelConfig
+from core.errors import UserInputError
 
 # Checkpoint wrappers seen in the wild: {"state_dict": ...}, {"model": ...}, EMA variants.
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "state_dict_ema", "model_ema", "net", "weights")

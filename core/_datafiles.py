@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import UserInputError
-from pipeline.rundir import sha256
+from core.errors import UserInputError
+from core.rundir import sha256
 
 # Folders up to this size are fingerprinted by content (read once, then cached); larger ones by size and mtime.
 CONTENT_LIMIT = 2 << 30
@@ -124,7 +124,7 @@ def scan(root: Path) -> Scan:
 
 
 def _hash_cache_path(root: Path) -> Path:
-    from pipeline.cache import cache_root
+    from core.cache import cache_root
 
     key = hashlib.sha256(str(Path(os.path.abspath(root))).encode()).hexdigest()[:32]
     return cache_root() / "files" / f"{key}.json"

@@ -10,17 +10,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline import _hf
-from pipeline._sources import SOURCES, check_model_name, factory_file, known_models  # noqa: F401
-from pipeline._weights import (  # noqa: F401 - re-exported
-    check_fit,
-    fit_problems,
+from core import _hf
+from core._sources import SOURCES, check_model_name, factory_file
+from core._weights import (
     load_weights,
-    nonfinite_tensors,
-    read_state_dict,
 )
-from pipeline.config import ModelConfig
-from pipeline.errors import UserInputError
+from core.config import ModelConfig
+from core.errors import UserInputError
 
 _PRIMITIVES = (int, float, bool, str, type(None))
 
@@ -228,8 +224,8 @@ def fingerprint(spec: ModelConfig) -> dict[str, str]:
     the factory's source file, of a Hugging Face checkpoint's files, or of a model object given to the API. Part
     of the load stage's config hash, so that retrained weights or an edited factory under the same name re-run
     the pipeline."""
-    from pipeline._sources import MODULES
-    from pipeline.rundir import sha256
+    from core._sources import MODULES
+    from core.rundir import sha256
 
     out = {}
     if spec.weights is not None and Path(spec.weights).is_file():

@@ -1,7 +1,7 @@
 """What stages share: the stage protocol and registry, the stage order, StageResult and the Context they run in.
 
 Stages import this module (never the runner); the runner imports the stages. The arrows run one way:
-cli/api -> runner -> stages -> context, config, errors, run directory.
+pipeline (cli/api -> runner) -> stages -> export -> core (context, config sections, errors, run directory).
 """
 
 from __future__ import annotations
@@ -10,21 +10,23 @@ import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from pipeline._progress import Tracker
-from pipeline.config import Config
-from pipeline.data import Splits, build_splits
-from pipeline.errors import UserInputError
-from pipeline.metrics import MetricsLog
-from pipeline.models import rebuild
-from pipeline.registry import PIPELINE, Registry  # noqa: F401 - PIPELINE re-exported beside STAGES
-from pipeline.rundir import RunDir, load_checkpoint
+from core._progress import Tracker
+from core.data import Splits, build_splits
+from core.errors import UserInputError
+from core.metrics import MetricsLog
+from core.models import rebuild
+from core.registry import PIPELINE, Registry
+from core.rundir import RunDir, load_checkpoint
+
+if TYPE_CHECKING:  # the composed schema sits above the stages; only its type is named here
+    from pipeline.config import Config
 
 SUMMARY = "summary.json"
 
@@ -49,7 +51,13 @@ class StageResult:
 
 
 class Stage(Protocol):
-    """A pipeline stage, named once: by its registration in STAGES (== its config key == its module's name)."""
+    """A pipeline stage, named once: by its registration in STAGES (== its config key == its module's name).
+
+    Its config section is defined beside it and composed into the schema by pipeline/config.py. A stage with
+    records of its own also says what they mean in the report, as static methods that read a run directory's
+    records (core.records.RunRecords): `report(rec) -> list[ReportSection]`, its section(s), and
+    `dynamics(rec, before) -> list[row]`, its rows of the run's dynamics table.
+    """
 
     description: ClassVar[str]
 
@@ -91,7 +99,7 @@ class Context:
     @property
     def world(self) -> tuple[int, int]:
         """(rank, world size) of the processes sharing this stage's work."""
-        from pipeline import distributed as D
+        from core import distributed as D
 
         return (D.rank(), D.world_size()) if self.ddp else (0, 1)
 

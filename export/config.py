@@ -1,16 +1,14 @@
-"""Config sections of export, validation and the run's environment (the stage-free part of the config)."""
+"""Config of the export stage and of the gates validation checks: read by the converters and runtimes here."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from core.config import Section
 
-class Section(BaseModel):
-    """Base of every config section: unknown keys are errors."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+INT8_RUNTIMES = ("auto", "onnxruntime-cpu", "tensorrt")  # runtimes that run a QDQ model with INT8 kernels
 
 
 class TensorRTConfig(Section):
@@ -94,45 +92,3 @@ class GatesConfig(Section):
     max_parity_error: float | None = Field(1e-4, gt=0.0, description="max |artifact - PyTorch| of FP32 artifacts")
     max_parity_error_fp16: float | None = Field(5e-2, gt=0.0, description="FP16 TensorRT engines, relative: "
                                                 "max |engine - PyTorch| / max |PyTorch logit|")
-
-
-class ValidateConfig(Section):
-    """Accuracy, parity and latency of the deployed artifact on the runtime that ships it."""
-
-    runtime: Literal["auto", "onnxruntime-cpu", "onnxruntime-cuda", "tensorrt", "torch-cuda"] = Field(
-        "auto", description="auto: on the CPU ONNX Runtime; on CUDA the TensorRT engine when one is built, else "
-        "ONNX Runtime's CUDA provider, else torch-cuda (PyTorch timed on the GPU with CUDA events, the ONNX file "
-        "scored on ONNX Runtime's CPU provider). summary.json `target` says what it resolved to")
-
-    warmup: int = Field(20, ge=0, description="untimed runs per model before timing")
-    runs: int = Field(100, ge=1, description="timed runs per model, at least")
-    block_seconds: float = Field(0.2, ge=0.0, description="each model's timing block lasts at least this long "
-                                 "(sub-millisecond models get more runs)")
-    blocks: int = Field(10, ge=1, description="the runs are timed in this many interleaved blocks; the speedup's "
-                        "spread is taken across blocks")
-    batch: int = Field(1, ge=1, description="latency batch")
-    threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads (default: every core of "
-                                "the process's CPU affinity)")
-    parity_samples: int = Field(16, ge=1, description="validation images compared between PyTorch and the "
-                                "artifact")
-    gates: GatesConfig = Field(default_factory=GatesConfig)
-
-
-class RuntimeConfig(Section):
-    """Where and how the run executes; not part of any stage's config hash."""
-
-    device: Literal["auto", "cpu", "cuda"] = Field("cpu", description="where stages run; auto takes CUDA when "
-                                                   "visible")
-    threads: int | None = Field(None, ge=1, description="torch intra-op threads")
-    tf32: bool = Field(False, description="TF32 math for FP32 work on GPUs (Ampere and newer) in ONNX Runtime, "
-                       "TensorRT FP32 engines and torch-cuda timing: faster, but logits move by about 1e-3, past "
-                       "the default FP32 parity gate")
-    progress: bool = Field(True, description="progress display: bars on a terminal, plain lines otherwise")
-    progress_interval: float = Field(30.0, gt=0.0, description="off a terminal: seconds between progress lines")
-
-
-class LoggingConfig(Section):
-    """What a run records besides its checkpoints; not part of any stage's config hash."""
-
-    tensorboard: bool = Field(False, description="also write TensorBoard scalars to <run_dir>/tensorboard")
-    report: bool = Field(True, description="write report.md/.html and figures/ at the end of `compress pipeline`")

@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.errors import UserInputError
+from core.errors import UserInputError
 
 
 class _StrictLoader(yaml.SafeLoader):

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from pipeline.errors import UserInputError
+from core.errors import UserInputError
 
 MANIFEST = "manifest.json"
 # Everything the pipeline writes at the top of a run directory; it never writes, replaces or deletes anything else.

@@ -23,11 +23,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline import _hf
-from pipeline._weights import load_weights
-from pipeline.config import ModelConfig, default_input_size
-from pipeline.errors import UserInputError, did_you_mean
-from pipeline.registry import Registry
+from core import _hf
+from core._weights import load_weights
+from core.config import ModelConfig, default_input_size
+from core.errors import UserInputError, did_you_mean
+from core.registry import Registry
 
 Builder = Callable[[ModelConfig, bool], nn.Module]
 SOURCES: Registry[Builder] = Registry("model source")

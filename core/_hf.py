@@ -1,6 +1,6 @@
 """Hugging Face checkpoints (`model.source: huggingface`): where a checkpoint's files are and what its config
 says about the input and the classes, read without importing torch or transformers (the config is validated
-before any work). The model itself is built in pipeline/_sources.py.
+before any work). The model itself is built in core/_sources.py.
 
 `model.name` is a folder written by `save_pretrained` (config.json beside the weights), or a hub id whose files are
 already in the local Hugging Face cache: nothing is downloaded.
@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import UserInputError
+from core.errors import UserInputError
 
 INSTALL = "pip install 'idap-compress[hf]' (transformers)"
 # The files of a checkpoint folder whose content decides the model (config, weights, shard index).
