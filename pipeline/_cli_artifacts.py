@@ -155,6 +155,7 @@ def export_cmd(
     from core.registry import PIPELINE
     from core.rundir import RunDir, check_writable
     from pipeline.config import load_config
+    from pipeline.frontier import shipped_point
     from stages.export import engine_spec, export_onnx
 
     if fmt not in FORMATS:
@@ -164,6 +165,11 @@ def export_cmd(
     if not rd.manifest_path.is_file():
         raise UserInputError(f"{run_dir} is not a run directory (no manifest.json); pass the --run-dir of a "
                              f"`compress pipeline` run")
+    default_dir = run_dir / "exports"
+    point = shipped_point(run_dir)
+    if point != run_dir:  # a frontier run: the model it shipped is its selected point's
+        console.print(f"frontier run: exporting the shipped point, {point}", markup=False, highlight=False)
+        run_dir, rd = point, RunDir(point)
     source = config or run_dir / "config.json"
     if not source.is_file():
         raise UserInputError(f"{source} does not exist; pass the run's YAML with --config")
@@ -181,7 +187,6 @@ def export_cmd(
     if bad:
         raise UserInputError(f"checkpoint files of stage {last!r} are missing or damaged: {', '.join(bad)}; "
                              f"re-run `compress pipeline ... --from {last}`")
-    default_dir = run_dir / "exports"
     precision = cfg.export.tensorrt.precision
     path = output or (default_dir / ("model.onnx" if fmt == "onnx" else f"model.{precision}.engine"))
     check_writable(path, "--output" if output else "the run's exports/ folder")

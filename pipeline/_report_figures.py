@@ -208,3 +208,35 @@ def figure_latency_model(latency: dict[str, Any], path: Path, top: int = 30) -> 
     ax2.legend(fontsize=8)
     ax2.grid(axis="y", alpha=0.3)
     _save(fig, path)
+
+
+def figure_frontier(summary: dict[str, Any], path: Path) -> None:
+    """A frontier run: top-1 against measured latency of every validated point (latency spread as whiskers), the
+    base marked, the shipped point ringed."""
+    from matplotlib.figure import Figure
+
+    f, lat, base = summary["frontier"], summary["latency_ms"], summary["base"]
+    pts = [r for r in f["points"] if r.get("validated")]
+    fig = Figure(figsize=(6.4, 4.4))
+    ax = fig.subplots()
+    # each point's speedup was timed interleaved with the base in its own validation: placed at the base's median
+    # over that speedup, every point sits on one scale, and its spread is the speedup's
+    xs, ys = [lat["base"] / r["speedup"] for r in pts], [r["top1"] for r in pts]
+    lo = [x - lat["base"] / r["speedup_high"] if r.get("speedup_high") else 0.0 for x, r in zip(xs, pts, strict=True)]
+    hi = [lat["base"] / r["speedup_low"] - x if r.get("speedup_low") else 0.0 for x, r in zip(xs, pts, strict=True)]
+    ax.errorbar(xs, ys, xerr=[[max(v, 0.0) for v in lo], [max(v, 0.0) for v in hi]], fmt="o-", color="tab:blue",
+                ecolor="tab:blue", capsize=4, label="frontier points")
+    for i, (x, y, r) in enumerate(zip(xs, ys, pts, strict=True)):  # labels alternate above and below
+        ax.annotate(f"{r['label']}: {r['speedup']:.2f}x", (x, y), xytext=(6, 8 if i % 2 == 0 else -14),
+                    textcoords="offset points", fontsize=8)
+        if r["label"] == f["selected"]:
+            ax.scatter([x], [y], s=180, facecolors="none", edgecolors="tab:red", linewidths=1.6, label="shipped")
+    ax.scatter([lat["base"]], [base["top1"]], marker="s", color="tab:grey", s=60, label="base", zorder=3)
+    ax.annotate(f"base {lat['base']:.3g} ms", (lat["base"], base["top1"]), xytext=(-6, -14),
+                textcoords="offset points", ha="right", fontsize=8)
+    ax.set_xlabel(f"latency per batch (ms): base median / validated speedup ({lat['backend']}, batch {lat['batch']})")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title("accuracy against measured latency")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    _save(fig, path)

@@ -171,6 +171,7 @@ def compress(model: nn.Module, train: Dataset, val: Dataset, run_dir: str | Path
     from core.data import DATA_OBJECTS, DataObjects
     from core.registry import PIPELINE
     from core.rundir import RunDir
+    from pipeline.frontier import run_frontier, selected_run
     from pipeline.preflight import preflight
     from pipeline.runner import run_pipeline
     from pipeline.signals import Interrupted, handling
@@ -205,7 +206,8 @@ def compress(model: nn.Module, train: Dataset, val: Dataset, run_dir: str | Path
     again = f"Call compress(...) again with run_dir={str(run_dir)!r}"
     try:
         with handling():
-            summary = run_pipeline(cfg, rd, console, start, until, fresh, again=again)
+            summary = (run_frontier if cfg.filter_prune.frontier else run_pipeline)(cfg, rd, console, start, until,
+                                                                                   fresh, again=again)
             if cfg.logging.report:
                 from pipeline.report import write_report
 
@@ -213,10 +215,11 @@ def compress(model: nn.Module, train: Dataset, val: Dataset, run_dir: str | Path
     except Interrupted as exc:
         raise Interrupted(exc.signum, f"stopped by {exc.name}: the current stage is marked interrupted and every "
                                       f"finished checkpoint is intact. {again} to resume") from None
-    manifest = rd.read_manifest()
+    mcfg, mrd = selected_run(cfg, rd, summary)  # a frontier run's model is the point it shipped
+    manifest = mrd.read_manifest()
     last = next(n for n in reversed(PIPELINE) if manifest["stages"].get(n, {}).get("has_model")
                 and manifest["stages"][n].get("status") == "done")
-    result = Result(load_model_upto(cfg, rd, manifest, last).eval(), summary, rd.root, cfg)
+    result = Result(load_model_upto(mcfg, mrd, manifest, last).eval(), summary, rd.root, cfg)
     if summary is not None and not summary["gates"]["passed"]:
         failure = GateFailure("validation gates failed:\n  - " + "\n  - ".join(summary["gates"]["failures"]))
         failure.result = result

@@ -79,6 +79,22 @@ def summary_table(summary: dict[str, Any]) -> Table:
     return table
 
 
+def frontier_table(summary: dict[str, Any]) -> Table:
+    """The console table of a frontier run: every point as validated, the shipped one marked."""
+    f = summary["frontier"]
+    table = Table(title=f"frontier: shipped {f['selected']} ({f['why']})")
+    for col in ("point", "speedup (spread)", "latency ms", "top-1 %", "GMACs", "MB", "note"):
+        table.add_column(col, justify="right")
+    for r in f["points"]:
+        if not r.get("validated"):
+            table.add_row(f"{r['requested']:g}", "-", "-", "-", "-", "-", r.get("reason", ""))
+            continue
+        table.add_row(r["label"] + (" *" if r["label"] == f["selected"] else ""),
+                      f"{r['speedup']:.2f}x ({r['speedup_low']:.2f}-{r['speedup_high']:.2f})", f"{r['latency_ms']:.3f}",
+                      f"{r['top1']:.2f}", f"{r['gflops']:.4f}", f"{r['bytes'] / 1e6:.2f}", r.get("reason", ""))
+    return table
+
+
 def _warn_missed_targets(summary: dict[str, Any]) -> None:
     busy = summary["latency_ms"].get("contended")
     if busy:
@@ -119,6 +135,7 @@ def pipeline_cmd(
     """
     from core.rundir import RunDir
     from pipeline.config import load_config
+    from pipeline.frontier import run_frontier
     from pipeline.plan import make_plan, print_plan
     from pipeline.preflight import preflight
     from pipeline.runner import run_pipeline
@@ -139,7 +156,7 @@ def pipeline_cmd(
         console.print("[green]config is valid; the plan above would run.[/]")
         return
     try:
-        summary = run_pipeline(cfg, rd, console, start, until, fresh)
+        summary = (run_frontier if cfg.filter_prune.frontier else run_pipeline)(cfg, rd, console, start, until, fresh)
     except UserInputError:
         raise  # bad input alters nothing on disk, the report included
     except Interrupted:
@@ -153,6 +170,8 @@ def pipeline_cmd(
         console.print(f"[green]stopped after --until {escape(str(until))}[/]; checkpoints in {escape(str(rd.root))}")
         return
     console.print(summary_table(summary))
+    if summary.get("frontier"):
+        console.print(frontier_table(summary))
     _warn_missed_targets(summary)
     engine = summary["artifacts"].get("tensorrt")
     console.print(f"artifacts: {rd.root / 'model.onnx'}" + (f", {rd.root / engine}" if engine else "") +

@@ -14,11 +14,18 @@ from core.errors import UserInputError
 from core.records import FIGURES, ReportSection, RunRecords, Table, f2, f4, pct, pts
 from core.rundir import RunDir, atomic_write, load_checkpoint, sha256
 from export.validation import contended
-from pipeline._report_figures import figure_dynamics, figure_latency, figure_latency_model, figure_widths
+from pipeline._report_figures import (
+    figure_dynamics,
+    figure_frontier,
+    figure_latency,
+    figure_latency_model,
+    figure_widths,
+)
 from pipeline._report_render import render_html, render_md
 from pipeline.config import Config
 
 REPORT_MD, REPORT_HTML = "report.md", "report.html"
+SUMMARY = "summary.json"
 
 
 # ---------------------------------------------------------------------------------------------- records
@@ -41,7 +48,13 @@ def read_run(run_dir: Path, config: Config | None = None) -> RunRecords:
     damage = {n: bad for n, bad in damage.items() if bad}
     entry = manifest["stages"].get("validate", {})
     path = rd.root / "summary.json"
-    if path.is_file() and "validate" not in damage:
+    frontier = manifest.get("frontier") or {}
+    if frontier.get("selected") and path.is_file():  # a frontier run: the shipped point's summary, as published
+        if rd.file_hashes([path]).get(SUMMARY) == frontier.get("files", {}).get(SUMMARY):
+            summary = json.loads(path.read_text())
+        else:
+            damage["frontier"] = [SUMMARY]
+    elif path.is_file() and "validate" not in damage:
         if entry.get("status") == "done":
             summary = json.loads(path.read_text())
         else:
@@ -186,6 +199,8 @@ def build_sections(rec: RunRecords, rows: list[dict[str, Any]], widths: list[dic
         sections.append(sec)
         if s.get("quantized"):
             sections.append(quantized_section(s))
+        if s.get("frontier"):
+            sections.append(frontier_section(s))
     if rows:
         base_top1 = rows[0]["top1"]
         t = Table(["stage", "step", "params (M)", "GMACs", "top-1 (%)", "top-5 (%)", "Δ top-1 (pts)", "kept"],
@@ -226,6 +241,28 @@ def build_sections(rec: RunRecords, rows: list[dict[str, Any]], widths: list[dic
         "Files of the run (report files excluded), with their size and sha256."],
         [Table(["file", "bytes", "sha256"], artifact_rows(rec))]))
     return sections
+
+
+def frontier_section(s: dict[str, Any]) -> ReportSection:
+    """Every point of a frontier run as validated, the shipped one marked, each linked to its own report."""
+    f = s["frontier"]
+    rows = []
+    for r in f["points"]:
+        if not r.get("validated"):
+            rows.append([f"{r['requested']:g}", "-", "-", "-", "-", "-", "-", r.get("reason", "")])
+            continue
+        mark = " (shipped)" if r["label"] == f["selected"] else ""
+        rows.append([f"[{r['label']}](frontier/{r['label']}/report.html){mark}",
+                     f"{r['speedup']:.2f}x ({r['speedup_low']:.2f}-{r['speedup_high']:.2f})", f"{r['latency_ms']:.3f}",
+                     f2(r["top1"]), f"{-r['top1_drop']:+.2f}", f4(r["gflops"]), f"{r['bytes'] / 1e6:.2f}",
+                     r.get("reason", "")])
+    return ReportSection("Frontier", [
+        f"One pruning trajectory, stopped at each requested point; each point was truncated, fine-tuned, exported "
+        f"and validated on its own (frontier/<point>/). Shipped as model.onnx and summary.json: **{f['selected']}**, "
+        f"{f['why']}. Speedups are validated on the deployment runtime, with their spread across timing blocks."],
+        [Table(["point", "speedup (spread)", "latency (ms)", "top-1 (%)", "Δ top-1 (pts)", "GMACs", "size (MB)",
+                "note"], rows)],
+        [(f"{FIGURES}/frontier.png", "top-1 against measured latency, every point and the base")])
 
 
 def quantized_section(s: dict[str, Any]) -> ReportSection:
@@ -334,6 +371,7 @@ def write_report(run_dir: Path, config: Config | None = None) -> list[Path]:
     written = []
     jobs = {"dynamics.png": (lambda d, p: figure_dynamics(d, p, budget_lines(rec)), rows),
             "widths.png": (figure_widths, widths), "latency.png": (figure_latency, rec.summary),
+            "frontier.png": (figure_frontier, (rec.summary or {}).get("frontier") and rec.summary),
             "latency_model.png": (figure_latency_model, drawn_from.get("latency_model.png"))}
     for name, (draw, data) in jobs.items():
         path = figs / name

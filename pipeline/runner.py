@@ -85,9 +85,10 @@ class _Session:
 
 def run_pipeline(config: Config, run_dir: RunDir, console: Console, start: str | None = None,
                  until: str | None = None, fresh: bool = False,
-                 again: str = "Run the same command again") -> dict[str, Any] | None:
+                 again: str = "Run the same command again", locked: bool = False) -> dict[str, Any] | None:
     """Run the planned stages; returns summary.json's content when the validate stage has run. `again` is how
-    the caller resumes (the words of the interrupted-stage log line).
+    the caller resumes (the words of the interrupted-stage log line); `locked`: the caller holds the run
+    directory's lock (a frontier run, for all its parts).
 
     Under torchrun, rank 0 plans, writes and runs the single-process stages while the other ranks wait;
     stages marked `distributed` (training) run on every rank.
@@ -102,7 +103,7 @@ def run_pipeline(config: Config, run_dir: RunDir, console: Console, start: str |
     device = torch.device(target.device)
     D.init_from_env(device)
     main = D.is_main()
-    if main:
+    if main and not locked:
         run_dir.lock()
     sink = None
     undo = None
@@ -148,7 +149,7 @@ def run_pipeline(config: Config, run_dir: RunDir, console: Console, start: str |
     finally:
         if sink is not None:
             sink.close()
-        if main:
+        if main and not locked:
             run_dir.unlock()
 
 

@@ -118,6 +118,8 @@ class Goal(Protocol):
 
     def reached(self) -> bool: ...
 
+    def advance(self) -> bool: ...
+
     def plan(self, step: int) -> Plan: ...
 
     def measure(self, model: nn.Module, plan: Plan, removal: Removal) -> Measurement: ...
@@ -137,19 +139,49 @@ class Goal(Protocol):
     def record(self, steps: list[Measurement]) -> dict[str, Any]: ...
 
 
+class Points:
+    """The targets a trajectory stops at, in order (one, or a frontier's points): the goal aims at the current one
+    as a single-target run would, and `advance` moves it to the next once it is reached."""
+
+    def __init__(self, cfg) -> None:
+        self.points, self.index = cfg.points(), 0
+
+    @property
+    def value(self) -> float:
+        return self.points[self.index]
+
+    def advance(self) -> bool:
+        """Aim at the next point; False when this was the last."""
+        if self.index + 1 >= len(self.points):
+            return False
+        self.index += 1
+        return True
+
+
 class MacsGoal:
-    """Remove `target_flops_reduction` of the MACs."""
+    """Remove `target_flops_reduction` of the MACs (each frontier point's share in turn)."""
 
     name = "flops_reduction"
 
     def __init__(self, cfg, spec, gflops0: float) -> None:
         self.cfg, self.spec = cfg, spec
         self.gflops0 = self.gflops = gflops0
-        self.target = gflops0 * (1.0 - cfg.target_flops_reduction)
+        self.points = Points(cfg)
         self._before: list[float] = []
+
+    @property
+    def reduction(self) -> float:
+        return self.points.value
+
+    @property
+    def target(self) -> float:
+        return self.gflops0 * (1.0 - self.reduction)
 
     def reached(self) -> bool:
         return self.gflops <= self.target * (1.0 + self.cfg.flops_tolerance)
+
+    def advance(self) -> bool:
+        return self.points.advance()
 
     def plan(self, step: int) -> Plan:
         p = step_fraction(self.cfg.p0, self.cfg.alpha, step, self.cfg.steps)
@@ -169,13 +201,13 @@ class MacsGoal:
         self.gflops = self._before.pop()
 
     def progress(self) -> float:
-        return (1.0 - self.gflops / self.gflops0) / self.cfg.target_flops_reduction
+        return (1.0 - self.gflops / self.gflops0) / self.reduction
 
     def reached_because(self) -> str:
         return "reached the FLOPs target"  # MACs are counted, not timed: no caveat
 
     def describe(self) -> str:
-        return f"target -{self.cfg.target_flops_reduction:.0%} MACs"
+        return f"target -{self.reduction:.0%} MACs"
 
     def record(self, steps: list[Measurement]) -> dict[str, Any]:
         return {}
@@ -228,24 +260,32 @@ class SpeedupGoal:
         self.last: Measurement | None = None  # the last accepted step's measurement
         self._before: list[tuple] = []  # the state before each accepted step, for undo
         self.folder: tempfile.TemporaryDirectory | None = None  # holds base_path when goal_for made it
+        self.points = Points(cfg)
+
+    @property
+    def target_speedup(self) -> float:
+        return self.points.value
+
+    def advance(self) -> bool:
+        return self.points.advance()
 
     @property
     def target_ms(self) -> float:
-        return self.base.total_ms / self.cfg.target_speedup
+        return self.base.total_ms / self.target_speedup
 
     @property
     def current_ms(self) -> float:
         return self.base.total_ms / self.speedup
 
     def _reaches(self, speedup: float) -> bool:
-        return speedup >= self.cfg.target_speedup * (1.0 - self.cfg.speedup_tolerance)
+        return speedup >= self.target_speedup * (1.0 - self.cfg.speedup_tolerance)
 
     def reached(self) -> bool:
         return self._reaches(self.speedup)
 
     def _beyond(self, low: float) -> bool:
         """The low end of a timing's spread past the target's tolerance: the step overshot."""
-        return low > self.cfg.target_speedup * (1.0 + self.cfg.speedup_tolerance)
+        return low > self.target_speedup * (1.0 + self.cfg.speedup_tolerance)
 
     def _confirm(self, speedup: float, low: float, attempt: int) -> bool:
         """Whether a short timing must be repeated at length: it appears to reach the target, and the step could
@@ -363,7 +403,7 @@ class SpeedupGoal:
         self.profile, self.anchor, self.speedup, self.low, self.high, self.last = self._before.pop()
 
     def progress(self) -> float:
-        return (1.0 - 1.0 / self.speedup) / (1.0 - 1.0 / self.cfg.target_speedup)
+        return (1.0 - 1.0 / self.speedup) / (1.0 - 1.0 / self.target_speedup)
 
     def reached_because(self) -> str:
         """The stop on the last timing, with what it must say when that timing was taken on a busy machine."""
@@ -373,7 +413,7 @@ class SpeedupGoal:
             f"{CONTENDED_RETRIES} retries ({why}): the speedup is uncertain, re-run on an idle machine" if why else "")
 
     def describe(self) -> str:
-        return f"latency {self.current_ms:.3g} ms, {self.speedup:.2f}x (target {self.cfg.target_speedup:g}x)"
+        return f"latency {self.current_ms:.3g} ms, {self.speedup:.2f}x (target {self.target_speedup:g}x)"
 
     def record(self, steps: list[Measurement]) -> dict[str, Any]:
         """The latency record of the accepted steps (`steps`, in order, from the stage's decision log)."""

@@ -13,8 +13,9 @@ from torch import nn
 from core._progress import eta
 from core.config import Section
 from core.context import STAGES, Context, StageResult
-from core.models import clone, count_macs
+from core.models import clone, count_macs, structure_of
 from core.records import FIGURES, ReportSection, RunRecords, Table, dynamics_row, f4
+from core.rundir import atomic_torch_save
 from stages._attention import count_heads
 from stages._criteria import CRITERIA
 from stages._goals import Decision, Goal, goal_for
@@ -30,6 +31,25 @@ from stages._training import evaluate, teacher_and_reference
 class FilterPruneConfig(Section):
     """IDAP++ divergence-aware filter pruning (docs/method.md section 2)."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _target_list(cls, data: Any) -> Any:
+        """A list target (`target_speedup: [1.5, 2, 3]`) asks for a frontier: its points, in order, become
+        `frontier`, and the target the trajectory prunes to is the largest. One value is today's single target."""
+        if not isinstance(data, dict):
+            return data
+        for key in ("target_speedup", "target_flops_reduction"):
+            value = data.get(key)
+            if isinstance(value, list | tuple):
+                if not value or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value):
+                    raise ValueError(f"filter_prune.{key} as a list takes numbers, e.g. [1.5, 2, 3]; got {value!r}")
+                if data.get("frontier") is not None:
+                    raise ValueError(f"set the frontier once: filter_prune.{key} as a list, or filter_prune.frontier "
+                                     f"with one {key}, not both")
+                points = sorted(set(float(v) for v in value))
+                data = {**data, key: points[-1], "frontier": points if len(points) > 1 else None}
+        return data
+
     @model_validator(mode="after")
     def _one_target(self) -> FilterPruneConfig:
         if self.target_flops_reduction is not None and self.target_speedup is not None:
@@ -38,7 +58,22 @@ class FilterPruneConfig(Section):
                              "command line: --set filter_prune.target_flops_reduction=null)")
         if self.target_flops_reduction is None and self.target_speedup is None:
             object.__setattr__(self, "target_flops_reduction", 0.5)
+        if self.frontier is not None:
+            target = self.target_speedup or self.target_flops_reduction
+            bad = [p for p in self.frontier if not (p > 1.0 if self.target_speedup else 0.0 < p < 1.0)]
+            if bad:
+                raise ValueError(f"frontier point(s) {bad} out of range: a speedup must be above 1, a MACs reduction "
+                                 f"between 0 and 1")
+            if target not in self.frontier:
+                raise ValueError(f"the target {target:g} is not one of the frontier's points {self.frontier}")
+            object.__setattr__(self, "frontier", sorted(self.frontier))
         return self
+
+    def points(self) -> list[float]:
+        """The targets this run's trajectory stops at, in order: the frontier's points up to the target (a
+        frontier point's own run stops at its point), or the one target."""
+        target = self.target_speedup or self.target_flops_reduction
+        return [p for p in self.frontier if p <= target] if self.frontier else [target]
 
     @field_validator("round_to")
     @classmethod
@@ -50,9 +85,11 @@ class FilterPruneConfig(Section):
     enabled: bool = Field(True, description="run filter pruning")
     criterion: str = Field("divergence_taylor", description="importance criterion; `compress criteria` lists them")
     target_flops_reduction: float | None = Field(None, gt=0.0, lt=1.0, description="fraction of MACs to remove "
-                                                 "(0.5 when target_speedup is unset too)")
+                                                 "(0.5 when target_speedup is unset too); a list asks for a "
+                                                 "frontier of them")
     target_speedup: float | None = Field(None, gt=1.0, description="instead of a MACs target: the batch latency "
-                                         "speedup over the base to reach on the validation runtime (e.g. 2.0)")
+                                         "speedup over the base to reach on the validation runtime (e.g. 2.0); a "
+                                         "list (e.g. [1.5, 2, 3, 4]) asks for a frontier of them")
     speedup_tolerance: float = Field(0.03, ge=0.0, lt=0.5, description="a measured speedup this close below the "
                                      "target counts as reaching it")
     steps: int = Field(20, ge=1, description="T, the maximum number of pruning steps")
@@ -69,6 +106,14 @@ class FilterPruneConfig(Section):
     recovery_lr: float = Field(0.01, gt=0.0, description="peak learning rate of those recoveries")
     ignore: list[str] = Field(default_factory=list, description="module names never pruned")
     flops_tolerance: float = Field(0.005, ge=0.0, lt=0.1, description="stop when this close to the target")
+    frontier: list[float] | None = Field(None, description="set by a list target (target_speedup: [1.5, 2, 3, 4] "
+                                         "or target_flops_reduction: [0.3, 0.5, 0.7]): one pruning trajectory "
+                                         "stops at each point, and each is finished, exported and validated under "
+                                         "frontier/<point>/ (docs/frontier.md)")
+    select: Literal["fastest_within_drop", "most_accurate", "largest_target"] = Field(
+        "fastest_within_drop", description="which frontier point the top-level model.onnx and summary.json are: "
+        "the fastest whose top-1 drop is within validate.gates.max_top1_drop (the most accurate when none is), "
+        "the most accurate, or the largest target's")
 
 
 def take_step(pruner: Pruner, goal: Goal, model: nn.Module, t: int, stats: dict[str, Any] | None,
@@ -187,8 +232,19 @@ class FilterPrune:
             ctx.metric(f"prune/{key}", start.row()[key], step=0)
         stop = f"took all {cfg.steps} step{'' if cfg.steps == 1 else 's'} (filter_prune.steps)"
         started = time.monotonic()
+        points: list[dict[str, Any]] = []  # a frontier run: the model and records at each point reached
+
+        def passed() -> bool:
+            """Keep every point the model has reached; True once the last one is."""
+            while goal.reached():
+                if cfg.frontier:
+                    points.append(self._point(ctx, model, pruner, goal, log, heads0, goal.reached_because()))
+                if not goal.advance():
+                    return True
+            return False
+
         for t in ctx.track(range(cfg.steps), "pruning steps", total=cfg.steps):
-            if goal.reached():
+            if passed():
                 break
             snapshot = clone(model)
             decision = take_step(pruner, goal, model, t, stats, snapshot, ctx.log.info)
@@ -211,9 +267,37 @@ class FilterPrune:
                 stop = (f"step {t + 1} dropped top-1 by {drop:.2f} > max_accuracy_drop {cfg.max_accuracy_drop}; "
                         f"rolled back")
                 break
+        else:
+            passed()  # the last step may have reached points
         if goal.reached():
             stop = goal.reached_because()
-        return self._result(ctx, model, pruner, goal, log, stop, heads0)
+        elif cfg.frontier:  # the first point not reached gets where the trajectory stopped, with why
+            points.append(self._point(ctx, model, pruner, goal, log, heads0, stop, reached=False))
+        result = self._result(ctx, model, pruner, goal, log, stop, heads0)
+        if cfg.frontier:
+            result.state["points"] = points
+            result.files += [ctx.stage_dir / p["file"] for p in points]
+        return result
+
+    @classmethod
+    def _point(cls, ctx: Context, model: nn.Module, pruner: Pruner, goal: Goal, log: list[StepRecord], heads0: int,
+               stop: str, reached: bool = True) -> dict[str, Any]:
+        """A frontier point: the model as the trajectory reached it (or stopped short of it), saved as a stage
+        checkpoint of its own (frontier/<point>/ starts from it), and its records."""
+        value = goal.points.value
+        label = f"{value:g}x" if goal.name == "speedup" else f"macs-{100 * value:g}"
+        metrics, state = cls._records(ctx, model, pruner, goal, log, stop if reached else f"not reached: {stop}",
+                                      heads0)
+        rel = f"points/{label}.pt"
+        (ctx.stage_dir / "points").mkdir(parents=True, exist_ok=True)
+        atomic_torch_save(ctx.stage_dir / rel, {
+            "state": state, "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "structure": structure_of(model, ctx.config.model)})
+        ctx.log.info(f"filter_prune: frontier point {label} {'reached' if reached else 'NOT reached'} at step "
+                     f"{log[-1].step}: GMACs {metrics['gflops']:.4g}, top-1 {metrics['top1']:.2f}"
+                     + (f", {metrics['speedup']:.2f}x" if "speedup" in metrics else ""))
+        return {"point": value, "label": label, "file": rel, "reached": reached, "step": log[-1].step,
+                "metrics": metrics}
 
     @staticmethod
     def _report_step(ctx: Context, record: StepRecord, log: list[StepRecord], goal: Goal, started: float) -> None:
@@ -229,13 +313,24 @@ class FilterPrune:
                       f"{record.decision.removal.units} units removed, "
                       + (f"kept (ETA {eta(started, done, 1.0)})" if record.accepted else "ROLLED BACK (top-1 budget)"))
 
-    @staticmethod
-    def _result(ctx: Context, model: nn.Module, pruner: Pruner, goal: Goal, log: list[StepRecord], stop: str,
+    @classmethod
+    def _result(cls, ctx: Context, model: nn.Module, pruner: Pruner, goal: Goal, log: list[StepRecord], stop: str,
                 heads0: int) -> StageResult:
+        """The stage's result, with what it held whole said once."""
+        ctx.log.info(f"filter_prune stopped: {stop}")
+        metrics, state = cls._records(ctx, model, pruner, goal, log, stop, heads0)
+        for h in state["held_whole"]:
+            coupled = f" and {len(h['layers']) - 1} coupled layer(s)" if len(h["layers"]) > 1 else ""
+            ctx.log.warning(f"filter_prune held whole: {h['root']}{coupled}, {h['macs_share']:.1%} of the MACs: "
+                            f"{h['reason']}")
+        return StageResult(model=model, metrics=metrics, state=state)
+
+    @staticmethod
+    def _records(ctx: Context, model: nn.Module, pruner: Pruner, goal: Goal, log: list[StepRecord], stop: str,
+                 heads0: int) -> tuple[dict[str, Any], dict[str, Any]]:
         """The stage's metrics and checkpoint state, read off the decision log."""
         cfg = ctx.config.filter_prune
         start, final = log[0], [r for r in log if r.accepted][-1]
-        ctx.log.info(f"filter_prune stopped: {stop}")
         metrics = {"criterion": cfg.criterion, "goal": goal.name, "steps_taken": len(log) - 1,
                    "stop_reason": stop, "gflops_before": start.gflops, "gflops": final.gflops,
                    "params_m": final.params_m, "flops_reduction": 1.0 - final.gflops / start.gflops,
@@ -251,21 +346,17 @@ class FilterPrune:
         if heads0:
             metrics.update({"heads_before": heads0, "heads": count_heads(model)})
         held = pruner.held_records(model)
-        for h in held:
-            coupled = f" and {len(h['layers']) - 1} coupled layer(s)" if len(h["layers"]) > 1 else ""
-            ctx.log.warning(f"filter_prune held whole: {h['root']}{coupled}, {h['macs_share']:.1%} of the MACs: "
-                            f"{h['reason']}")
         metrics.update({"held_whole": len(held), "held_macs_share": round(sum(h["macs_share"] for h in held), 4),
                         "proof_seconds": round(pruner.proof_seconds, 3)})
         state = {"dynamics": [r.row() for r in log], "stop_reason": stop, "held_whole": held}
         if latency:
             state["latency"] = latency
-        return StageResult(model=model, metrics=metrics, state=state)
+        return metrics, state
 
 
 def unreachable(goal, cfg) -> str:
     """Why a step removed nothing: every prunable layer is at its cap (the rest is held whole)."""
-    what = (f"the speedup target {cfg.target_speedup:g}x cannot be reached" if goal.name == "speedup" else
+    what = (f"the speedup target {goal.target_speedup:g}x cannot be reached" if goal.name == "speedup" else
             "no unit left to prune")
     return (f"{what}: every prunable layer is at its minimum width (filter_prune.max_layer_pruning_ratio "
             f"{cfg.max_layer_pruning_ratio:g}) and the rest is held whole; raise the cap, add layer truncation, or "
