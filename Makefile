@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: install install-gpu demo test test-slow gpu-check gpu-smoke wheels lint bench bench-quick bench-arch bench-matrix bench-int8 bench-latency bench-equal-latency bench-fingerprint readme-demo docs clean
+.PHONY: install install-gpu demo test test-slow gpu-check gpu-smoke wheels lint bench bench-quick bench-arch bench-matrix bench-int8 bench-latency bench-equal-latency bench-matched-speed bench-fingerprint readme-demo docs clean
 
 install: $(STAMP)
 
@@ -55,6 +55,7 @@ bench: install
 	$(BIN)/python -m benchmarks.run --int8
 	$(BIN)/python -m benchmarks.run --latency-target
 	$(BIN)/python -m benchmarks.run --equal-latency
+	$(BIN)/python -m benchmarks.run --matched-speed
 	$(BIN)/python -m benchmarks.run --fingerprint
 
 bench-int8: install
@@ -65,6 +66,9 @@ bench-latency: install
 
 bench-equal-latency: install
 	$(BIN)/python -m benchmarks.run --equal-latency
+
+bench-matched-speed: install
+	$(BIN)/python -m benchmarks.run --matched-speed
 
 bench-fingerprint: install
 	$(BIN)/python -m benchmarks.run --fingerprint

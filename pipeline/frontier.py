@@ -173,7 +173,7 @@ def run_frontier(config: Config, run_dir: RunDir, console: Console, start: str |
                 branch.unlock()
             console.print(f"frontier point {point['label']}: {'reached' if point['reached'] else 'NOT reached'} "
                           f"at pruning step {point['step']}; finishing it in {branch.root}", markup=False,
-                          highlight=False)
+                          highlight=False, soft_wrap=True)
             summary = run_pipeline(pconf, branch, console, start if start in DOWNSTREAM else None, until,
                                    False, again)
             if pconf.logging.report and summary is not None:

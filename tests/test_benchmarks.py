@@ -88,3 +88,26 @@ def test_equal_latency_calls_ties_by_the_seed_noise():
     assert "Torch-Pruning's recipe 96.50 ± 1.00 at 5.00x on average" in text
     assert "| demo | 0 | 98.00 | 96.00, 3.00x (2.80-3.20), -70% | 95.50, 4.00x (3.80-4.20), -70% |" in text
     assert "measuring on a first run: 5% of the pipeline's stage time" in text and "24 of 24" in text
+
+
+def test_matched_speed_compares_only_matched_seeds_and_calls_ties_by_the_seed_noise():
+    from benchmarks import matched_speed as ms
+
+    def timed(s: float) -> dict:
+        return {"speedup": s, "speedup_low": s - 0.2, "speedup_high": s + 0.2, "ms": 1.0 / s}
+
+    def row(seed: int, level: float, tp: float, ours: float, speed: float = 5.0, their: float | None = None) -> dict:
+        mine = timed(speed if their is None else their)
+        return {"dataset": "demo", "seed": seed, "level": level, "base_top1": 98.0,
+                "tp": {"level": level, "top1": tp, "timed": timed(speed)}, "ours": {"top1": ours, "timed": mine},
+                "matched": ms._overlap(mine, timed(speed))}
+
+    rows = [row(0, 0.7, 97.0, 97.1, 3.0), row(1, 0.7, 97.2, 97.1, 3.0), row(2, 0.7, 97.1, 97.3, 3.0),
+            row(0, 0.9, 94.0, 95.5), row(1, 0.9, 94.2, 95.6), row(2, 0.9, 90.0, 99.0, their=9.0)]
+    assert not rows[-1]["matched"]  # 9x against 5x: not compared, and the table says so
+    text = ms.markdown({"rows": rows})
+    assert "| demo | 2 | -90% | 98.00 | 90.00, 5.00x (4.80-5.20) | 99.00, 9.00x (8.80-9.20) | no | +9.00 |" in text
+    assert "- demo at 3.0x (3 of 3 seeds matched): recipe 97.10 ± 0.10, ours 97.17 ± 0.12" in text
+    assert "(a tie: within the seed std)" in text.split("\n- demo at 3.0x")[1].split("\n")[0]
+    at5 = text.split("\n- demo at 5.0x")[1].split("\n")[0]
+    assert at5.startswith(" (2 of 3 seeds matched)") and "+1.45 ± 0.07 points (ours higher by more than" in at5
