@@ -105,6 +105,8 @@ def test_matched_speed_compares_only_matched_seeds_and_calls_ties_by_the_seed_no
     rows = [row(0, 0.7, 97.0, 97.1, 3.0), row(1, 0.7, 97.2, 97.1, 3.0), row(2, 0.7, 97.1, 97.3, 3.0),
             row(0, 0.9, 94.0, 95.5), row(1, 0.9, 94.2, 95.6), row(2, 0.9, 90.0, 99.0, their=9.0)]
     assert not rows[-1]["matched"]  # 9x against 5x: not compared, and the table says so
+    wide = {"speedup": 1.7, "speedup_low": 1.2, "speedup_high": 2.9}  # a sub-millisecond model's spread
+    assert not ms._overlap(wide, {"speedup": 2.8, "speedup_low": 1.6, "speedup_high": 3.0})  # overlap, not a match
     text = ms.markdown({"rows": rows})
     assert "| demo | 2 | -90% | 98.00 | 90.00, 5.00x (4.80-5.20) | 99.00, 9.00x (8.80-9.20) | no | +9.00 |" in text
     assert "- demo at 3.0x (3 of 3 seeds matched): recipe 97.10 ± 0.10, ours 97.17 ± 0.12" in text
