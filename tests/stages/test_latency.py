@@ -368,6 +368,16 @@ def test_one_step_that_saves_nothing_does_not_swing_the_next_budget_tenfold():
     assert d.factor > 1.7
 
 
+def test_a_step_read_as_slower_than_before_counts_as_saving_nothing():
+    """A negative reading (timing noise on a sub-millisecond model) is not a reason to make the next step ten times
+    larger: it moves the budget as a step that saved nothing does."""
+    slower, none = Drift(), Drift()
+    slower.add(0.05, -0.04, 1)
+    none.add(0.05, 0.0, 1)
+    assert slower.factor == none.factor and 0.4 < slower.factor < 0.6
+    assert slower.history[0]["measured_raw_ms"] == -0.04
+
+
 def test_a_contended_measurement_is_retaken_then_neither_cached_nor_reused(tmp_path: Path, monkeypatch):
     """Others holding the timing cores (simulated): the measurement is taken again, and when it never comes out
     clean it is returned with its caveat and not cached, so that no later run reads it as a figure."""
