@@ -354,8 +354,7 @@ class Drift:
     def add(self, predicted: float, measured: float, step: int) -> None:
         """A step's predicted and measured saving. Removing units does not make a model slower by more than timing
         noise, so a negative measured saving counts as none (the raw reading is kept): on a sub-millisecond model a
-        first step read as 0.91x once drove the factor to its floor, and the second step's tenfold budget removed
-        98% of the MACs (the demo, rolled back by the accuracy budget, which ended the trajectory)."""
+        first step read as 0.91x once drove the factor to its floor of 0.1, a tenfold next budget."""
         saved = max(measured, 0.0)
         self.history.append({"step": step, "predicted_ms": predicted, "measured_ms": saved, "measured_raw_ms": measured,
                              "error": (saved - predicted) / predicted if predicted else 0.0})
