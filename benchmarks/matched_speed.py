@@ -23,8 +23,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from benchmarks.equal_latency import DIGITS, _stat
+
 REPO = Path(__file__).resolve().parents[1]
-DIGITS = ["data.kind=digits", "data.val_fraction=0.25", "train.epochs=12"]
 RECIPE = ["filter_prune.criterion=taylor", "filter_prune.ranking=global", "filter_prune.round_to=8"]
 LEVELS = (0.7, 0.9)
 BLOCKS, BLOCK_SECONDS = 15, 0.3
@@ -129,10 +130,6 @@ def run(out: Path, seeds: list[int], quick: bool = False) -> dict[str, Any]:
                       f"{t['top1']:.2f} at {t['timed']['speedup']:.2f}x; ours {o.get('top1')} at "
                       f"{o.get('timed', {}).get('speedup', float('nan')):.2f}x (matched: {r['matched']})", flush=True)
     return {"rows": rows}
-
-
-def _stat(values: list[float]) -> tuple[float, float]:
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def _spd(t: dict[str, float]) -> str:
