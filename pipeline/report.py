@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from core.context import SUMMARY
 from core.errors import UserInputError
 from core.records import FIGURES, ReportSection, RunRecords, Table, f2, f4, pct, pts
 from core.rundir import RunDir, atomic_write, load_checkpoint, sha256
@@ -25,7 +26,6 @@ from pipeline._report_render import render_html, render_md
 from pipeline.config import Config
 
 REPORT_MD, REPORT_HTML = "report.md", "report.html"
-SUMMARY = "summary.json"
 
 
 # ---------------------------------------------------------------------------------------------- records
