@@ -44,8 +44,8 @@ def capped_fraction(p: float, gflops: float, target: float) -> float:
 class Plan:
     """What one attempt at pruning step `step` (0-based) asks of the pruner: a share of the remaining units (MACs
     goal), or a latency budget for the knapsack (speedup goal: `budget_ms` is `wanted_ms` corrected by the drift,
-    unit costs come from `profile`, each layer's corrected by `scale`). `attempt` counts retakes; `why` says why
-    this one was needed."""
+    unit costs come from `profile`, each layer's corrected by `scale`; `cap` is the most of any layer's current
+    width the step may remove, see STEP_CAP). `attempt` counts retakes; `why` says why this one was needed."""
 
     step: int
     share: float = 0.0
@@ -55,6 +55,7 @@ class Plan:
     scale: dict[str, float] | None = None
     attempt: int = 1
     why: str = ""
+    cap: float | None = None
 
 
 @dataclass(frozen=True)
@@ -228,6 +229,13 @@ UNTIMED_FAR = 1.5
 # memory footprint and fixed per-op costs move latency away from MACs, but not this far
 # in one honest reading (a contended run stopped at "19.30x" for 1.22x fewer MACs).
 PLAUSIBLE = 2.0
+# A budgeted step removes at most this many times the MACs schedule's share p_t of any layer's current width.
+# The budget is corrected by readings (Drift, LayerFit), and on a sub-millisecond model one noisy reading can
+# shrink the predicted cost of a unit tenfold: a demo step after one read as 0.91x asked the knapsack for a
+# budget it could not meet, which then took everything the caps allowed (2480 units, 98.3% of the MACs, 12
+# points of top-1 lost, and the trajectory ended). Three times the schedule leaves room for models whose latency
+# falls more slowly than their MACs, and no single reading can make a step collapse the model.
+STEP_CAP = 3.0
 
 
 @dataclass(frozen=True)
@@ -310,7 +318,7 @@ class SpeedupGoal:
         # the last step aims at the target itself; every step's budget is corrected by the model's drift so far
         wanted = max(min(scheduled, remaining), 0.0)
         return Plan(step, budget_ms=wanted / self.drift.factor, wanted_ms=wanted, profile=self.profile,
-                    scale=self.fit.factors(self.profile))
+                    scale=self.fit.factors(self.profile), cap=min(STEP_CAP * p, 0.95))
 
     def measure(self, model: nn.Module, plan: Plan, removal: Removal) -> Measurement:
         """Time the model as a step left it (latency does not depend on the weights: before recovery), briefly: a

@@ -126,7 +126,7 @@ class Pruner:
         unit_ms = {r.name: unit_costs(plan.profile, r.members, plan.scale) for r in records}
         weights = work_per_unit(records, module_macs(model, self.example))
         chosen = plan_latency_step(records, self.originals, plan.budget_ms, self.round_to,
-                                   cfg.max_layer_pruning_ratio, unit_ms, weights=weights)
+                                   cfg.max_layer_pruning_ratio, unit_ms, weights=weights, cap=plan.cap)
         layers: dict[str, float] = {}
         for r in records:
             removing = len(chosen.get(r.name, ()))

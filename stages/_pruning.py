@@ -188,7 +188,7 @@ def apply_plan(dg, records: list[GroupRecord], plan: dict[str, list[int]], model
 
 def plan_latency_step(records: list[GroupRecord], originals: dict[str, int], budget_ms: float, round_to: int,
                       max_ratio: float, unit_ms: dict[str, float], bins: int = 400,
-                      weights: dict[str, float] | None = None) -> dict[str, list[int]]:
+                      weights: dict[str, float] | None = None, cap: float | None = None) -> dict[str, list[int]]:
     """Choose unit indices to remove so that the predicted saving reaches `budget_ms` at the least importance.
 
     A multiple-choice knapsack solved exactly over discretised milliseconds: each layer either keeps its width or
@@ -196,8 +196,9 @@ def plan_latency_step(records: list[GroupRecord], originals: dict[str, int], bud
     of k chunks' predicted milliseconds (`unit_ms`: what one unit saves, from the latency model) and an
     importance of their units' scores (per layer normalised, features per unit counted, so that a head and its
     head_dim channels weigh alike) times the group's `weights` (1 when not given; filter_prune passes the work a
-    unit does, `work_per_unit`). When the budget cannot be met within the per-layer caps, everything the caps
-    allow is taken.
+    unit does, `work_per_unit`). `cap`, when given, is the most of each layer's current width this step may
+    remove (at least one aligned chunk, so that narrow layers still prune). When the budget cannot be met within
+    the caps, everything the caps allow is taken.
     """
     layers: list[tuple[GroupRecord, list[tuple[float, float, list[int]]]]] = []
     for r in records:
@@ -206,6 +207,9 @@ def plan_latency_step(records: list[GroupRecord], originals: dict[str, int], bud
             continue
         align = r.align(round_to)
         floor = _min_keep(r.width, originals.get(r.name, r.width), align, max_ratio)
+        if cap is not None:
+            first = r.width % align or align
+            floor = max(floor, r.width - max(math.floor(cap * r.width), first))
         choices, ms, lost, idx = [(0.0, 0.0, [])], 0.0, 0.0, []
         weight = (weights or {}).get(r.name, 1.0)
         for _, chunk in _chunks(r, floor, align):

@@ -42,6 +42,33 @@ def test_knapsack_takes_everything_the_caps_allow_when_the_budget_is_out_of_reac
     assert len(plan["a"]) == 16
 
 
+def test_a_step_cap_bounds_what_an_unmeetable_budget_takes_from_each_layer():
+    """A budget the latency model says cannot be met (one noisy reading shrank every unit's cost) takes what the
+    caps allow; the step cap keeps that to its share of each layer's current width, and a narrow layer still
+    loses one aligned chunk."""
+    wide, ms = _record("wide", [1.0] * 256, 0.001)
+    narrow, _ = _record("narrow", [1.0] * 16, 0.001)
+    unit_ms = {"wide": ms, "narrow": ms}
+    uncapped = plan_latency_step([wide, narrow], {}, 1000.0, 8, 0.9, unit_ms)
+    assert {k: len(v) for k, v in uncapped.items()} == {"wide": 224, "narrow": 8}, "everything the 90% cap allows"
+    capped = plan_latency_step([wide, narrow], {}, 1000.0, 8, 0.9, unit_ms, cap=0.15)
+    assert {k: len(v) for k, v in capped.items()} == {"wide": 32, "narrow": 8}, "15% of 256 is 38: 4 chunks"
+    # a budget within the cap is planned as before
+    assert plan_latency_step([wide], {}, 0.016, 8, 0.9, unit_ms, cap=0.15) == \
+        plan_latency_step([wide], {}, 0.016, 8, 0.9, unit_ms)
+
+
+def test_a_speedup_step_is_capped_at_a_multiple_of_the_macs_schedule():
+    from stages._goals import STEP_CAP, SpeedupGoal, step_fraction
+
+    cfg = Config.model_validate(tiny_config(filter_prune={"target_speedup": 2.0, "target_flops_reduction": None}))
+    goal = SpeedupGoal(cfg.filter_prune, cfg.model, None, Profile(1.0, {"c": 0.9}, 0.1), None, 1.0)
+    for t in (0, 10, 19):
+        expected = min(STEP_CAP * step_fraction(cfg.filter_prune.p0, cfg.filter_prune.alpha, t, cfg.filter_prune.steps),
+                       0.95)
+        assert goal.plan(t).cap == pytest.approx(expected)
+
+
 def test_unit_cost_charges_each_member_its_share_of_width():
     from stages._latency import Profile
 
