@@ -4,6 +4,7 @@ guarded and its groups enumerated once each under a time budget, with every grou
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -16,6 +17,7 @@ from stages._structure import (
     GROUP_SECONDS,
     GroupTimeout,
     Held,
+    channel_groups,
     head_count_attr,
     inside_attention,
     time_limit,
@@ -49,6 +51,26 @@ class IndexExplosion(RuntimeError):
     """An index map turned a group's channels into more indices than any layer of the model has."""
 
 
+def _order_split_outputs(node) -> bool:
+    """Put a split's consumers in the order of the split's outputs they read, which Torch-Pruning's split index
+    map assumes (it gives the i-th consumer found the i-th part: found in another order, the channels of one
+    part were mapped into the layers of another). The order is read from autograd: each consumer's node lists
+    the split's node with the output number it reads. False when that cannot be told for every part (a consumer
+    of several parts, a part nobody reads): the split is then treated as unmapped and its groups held."""
+    if getattr(node, "grad_fn", None) is None or "Split" not in type(node.grad_fn).__name__:
+        return True  # not a split by sizes (or nothing to order by): as Torch-Pruning does it
+    numbers = []
+    for out in node.outputs:
+        nrs = {nr for fn, nr in (getattr(out.grad_fn, "next_functions", None) or ()) if fn is node.grad_fn}
+        if len(nrs) != 1:
+            return False
+        numbers.append(nrs.pop())
+    if sorted(numbers) != list(range(len(numbers))):
+        return False
+    node.outputs = [out for _, out in sorted(zip(numbers, node.outputs, strict=True), key=lambda p: p[0])]
+    return True
+
+
 @contextmanager
 def _guarded_index_maps(limit: int = 0):
     """Torch-Pruning derives channel index maps through reshapes, concatenations, splits and slices by shape
@@ -61,7 +83,8 @@ def _guarded_index_maps(limit: int = 0):
 
     def guard(original):
         def guarded(graph, node) -> None:
-            if _is_channel_shuffle(node):
+            if _is_channel_shuffle(node) or (original.__name__ == "update_split_index_mapping"
+                                             and not _order_split_outputs(node)):
                 setattr(node.module, _UNMAPPED, True)
                 return
             try:
@@ -179,13 +202,6 @@ def crosses_unmapped(group) -> bool:
                for dep, _ in group)
 
 
-def touches_grouped_conv(group) -> bool:
-    """True when a member is a grouped conv that is not depthwise: its channels may only shrink by the same
-    count in every group, which Torch-Pruning's graph does not do, so such groups keep their width."""
-    return any(isinstance(m, nn.Conv2d) and m.groups > 1 and not (m.groups == m.in_channels == m.out_channels)
-               for m in (dep.target.module for dep, _ in group))
-
-
 class _Graph(tp.DependencyGraph):
     """Torch-Pruning's graph; its index maps are guarded, its groups enumerated with a time budget each."""
 
@@ -261,10 +277,14 @@ def _held_reason(group, layers: list[str], attention: dict[str, nn.Module]) -> t
         kind, reason = "index map", ("its channels pass a reshape, concatenation, split or slice whose channel "
                                      "mapping Torch-Pruning cannot derive (a channel shuffle, a window partition, "
                                      "a roll)")
-    elif touches_grouped_conv(group):
-        kind, reason = "grouped conv", ("it feeds a grouped convolution (groups > 1, not depthwise): every group "
-                                        "would have to lose the same channels, which Torch-Pruning's graph does "
-                                        "not do")
+    elif (groups := channel_groups(group)) is None:
+        kind, reason = "grouped conv", ("it feeds a grouped convolution (groups > 1, not depthwise) through a "
+                                        "concatenation or slice, or grouped convolutions whose group counts do "
+                                        "not nest: no removal leaves every group the same width")
+    elif len(group[0].idxs) // groups < 2:
+        kind, reason = "grouped conv", (f"its {len(group[0].idxs)} channels feed a grouped convolution with "
+                                        f"{groups} groups, one channel each: only whole groups could go, and "
+                                        f"removing whole groups is not supported")
     else:
         return None
     return kind, in_attention(layers, attention, reason)
@@ -283,15 +303,59 @@ def in_attention(layers: list[str], attention: dict[str, nn.Module], reason: str
     return f"inside attention `{where}` ({type(mod).__name__}, {attr}={getattr(mod, attr)}), {what}: {reason}"
 
 
+class _SplitOwners(torch.overrides.TorchFunctionMode):
+    """Records, during the tracing forward, which module's forward made each split into sizes: the split's
+    autograd node (Torch-Pruning's graph node for the split holds the same object) -> (module, sizes). A module
+    that splits by sizes it stores (a tuple of integers summing to a pruned width) must have them follow the
+    pruning (`stages._structure.follow_split_sizes`)."""
+
+    def __init__(self, owners: dict[Any, tuple[nn.Module, tuple[int, ...]]]) -> None:
+        super().__init__()
+        self.owners, self.stack = owners, []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.stack and isinstance(out, tuple | list) and len(out) > 1 and all(isinstance(t, torch.Tensor)
+                                                                                 for t in out):
+            fn = out[0].grad_fn
+            if fn is not None and "Split" in type(fn).__name__ and fn not in self.owners:
+                dim = next((a for a in [*args[2:3], (kwargs or {}).get("dim")] if isinstance(a, int)), 0)
+                self.owners[fn] = (self.stack[-1], tuple(int(t.shape[dim]) for t in out))
+        return out
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        """The mode, with the module whose forward runs kept on a stack."""
+        from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+        def enter(mod: nn.Module, args: Any) -> None:
+            self.stack.append(mod)
+
+        def leave(mod: nn.Module, args: Any, out: Any) -> None:  # returns None: the output stays as it is
+            if self.stack:
+                self.stack.pop()
+
+        pre, post = register_module_forward_pre_hook(enter), register_module_forward_hook(leave)
+        try:
+            with self:
+                yield
+        finally:
+            pre.remove()
+            post.remove()
+
+
 def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
     """The step's single dependency graph, traced in training mode (auxiliary heads included). Its
-    `output_layers` are the layers whose output the model returns, found in the same forward pass."""
+    `output_layers` are the layers whose output the model returns, found in the same forward pass, and its
+    `split_owners` the modules that split a tensor by sizes (see _SplitOwners)."""
     graph = _Graph()
     graph.output_layers = []
+    graph.split_owners = {}
 
     def forward(m: nn.Module, x: torch.Tensor):
         # Torch-Pruning switches the model to eval mode before calling this
-        with tracing_mode(m), _recording_output_layers(m, graph.output_layers) as returned:
+        with tracing_mode(m), _recording_output_layers(m, graph.output_layers) as returned, \
+                _SplitOwners(graph.split_owners).active():
             out = m(x)
             returned += [out] if isinstance(out, torch.Tensor) else [t for t in out if isinstance(t, torch.Tensor)]
         return out

@@ -11,7 +11,7 @@ from torch import nn
 
 from stages._attention import attention_modules, layout, members, qkv_indices
 from stages._criteria import Criterion
-from stages._structure import prune_group
+from stages._structure import channel_groups, grouped_channels, prune_group
 
 
 @dataclass
@@ -19,7 +19,10 @@ class GroupRecord:
     """A prunable group: its root layer (by name), pruning function, current width and unit scores.
 
     For attention heads the root is the attention module's qkv, the width counts heads, `unit` is the
-    head dimension (features per head) and `attention` the module whose attributes follow the weights.
+    head dimension (features per head) and `attention` the module whose attributes follow the weights. For a
+    group that feeds grouped convolutions (`groups` > 1) the width counts channel positions: a unit is position
+    j of each of the `groups` slices of the root's channels (`unit` == `groups` channels), so every convolution
+    group keeps the same width.
     """
 
     name: str
@@ -31,10 +34,22 @@ class GroupRecord:
     attention: nn.Module | None = None
     # layer -> (its width on the side this group prunes, features one unit removes there): what a unit costs
     members: dict[str, tuple[int, int]] = field(default_factory=dict)
+    groups: int = 1
 
     def align(self, round_to: int) -> int:
-        """Width alignment of this record's chunks: round_to channels, or one whole head."""
-        return 1 if self.attention is not None else round_to
+        """Width alignment of this record's chunks, in units: round_to channels, one whole head, or the positions
+        that keep `groups` slices' channels a multiple of round_to."""
+        if self.attention is not None:
+            return 1
+        return round_to // math.gcd(round_to, self.groups)
+
+    def features(self, units: list[int]) -> list[int]:
+        """The root's output features (channels) that removing `units` removes."""
+        if self.attention is not None:
+            return qkv_indices(self.attention, units)
+        if self.groups > 1:
+            return grouped_channels(units, self.width * self.groups, self.groups)
+        return sorted(units)
 
 
 def classifier_layers(model: nn.Module, num_classes: int, outputs: list[nn.Module] = ()) -> list[nn.Module]:
@@ -76,14 +91,19 @@ def score_groups(found: list[tuple[str, nn.Module, Any, Any]], model: nn.Module,
         if len(scores) != len(group[0].idxs):  # a criterion that counts the group's units otherwise
             unscored.append((name, f"the criterion gave {len(scores)} scores for its {len(group[0].idxs)} units"))
             continue
-        records.append(GroupRecord(name, root, handler, len(scores), scores.detach().float().cpu(),
-                                   members=_members(group, names)))
+        groups = channel_groups(group) or 1
+        scores = scores.detach().float().cpu()
+        if groups > 1:  # a position's score: its channels' mean over the convolution groups
+            scores = scores.view(groups, -1).mean(0)
+        records.append(GroupRecord(name, root, handler, len(scores), scores, members=_members(group, names, groups),
+                                   unit=groups, groups=groups))
     return records
 
 
-def _members(group, names: dict[nn.Module, str]) -> dict[str, tuple[int, int]]:
+def _members(group, names: dict[nn.Module, str], groups: int = 1) -> dict[str, tuple[int, int]]:
     """Each conv/linear layer a channel group touches, with its width on the touched side (out for producers,
-    in for consumers; a depthwise conv once)."""
+    in for consumers; a depthwise conv once) and the features one unit removes there (`groups` channels when
+    units are positions in every convolution group)."""
     import torch_pruning as tp
 
     out: dict[str, tuple[int, int]] = {}
@@ -95,12 +115,12 @@ def _members(group, names: dict[nn.Module, str]) -> dict[str, tuple[int, int]]:
         conv = isinstance(mod, nn.Conv2d)
         if dep.handler in (tp.prune_conv_out_channels, tp.prune_linear_out_channels,
                            tp.prune_depthwise_conv_out_channels):
-            out[name] = (mod.out_channels if conv else mod.out_features, 1)
+            out[name] = (mod.out_channels if conv else mod.out_features, groups)
         elif name not in out:
             width = (mod.in_channels if conv else mod.in_features)
             if conv and mod.groups > 1 and mod.groups == mod.in_channels:
                 width = mod.out_channels
-            out[name] = (width, 1)
+            out[name] = (width, groups)
     return out
 
 
@@ -158,9 +178,11 @@ def plan_step(records: list[GroupRecord], originals: dict[str, int], fraction: f
         return plan
     # Channels and heads are ranked in separate pools: a head is a block of head_dim features, and the lowest
     # mean of 8 channels out of hundreds would always undercut the weakest of a dozen heads.
+    # A channel pool counts channels (a position of a grouped record is `groups` of them), the head pool heads.
     for kind in (False, True):
         pool_records = [r for r in records if (r.attention is not None) == kind]
-        want = math.ceil(fraction * sum(r.width for r in pool_records))
+        size = {r.name: 1 if kind else r.unit for r in pool_records}
+        want = math.ceil(fraction * sum(r.width * size[r.name] for r in pool_records))
         pool = sorted(((score, k, r.name, idx) for r in pool_records for k, (score, idx) in enumerate(chunks[r.name])),
                       key=lambda c: (c[0], c[1], c[2]))
         taken = 0
@@ -168,7 +190,7 @@ def plan_step(records: list[GroupRecord], originals: dict[str, int], fraction: f
             if taken >= want:
                 break
             plan.setdefault(name, []).extend(idx)
-            taken += len(idx)
+            taken += len(idx) * size[name]
     return plan
 
 
@@ -180,8 +202,7 @@ def apply_plan(dg, records: list[GroupRecord], plan: dict[str, list[int]], model
         idxs = plan.get(rec.name)
         if not idxs:
             continue
-        features = qkv_indices(rec.attention, idxs) if rec.attention is not None else sorted(idxs)
-        if prune_group(dg, rec.module, rec.handler, features, model, rec.attention):
+        if prune_group(dg, rec.module, rec.handler, rec.features(idxs), model, rec.attention):
             removed += len(idxs) * rec.unit
     return removed
 

@@ -4,8 +4,10 @@ Every model goes through the same three checks, whatever its name:
 - deriving a group's coupled channels may fail or not finish (Torch-Pruning on shifted windows, index maps
   through roll/partition reshapes, very large graphs): the group is held whole, with the error or the time
   budget as the reason;
-- some couplings cannot shrink evenly (grouped convolutions, channel shuffles, attention whose head layout
-  is not recognised): held whole, each with its reason;
+- some couplings cannot shrink evenly (channel shuffles, attention whose head layout is not recognised,
+  grouped convolutions reached through a concatenation or with group counts that do not nest): held whole,
+  each with its reason. A grouped convolution whose channels are the group's own shrinks alike in every group:
+  its units are channel positions, each removed from every group at once (`channel_groups`);
 - the rest is proved: one unit of every group is removed on a copy of the model, which must still run and
   return logits of the same shape. Groups whose removal breaks the forward (attributes derived from a width,
   reshapes that need a multiple) are found by bisection and held whole with the error.
@@ -97,6 +99,44 @@ def inside_attention(producers: list[str], attention: dict[str, nn.Module]) -> s
     return None
 
 
+def is_grouped(mod: nn.Module) -> bool:
+    """A grouped convolution that is not depthwise: its channels may only shrink by the same positions in every
+    group."""
+    return isinstance(mod, nn.Conv2d | nn.Conv1d) and mod.groups > 1 and not (
+        mod.groups == mod.in_channels == mod.out_channels)
+
+
+def channel_groups(group) -> int | None:
+    """How many channel groups a group's units come in: 1 when no member is a grouped convolution; G when every
+    grouped member sees the group's channels as they are (no concatenation or slice between: its width on the
+    pruned side is the root's, index for index) and every group count divides the largest, G; then removing
+    position j of every one of G equal slices of the root's channels removes the same positions in each
+    convolution group, whichever of the nested counts a member has. None when the channels cannot shrink alike."""
+    import torch_pruning as tp
+
+    root = list(group[0].idxs)
+    counts = set()
+    for i, (dep, idxs) in enumerate(group):
+        mod = dep.target.module
+        if not is_grouped(mod):
+            continue
+        out = dep.handler == tp.prune_conv_out_channels
+        width = mod.out_channels if out else mod.in_channels
+        if width != len(root) or list(idxs) != list(group[i].root_idxs) or sorted(idxs) != list(range(width)):
+            return None
+        counts.add(mod.groups)
+    if not counts:
+        return 1
+    largest = max(counts)
+    return largest if all(largest % c == 0 for c in counts) and len(root) % largest == 0 else None
+
+
+def grouped_channels(positions: list[int], width: int, groups: int) -> list[int]:
+    """The channels of `width` that removing `positions` in each of `groups` equal slices removes."""
+    size = width // groups
+    return sorted(g * size + j for g in range(groups) for j in positions)
+
+
 def module_macs(model: nn.Module, example: torch.Tensor) -> dict[str, float]:
     """MACs per module name (every level of nesting), from one forward of `example`."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -150,6 +190,72 @@ def sync_derived_attributes(changed_params: list[tuple[nn.Module, str, tuple]]) 
                 setattr(mod, key, type(value)(fixed))
 
 
+def _per_output_tensors(dg, group) -> list[tuple[nn.Module, int, list[int], list[str]]]:
+    """The layers whose output channels a group removes, each with its width, the channels removed and the names
+    of its own parameters and buffers other than weight and bias that hold one entry per output channel (a
+    weight-standardised convolution's gain): Torch-Pruning cuts weight and bias only."""
+    out = []
+    for dep, idxs in group:
+        mod = dep.target.module
+        if not isinstance(mod, nn.Conv2d | nn.Conv1d | nn.Linear) or not dg.is_out_channel_pruning_fn(dep.handler):
+            continue
+        width = mod.out_channels if isinstance(mod, nn.Conv2d | nn.Conv1d) else mod.out_features
+        names = [n for n, t in [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]
+                 if n not in ("weight", "bias") and t is not None and t.dim() >= 1 and t.shape[0] == width]
+        if names:
+            out.append((mod, width, sorted({int(i) for i in idxs}), names))
+    return out
+
+
+def _follow_outputs(extras: list[tuple[nn.Module, int, list[int], list[str]]]) -> None:
+    """Cut each per-output-channel tensor of `_per_output_tensors` where its layer's outputs were cut."""
+    for mod, width, removed, names in extras:
+        now = mod.out_channels if isinstance(mod, nn.Conv2d | nn.Conv1d) else mod.out_features
+        if now != width - len(removed):
+            continue  # the layer was not cut as recorded: leave its tensors to the proof
+        keep = torch.tensor([i for i in range(width) if i not in set(removed)], dtype=torch.long)
+        for name in names:
+            old = getattr(mod, name)
+            new = old.detach().index_select(0, keep.to(old.device)).clone()
+            if isinstance(old, nn.Parameter):
+                setattr(mod, name, nn.Parameter(new, requires_grad=old.requires_grad))
+            else:
+                mod.register_buffer(name, new, persistent=name not in mod._non_persistent_buffers_set)
+
+
+def _split_sizes_after(dg, group) -> list[tuple[nn.Module, tuple[int, ...], tuple[int, ...]]]:
+    """For each split by sizes the group's channels pass: the module whose forward splits, the sizes before and
+    after the removal (each part loses the removed channels that fall in it)."""
+    owners = getattr(dg, "split_owners", {})
+    out = []
+    for dep, idxs in group:
+        op = dep.target.module
+        if type(op).__name__ != "_SplitOp" or dep.target is None:
+            continue
+        node = dg.module2node.get(op)
+        owner = owners.get(getattr(node, "grad_fn", None))
+        if owner is None:
+            continue
+        mod, sizes = owner
+        removed = sorted({int(i) for i in idxs})
+        bounds = [sum(sizes[:k]) for k in range(len(sizes) + 1)]
+        after = tuple(size - sum(bounds[k] <= i < bounds[k + 1] for i in removed) for k, size in enumerate(sizes))
+        if after != sizes and (mod, sizes, after) not in out:
+            out.append((mod, sizes, after))
+    return out
+
+
+def _follow_split_sizes(splits: list[tuple[nn.Module, tuple[int, ...], tuple[int, ...]]]) -> None:
+    """Set each splitting module's stored sizes (a tuple or list of integers equal to the sizes it split by) to
+    the sizes after the removal. Sizes the forward computes from other attributes are left to the proof."""
+    for mod, before, after in splits:
+        for key, value in list(vars(mod).items()):
+            if key.startswith("_") or not isinstance(value, tuple | list) or len(value) != len(before):
+                continue
+            if all(isinstance(v, int) and not isinstance(v, bool) for v in value) and tuple(value) == before:
+                setattr(mod, key, type(value)(after))
+
+
 def prune_group(dg, module: nn.Module, handler, idxs: list[int], model: nn.Module,
                 attention: nn.Module | None = None) -> bool:
     """Prune `idxs` of the group rooted at `module` (fresh from the graph, so never stale); keep derived
@@ -161,7 +267,11 @@ def prune_group(dg, module: nn.Module, handler, idxs: list[int], model: nn.Modul
     owners = owners_of_parameters(model)
     loose = [(*owners[id(dep.target.module)], tuple(dep.target.module.shape)) for dep, _ in group
              if isinstance(dep.target.module, nn.Parameter) and id(dep.target.module) in owners]
+    extras = _per_output_tensors(dg, group)
+    splits = _split_sizes_after(dg, group)
     group.prune()
+    _follow_outputs(extras)
+    _follow_split_sizes(splits)
     sync_derived_attributes(loose)
     if before is not None:
         sync_attributes(attention, before)
@@ -190,6 +300,16 @@ def spread_copy(model: nn.Module, example: torch.Tensor, roots: list[str], build
     dg = build_graph(trial, example)
     modules = dict(trial.named_modules())
     heads = {layout(m).root: m for m in attention_modules(trial).values()}
+    # each root's channel groups as the graph was built, before any removal: a grouped convolution that loses
+    # output positions can become depthwise, and the graph's handlers (and a count taken then) would not know
+    groups_of: dict[str, int] = {}
+    if any(is_grouped(m) for m in trial.modules()):
+        for name in roots:
+            mod = modules[name]
+            pruner = dg.get_pruner_of_module(mod)
+            if mod not in heads and pruner is not None and (width := pruner.get_out_channels(mod)) > 1:
+                groups_of[name] = channel_groups(dg.get_pruning_group(mod, pruner.prune_out_channels,
+                                                                      list(range(width)))) or 1
     for name in roots:
         mod = modules[name]
         pruner = dg.get_pruner_of_module(mod)
@@ -198,7 +318,10 @@ def spread_copy(model: nn.Module, example: torch.Tensor, roots: list[str], build
             if getattr(attention, layout(attention).heads_attr) > 1:
                 prune_group(dg, mod, pruner.prune_out_channels, qkv_indices(attention, [0]), trial, attention)
         elif (width := pruner.get_out_channels(mod)) > 1:
-            prune_group(dg, mod, pruner.prune_out_channels, spread_units(width), trial)
+            groups = groups_of.get(name, 1)  # remove the same positions of every convolution group
+            units = grouped_channels(spread_units(width // groups), width, groups) if groups > 1 else \
+                spread_units(width)
+            prune_group(dg, mod, pruner.prune_out_channels, units, trial)
     return trial
 
 
@@ -275,7 +398,7 @@ def plan_breaks(model: nn.Module, example: torch.Tensor, records: dict[str, Any]
             rec = records[name]
             module = copy_.get_submodule(names[rec.module])
             attention = copy_.get_submodule(name) if rec.attention is not None else None
-            idxs = qkv_indices(attention, plan[name]) if attention is not None else sorted(plan[name])
+            idxs = rec.features(plan[name])
             prune_group(dg, module, rec.handler, idxs, copy_, attention)
         return runs(copy_, example)
 

@@ -166,3 +166,195 @@ def test_attention_whose_heads_cannot_go_is_held_whole_with_the_reason_and_still
     assert all("_Heads, n_heads=4" in h.reason and "derives a head size" in h.reason for h in inside)
     assert model.attn.q.out_features == 32 and model.attn.n_heads == 4, "the heads are kept whole"
     assert model.mlp[0].out_features < 64, "the rest of the model is pruned"
+
+
+class _Grouped(nn.Module):
+    """Channels into grouped convolutions three ways: straight into one (groups 4), into two with nested counts
+    (8 and 2), and through a concatenation (held whole: the concatenation offsets the positions)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 32, 3, padding=1)
+        self.a = nn.Conv2d(32, 64, 1)
+        self.bn = nn.BatchNorm2d(64)
+        self.g4 = nn.Conv2d(64, 64, 3, padding=1, groups=4)
+        self.b = nn.Conv2d(64, 48, 1)
+        self.g8 = nn.Conv2d(48, 48, 3, padding=1, groups=8)
+        self.g2 = nn.Conv2d(48, 48, 3, padding=1, groups=2)
+        self.c1, self.c2 = nn.Conv2d(48, 16, 1), nn.Conv2d(48, 16, 1)
+        self.gcat = nn.Conv2d(32, 32, 3, padding=1, groups=4)
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = self.g4(torch.relu(self.bn(self.a(x))))
+        x = self.b(x)
+        x = self.g8(x) + self.g2(x)
+        x = self.gcat(torch.cat([self.c1(x), self.c2(x)], 1))
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("criterion", ["l2", "divergence_taylor"])
+def test_grouped_convolutions_shrink_alike_in_every_group(criterion: str):
+    """A grouped convolution (not depthwise) loses the same positions in every group, so its groups stay equal
+    and its weights line up with the channels it reads: the pruned model computes what the unpruned one does on
+    the kept channels. Only the group that reaches one through a concatenation is held, with the reason."""
+    from types import SimpleNamespace
+
+    from pipeline.config import Config
+    from stages._criteria import CRITERIA
+    from stages._goals import Plan
+    from stages._pruner import Pruner
+    from stages._structure import is_grouped
+
+    torch.manual_seed(0)
+    model = _Grouped().eval()
+    cfg = Config.model_validate({"name": "g", "model": {"source": "timm", "name": "resnet18", "num_classes": 4,
+                                                        "in_chans": 1, "input_size": [8, 8]},
+                                 "filter_prune": {"criterion": criterion, "round_to": 8}})
+    data = [(torch.randn(4, 1, 8, 8), torch.randint(0, 4, (4,))) for _ in range(2)]
+    ctx = SimpleNamespace(config=cfg, device=torch.device("cpu"), loader=lambda *a, **k: data,
+                          track=lambda items, *a, **k: items)
+    pruner = Pruner(CRITERIA.get(criterion)(), ctx)
+    for step in range(3):
+        pruner.apply(model, Plan(step, share=0.3))
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, 8, 8)).shape == (2, 4)
+    assert model.g4.in_channels < 64 and model.g4.groups == 4 and model.g4.in_channels % 4 == 0
+    assert model.g8.in_channels < 48 and model.g8.groups == 8 and model.g2.groups == 2
+    assert model.g8.in_channels == model.g2.in_channels and model.g8.in_channels % 8 == 0
+    held = {h.root: h for h in pruner.held.values()}
+    assert sorted(held) == ["c1", "c2"], {r: h.reason for r, h in held.items()}
+    assert all(h.kind == "grouped conv" and "concatenation" in h.reason for h in held.values())
+    assert model.gcat.in_channels == 32, "the concatenation's channels are held"
+    assert all(m.weight.shape[1] * m.groups == m.in_channels for m in model.modules() if is_grouped(m))
+
+
+def test_removing_positions_of_every_group_keeps_the_kept_channels_outputs():
+    """Position j of each group goes: the pruned grouped convolution's outputs are the unpruned one's on the
+    kept channels (its weights were cut where its inputs were)."""
+    from stages._graph import build_graph
+    from stages._structure import channel_groups, grouped_channels, prune_group
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 12, 1), nn.Conv2d(12, 12, 3, padding=1, groups=3)).eval()
+    x = torch.randn(1, 2, 6, 6)
+    with torch.no_grad():
+        before = net(x)
+    dg = build_graph(net, x)
+    group = dg.get_pruning_group(net[0], dg.get_pruner_of_module(net[0]).prune_out_channels, list(range(12)))
+    assert channel_groups(group) == 3
+    gone = grouped_channels([1, 3], 12, 3)
+    assert gone == [1, 3, 5, 7, 9, 11]
+    assert prune_group(dg, net[0], dg.get_pruner_of_module(net[0]).prune_out_channels, gone, net)
+    assert net[1].in_channels == 6 and net[1].groups == 3
+    # the grouped conv keeps its outputs and loses inputs: the same model with those inputs zeroed agrees
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Conv2d(2, 12, 1), nn.Conv2d(12, 12, 3, padding=1, groups=3)).eval()
+    with torch.no_grad():
+        ref[0].weight[gone] = 0
+        ref[0].bias[gone] = 0
+        assert torch.allclose(net(x), ref(x), atol=1e-5)
+        assert not torch.allclose(before, net(x)), "the removed channels did contribute"
+
+
+def test_channels_one_per_convolution_group_are_held_with_the_reason():
+    """A convolution with as many groups as input channels and more outputs (a depthwise multiplier) leaves
+    no position to remove on its input side: that group is held, said so, and its output side still prunes."""
+    from stages._graph import build_graph
+    from stages._pruning import classifier_layers
+
+    net = nn.Sequential(nn.Conv2d(1, 16, 3), nn.Conv2d(16, 32, 3, groups=16), nn.Conv2d(32, 8, 1),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    x = torch.zeros(1, 1, 12, 12)
+    found, held = build_graph(net, x).groups(net, classifier_layers(net, 4), {})
+    assert [(h.root, h.kind) for h in held] == [("0", "grouped conv")]
+    assert "one channel each" in held[0].reason
+    assert {name for name, *_ in found} == {"1", "2"}
+
+
+class _GainConv(nn.Conv2d):
+    """A convolution with its own per-output-channel tensors beside weight and bias (a weight-standardised
+    convolution's gain, a per-channel buffer), used through its width attribute in forward."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.gain = nn.Parameter(torch.rand(self.out_channels, 1, 1, 1) + 0.5)
+        self.register_buffer("shift", torch.randn(self.out_channels))
+
+    def forward(self, x):
+        w = torch.nn.functional.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                                           weight=self.gain.view(-1), training=True).reshape_as(self.weight)
+        return self._conv_forward(x, w, self.bias) + self.shift.view(1, -1, 1, 1)
+
+
+def test_a_layers_own_per_channel_tensors_follow_its_output_channels():
+    """Torch-Pruning cuts a layer's weight and bias; any other parameter or buffer of the layer with one entry
+    per output channel is cut with them, at the same channels, so the pruned layer computes what the unpruned
+    one did on the channels it keeps."""
+    from stages._graph import build_graph
+    from stages._pruning import classifier_layers
+    from stages._structure import prune_group
+
+    torch.manual_seed(0)
+    net = nn.Sequential(_GainConv(1, 16, 3), nn.ReLU(), _GainConv(16, 8, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(8, 4)).eval()
+    x = torch.randn(1, 1, 8, 8)
+    with torch.no_grad():
+        inner = net[:2](x)
+    dg = build_graph(net, x)
+    found, held = dg.groups(net, classifier_layers(net, 4), {})
+    assert not held and {n for n, *_ in found} == {"0", "2"}
+    gone = [1, 5, 6, 15]
+    assert prune_group(dg, net[0], dg.get_pruner_of_module(net[0]).prune_out_channels, gone, net)
+    kept = [c for c in range(16) if c not in gone]
+    assert net[0].gain.shape == (12, 1, 1, 1) and net[0].shift.shape == (12,)
+    assert "shift" in dict(net[0].named_buffers())
+    with torch.no_grad():
+        assert torch.allclose(net[:2](x), inner[:, kept], atol=1e-5)
+        assert net(x).shape == (1, 4)
+
+
+class _StoredSplit(nn.Module):
+    """Splits its channels by sizes it stores, runs a depthwise convolution on three of the parts and
+    concatenates them back (the parts' consumers are created in an order other than the parts')."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(1, 24, 1)
+        self.sizes = (12, 4, 4, 4)
+        self.d = nn.ModuleList([nn.Conv2d(4, 4, 3, padding=1, groups=4) for _ in range(3)])
+        self.head = nn.Linear(24, 4)
+
+    def forward(self, x):
+        x = self.a(x)
+        first, *parts = torch.split(x, self.sizes, dim=1)
+        x = torch.cat([first, *(d(p) for d, p in zip(self.d, parts, strict=True))], 1)
+        return self.head(torch.relu(x).mean((2, 3)))
+
+
+def test_split_sizes_a_module_stores_follow_the_channels_each_part_loses():
+    """Each part of a split loses the removed channels that fall in it, its consumers lose the same ones (not
+    those of another part), and the module's stored sizes are set to match: the pruned model computes what the
+    unpruned one does with those channels zeroed."""
+    from stages._graph import build_graph
+    from stages._structure import prune_group
+
+    torch.manual_seed(0)
+    model = _StoredSplit().eval()
+    x = torch.randn(1, 1, 6, 6)
+    ref = _StoredSplit().eval()
+    ref.load_state_dict(model.state_dict())
+    gone = [0, 5, 13, 14, 18, 23]  # parts 0, 0, 1, 1, 2, 3
+    with torch.no_grad():  # the removed channels carry nothing to the head: their producer and biases zeroed
+        ref.a.weight[gone] = 0
+        ref.a.bias[gone] = 0
+        for d, local in zip(ref.d, ([1, 2], [2], [3]), strict=True):
+            d.bias[local] = 0
+        expected = ref(x)
+    dg = build_graph(model, x)
+    assert prune_group(dg, model.a, dg.get_pruner_of_module(model.a).prune_out_channels, gone, model)
+    assert model.sizes == (10, 2, 3, 3)
+    assert [d.in_channels for d in model.d] == [2, 3, 3]
+    with torch.no_grad():
+        assert torch.allclose(model(x), expected, atol=1e-5)
