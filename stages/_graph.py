@@ -51,6 +51,25 @@ class IndexExplosion(RuntimeError):
     """An index map turned a group's channels into more indices than any layer of the model has."""
 
 
+def _true_splits(graph) -> None:
+    """Give every split Torch-Pruning's index maps read its true parts: the consumers in the order of the parts
+    they read (`_order_split_outputs`) and the part sizes the tracing forward saw (`build_graph`'s split_owners;
+    Torch-Pruning infers an equal-size split's parts from its consumers, and got 104, 26, 26, 26 for four parts
+    of 26). A split whose parts cannot be told apart is marked unmapped: its groups are held."""
+    owners = getattr(graph, "split_owners", {})
+    for node in graph.module2node.values():
+        if type(node.module).__name__ != "_SplitOp" or getattr(node.module, _UNMAPPED, False):
+            continue
+        if not _order_split_outputs(node):
+            setattr(node.module, _UNMAPPED, True)
+            continue
+        found = owners.get(getattr(node, "grad_fn", None))
+        if found is not None:
+            sizes = list(found[1])
+            node.module.split_sizes = sizes
+            node.module.offsets = [sum(sizes[:k]) for k in range(len(sizes) + 1)]
+
+
 def _order_split_outputs(node) -> bool:
     """Put a split's consumers in the order of the split's outputs they read, which Torch-Pruning's split index
     map assumes (it gives the i-th consumer found the i-th part: found in another order, the channels of one
@@ -83,8 +102,7 @@ def _guarded_index_maps(limit: int = 0):
 
     def guard(original):
         def guarded(graph, node) -> None:
-            if _is_channel_shuffle(node) or (original.__name__ == "update_split_index_mapping"
-                                             and not _order_split_outputs(node)):
+            if _is_channel_shuffle(node) or getattr(node.module, _UNMAPPED, False):
                 setattr(node.module, _UNMAPPED, True)
                 return
             try:
@@ -125,6 +143,7 @@ def _guarded_index_maps(limit: int = 0):
 
     def one_pass(graph) -> None:
         memo.clear()
+        _true_splits(graph)
         try:
             whole_pass(graph)
         finally:

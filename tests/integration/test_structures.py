@@ -358,3 +358,45 @@ def test_split_sizes_a_module_stores_follow_the_channels_each_part_loses():
     assert [d.in_channels for d in model.d] == [2, 3, 3]
     with torch.no_grad():
         assert torch.allclose(model(x), expected, atol=1e-5)
+
+
+class _EqualSplit(nn.Module):
+    """Splits into equal parts by one size, each part through its own convolution, concatenated back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(1, 24, 1)
+        self.c = nn.ModuleList([nn.Conv2d(6, 6, 1) for _ in range(4)])
+        self.head = nn.Linear(24, 4)
+
+    def forward(self, x):
+        parts = torch.split(self.a(x), 6, dim=1)
+        x = torch.cat([c(p) for c, p in zip(self.c, parts, strict=True)], 1)
+        return self.head(torch.relu(x).mean((2, 3)))
+
+
+def test_an_equal_split_maps_each_part_to_its_own_place_in_the_concatenation():
+    """Torch-Pruning inferred an equal split's parts from its consumers (104, 26, 26, 26 for four parts of 26
+    in Res2Net) and mapped one part's channels into others; with the parts the forward saw, removing outputs of
+    the third part's convolution removes exactly those inputs of the head."""
+    from stages._graph import build_graph
+    from stages._structure import prune_group
+
+    torch.manual_seed(0)
+    model = _EqualSplit().eval()
+    ref = _EqualSplit().eval()
+    ref.load_state_dict(model.state_dict())
+    x = torch.randn(1, 1, 5, 5)
+    with torch.no_grad():
+        ref.c[2].weight[[0, 4]] = 0
+        ref.c[2].bias[[0, 4]] = 0
+        expected = ref(x)
+    dg = build_graph(model, x)
+    group = dg.get_pruning_group(model.c[2], dg.get_pruner_of_module(model.c[2]).prune_out_channels, [0, 4])
+    touched = {type(dep.target.module).__name__ for dep, _ in group}
+    assert "Conv2d" in touched and not any(dep.target.module is model.a for dep, _ in group), \
+        "the group stays in its part: the producer before the split is not in it"
+    assert prune_group(dg, model.c[2], dg.get_pruner_of_module(model.c[2]).prune_out_channels, [0, 4], model)
+    assert model.head.in_features == 22 and [c.out_channels for c in model.c] == [6, 6, 4, 6]
+    with torch.no_grad():
+        assert torch.allclose(model(x), expected, atol=1e-5)
