@@ -86,7 +86,8 @@ def main() -> None:
                         "published table's ten models at full resolution, about 25 minutes); rewrites that section "
                         "of BENCHMARKS.md and keeps the rest")
     parser.add_argument("--matrix", action="store_true", help="only the architecture matrix (30 models nobody "
-                        "named, about 25 minutes); rewrites that section of BENCHMARKS.md and keeps the rest")
+                        "named and 6 with widths their forward derives, about 70 minutes); rewrites that section "
+                        "of BENCHMARKS.md and keeps the rest")
     parser.add_argument("--int8", action="store_true", help="only the INT8 section (ResNet-50 latency, the demo's "
                         "accuracy over 3 seeds, about 10 minutes); rewrites that section and keeps the rest")
     parser.add_argument("--latency-target", action="store_true", help="only the latency-target section (ResNet-50 "

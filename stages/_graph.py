@@ -64,10 +64,18 @@ def _true_splits(graph) -> None:
             setattr(node.module, _UNMAPPED, True)
             continue
         found = owners.get(getattr(node, "grad_fn", None))
-        if found is not None:
+        # only a split along the channels (dimension 1, the one Torch-Pruning maps): another dimension's sizes
+        # would be read as channel counts where a concatenation's widths are inferred
+        if found is not None and _split_dim(node) == 1:
             sizes = list(found[1])
             node.module.split_sizes = sizes
             node.module.offsets = [sum(sizes[:k]) for k in range(len(sizes) + 1)]
+
+
+def _split_dim(node) -> int | None:
+    """The dimension a split node's autograd record says it split along (None when it does not say)."""
+    dim = getattr(getattr(node, "grad_fn", None), "_saved_dim", None)
+    return dim if isinstance(dim, int) and 0 <= dim < 64 else None
 
 
 def _order_split_outputs(node) -> bool:

@@ -234,8 +234,8 @@ def _split_sizes_after(dg, group) -> list[tuple[nn.Module, tuple[int, ...], tupl
             continue
         node = dg.module2node.get(op)
         owner = owners.get(getattr(node, "grad_fn", None))
-        if owner is None:
-            continue
+        if owner is None or getattr(node.grad_fn, "_saved_dim", None) != 1:
+            continue  # only a split along the channels: the group's indices there are channel indices
         mod, sizes = owner
         removed = sorted({int(i) for i in idxs})
         bounds = [sum(sizes[:k]) for k in range(len(sizes) + 1)]
