@@ -20,6 +20,7 @@ from stages._structure import (
     channel_groups,
     head_count_attr,
     inside_attention,
+    split_dim,
     time_limit,
     unrecognised_attention,
 )
@@ -66,16 +67,10 @@ def _true_splits(graph) -> None:
         found = owners.get(getattr(node, "grad_fn", None))
         # only a split along the channels (dimension 1, the one Torch-Pruning maps): another dimension's sizes
         # would be read as channel counts where a concatenation's widths are inferred
-        if found is not None and _split_dim(node) == 1:
+        if found is not None and split_dim(node) == 1:
             sizes = list(found[1])
             node.module.split_sizes = sizes
             node.module.offsets = [sum(sizes[:k]) for k in range(len(sizes) + 1)]
-
-
-def _split_dim(node) -> int | None:
-    """The dimension a split node's autograd record says it split along (None when it does not say)."""
-    dim = getattr(getattr(node, "grad_fn", None), "_saved_dim", None)
-    return dim if isinstance(dim, int) and 0 <= dim < 64 else None
 
 
 def _order_split_outputs(node) -> bool:
@@ -334,7 +329,7 @@ class _SplitOwners(torch.overrides.TorchFunctionMode):
     """Records, during the tracing forward, which module's forward made each split into sizes: the split's
     autograd node (Torch-Pruning's graph node for the split holds the same object) -> (module, sizes). A module
     that splits by sizes it stores (a tuple of integers summing to a pruned width) must have them follow the
-    pruning (`stages._structure.follow_split_sizes`)."""
+    pruning (`prune_group` in stages._structure does it)."""
 
     def __init__(self, owners: dict[Any, tuple[nn.Module, tuple[int, ...]]]) -> None:
         super().__init__()

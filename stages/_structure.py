@@ -213,7 +213,8 @@ def _follow_outputs(extras: list[tuple[nn.Module, int, list[int], list[str]]]) -
         now = mod.out_channels if isinstance(mod, nn.Conv2d | nn.Conv1d) else mod.out_features
         if now != width - len(removed):
             continue  # the layer was not cut as recorded: leave its tensors to the proof
-        keep = torch.tensor([i for i in range(width) if i not in set(removed)], dtype=torch.long)
+        gone = set(removed)
+        keep = torch.tensor([i for i in range(width) if i not in gone], dtype=torch.long)
         for name in names:
             old = getattr(mod, name)
             new = old.detach().index_select(0, keep.to(old.device)).clone()
@@ -223,6 +224,13 @@ def _follow_outputs(extras: list[tuple[nn.Module, int, list[int], list[str]]]) -
                 mod.register_buffer(name, new, persistent=name not in mod._non_persistent_buffers_set)
 
 
+def split_dim(node) -> int | None:
+    """The dimension a split node of Torch-Pruning's graph split along, as its autograd record says (None when it
+    does not say; a negative dimension is recorded unsigned and reads as None)."""
+    dim = getattr(getattr(node, "grad_fn", None), "_saved_dim", None)
+    return dim if isinstance(dim, int) and 0 <= dim < 64 else None
+
+
 def _split_sizes_after(dg, group) -> list[tuple[nn.Module, tuple[int, ...], tuple[int, ...]]]:
     """For each split by sizes the group's channels pass: the module whose forward splits, the sizes before and
     after the removal (each part loses the removed channels that fall in it)."""
@@ -230,11 +238,11 @@ def _split_sizes_after(dg, group) -> list[tuple[nn.Module, tuple[int, ...], tupl
     out = []
     for dep, idxs in group:
         op = dep.target.module
-        if type(op).__name__ != "_SplitOp" or dep.target is None:
+        if type(op).__name__ != "_SplitOp":
             continue
         node = dg.module2node.get(op)
         owner = owners.get(getattr(node, "grad_fn", None))
-        if owner is None or getattr(node.grad_fn, "_saved_dim", None) != 1:
+        if owner is None or split_dim(node) != 1:
             continue  # only a split along the channels: the group's indices there are channel indices
         mod, sizes = owner
         removed = sorted({int(i) for i in idxs})
