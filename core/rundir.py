@@ -122,9 +122,14 @@ def probe_dir(folder: Path, what: str) -> None:
                              f"choose a folder on a writable file system") from exc
 
 
+def json_bytes(obj: Any) -> bytes:
+    """The bytes atomic_json writes for obj (so a caller can record their sha256 before writing them)."""
+    return (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode()
+
+
 def atomic_json(path: Path, obj: Any) -> None:
     """Atomically write pretty JSON."""
-    atomic_write(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
+    atomic_write(path, json_bytes(obj))
 
 
 def atomic_torch_save(path: Path, obj: Any) -> None:

@@ -27,7 +27,7 @@ from core.registry import PIPELINE
 from core.rundir import RunDir, atomic_json, atomic_write, load_checkpoint, now
 from pipeline.config import Config
 from pipeline.plan import gather_inputs
-from pipeline.runner import run_pipeline
+from pipeline.runner import run_pipeline, supersede
 
 FRONTIER = "frontier"
 ARTIFACTS = ("model.onnx", "model.int8.onnx", "model.engine")  # what a point may ship, copied when selected
@@ -153,12 +153,10 @@ def run_frontier(config: Config, run_dir: RunDir, console: Console, start: str |
         if until in UPSTREAM:
             return None
         manifest = run_dir.read_manifest()
-        stamp = now()
-        for name in DOWNSTREAM:  # a single run's later stages in this folder describe another model now
-            old = manifest["stages"].get(name)
-            if old is not None and old.get("status") in ("done", "skipped"):
-                old.update(status="outdated", outdated_since=stamp, note="superseded by the frontier run (frontier/)")
-        run_dir.write_manifest(manifest)
+        # a single run's later stages in this folder, and the summary and artifacts at its top, describe another
+        # model now: marked before any point runs or any artifact is copied up (see supersede)
+        supersede(run_dir, manifest, list(DOWNSTREAM), "a frontier run, whose points finish under frontier/",
+                  entry_note="superseded by the frontier run (frontier/)")
         entry = manifest["stages"]["filter_prune"]
         points = load_checkpoint(run_dir.root / entry["checkpoint"])["state"].get("points") or []
         speedup = config.filter_prune.target_speedup is not None

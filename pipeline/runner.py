@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ from core.errors import UserInputError
 from core.metrics import MetricsLog
 from core.models import structure_of
 from core.registry import PIPELINE
-from core.rundir import RunDir, atomic_json, atomic_torch_save, atomic_write, now
+from core.rundir import RunDir, atomic_json, atomic_torch_save, atomic_write, json_bytes, now
 from pipeline._probe import out_of_memory
 from pipeline.config import Config
 from pipeline.plan import DATA_FILES, PlanItem, make_plan, upstream_fingerprint
@@ -179,45 +181,60 @@ def _prepare(config: Config, run_dir: RunDir, names: list[str], start: str | Non
 
 def _supersede(run_dir: RunDir, manifest: dict[str, Any], plan: list[PlanItem]):
     """Before the first stage re-runs: mark the records of the stages that will run, and the top-level
-    summary.json, as the previous run's until this one finishes (a kill at any instant after this leaves
-    artifacts that say they are not current). Returns the manifest and a function that puts both back as they
-    were (for bad input found before any stage committed), or None when nothing was marked."""
+    summary.json, as the previous run's until this one finishes (see supersede). Returns the manifest and a
+    function that puts both back as they were (for bad input found before any stage committed), or None when
+    nothing was marked."""
     runs = [i for i in plan if i.action in ("run", "off")]
     if not runs:
         return manifest, None
+    return manifest, supersede(run_dir, manifest, [i.name for i in runs], f"{runs[0].name} {runs[0].describe()}")
+
+
+def supersede(run_dir: RunDir, manifest: dict[str, Any], names: list[str], why: str,
+              entry_note: str | None = None) -> Callable[[], None]:
+    """Mark the stages `names` outdated in the manifest (in place) and the top-level summary.json superseded,
+    so that a kill at any instant after this leaves artifacts that say they are not current. The manifest is
+    written first: critical() defers SIGINT/SIGTERM but not SIGKILL, and a kill between the two writes must
+    leave a summary that still says current beside stages marked outdated (the manifest is what a re-run and
+    the report trust), never a summary that says superseded beside stages still marked done. Returns a function
+    that puts both back as they were."""
     stamp = now()
     path = run_dir.root / SUMMARY
     before_entries = copy.deepcopy(manifest["stages"])
     before_summary = path.read_bytes() if path.is_file() else None
     with critical():
-        for item in runs:
-            entry = manifest["stages"].get(item.name)
+        for name in names:
+            entry = manifest["stages"].get(name)
             if entry is not None and entry.get("status") in ("done", "skipped"):
-                entry.update(status="outdated", outdated_since=stamp)
+                entry.update(status="outdated", outdated_since=stamp, **({"note": entry_note} if entry_note else {}))
         try:
             summary = json.loads(before_summary) if before_summary is not None else None
         except ValueError:
             summary = None
+        marked = None
         if isinstance(summary, dict):
             summary["run"] = {**(summary.get("run") or {}), "current": False, "status": "superseded",
-                              "note": f"a re-run started at {stamp} ({runs[0].name} {runs[0].describe()}) has "
-                                      f"not finished: this summary, model.onnx and the report describe the "
-                                      f"previous run"}
-            atomic_json(path, summary)
+                              "note": f"a re-run started at {stamp} ({why}) has not finished: this summary and "
+                                      f"the report describe the previous run, and the artifacts beside them are "
+                                      f"the previous run's unless manifest.json records their stage as done "
+                                      f"since"}
+            marked = json_bytes(summary)
             for entry in manifest["stages"].values():  # keep the recorded sha256 true (a --until run keeps it)
                 if SUMMARY in entry.get("files", {}):
-                    entry["files"][SUMMARY] = run_dir.file_hashes([path])[SUMMARY]
+                    entry["files"][SUMMARY] = hashlib.sha256(marked).hexdigest()
         run_dir.write_manifest(manifest)
+        if marked is not None:
+            atomic_write(path, marked)
 
     def undo() -> None:
         with critical():
-            if before_summary is not None:
-                atomic_write(path, before_summary)
             for name, entry in before_entries.items():
                 manifest["stages"][name] = entry
             run_dir.write_manifest(manifest)
+            if before_summary is not None:
+                atomic_write(path, before_summary)
 
-    return manifest, undo
+    return undo
 
 
 def _context(item: PlanItem, s: _Session, manifest: dict[str, Any]) -> Context:

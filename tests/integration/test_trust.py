@@ -3,6 +3,7 @@ run used, never leaves a previous run's artifacts looking current, and cleans up
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -146,6 +147,51 @@ def test_a_killed_rerun_leaves_artifacts_that_say_they_are_not_current(folder_ru
     resumed = run_cli("pipeline", str(config), "--run-dir", str(run2), "--set", "finetune.lr=0.02", env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((run2 / "summary.json").read_text())["run"]["current"] is True
+
+
+class _Killed(BaseException):
+    """Stands in for SIGKILL: nothing after it runs, not even critical()'s deferral."""
+
+
+@pytest.mark.parametrize("kill_after", [0, 1, 2])
+def test_a_kill_between_any_two_writes_of_a_supersede_leaves_no_summary_ahead_of_the_manifest(
+        tmp_path: Path, monkeypatch, kill_after: int):
+    """The killed-rerun test above catches this only when the kill lands between two writes; here every instant
+    is tried: whatever is on disk, a summary that says superseded never sits beside stages still marked done,
+    and the manifest's recorded sha256 of summary.json is true whenever the summary was written."""
+    import core.rundir as rundir
+    from core.rundir import RunDir, sha256
+    from pipeline import runner
+    from pipeline.plan import PlanItem
+
+    run = RunDir(tmp_path / "run")
+    run.root.mkdir()
+    (run.root / "summary.json").write_text(json.dumps({"run": {"current": True}, "compressed": {"top1": 0.9}}))
+    digest = sha256(run.root / "summary.json")
+    manifest = {"stages": {name: {"status": "done", "files": {"summary.json": digest} if name == "validate" else {}}
+                           for name in ("finetune", "export", "validate")}}
+    run.write_manifest(manifest)
+    plan = [PlanItem(i, name, "h", "run", "config changed (finetune)") for i, name in
+            enumerate(("finetune", "export", "validate"))]
+    real, writes = rundir._atomic_write, []
+
+    def write(path, data):
+        if len(writes) == kill_after:
+            raise _Killed
+        writes.append(path.name)
+        real(path, data)
+
+    monkeypatch.setattr(rundir, "_atomic_write", write)
+    with pytest.raises(_Killed) if kill_after < 2 else contextlib.nullcontext():
+        runner._supersede(run, json.loads(json.dumps(manifest)), plan)
+    on_disk = json.loads(run.manifest_path.read_text())
+    summary = json.loads((run.root / "summary.json").read_text())
+    statuses = {n: e["status"] for n, e in on_disk["stages"].items()}
+    if summary["run"]["current"] is False:
+        assert set(statuses.values()) == {"outdated"}, (writes, statuses)
+    assert on_disk["stages"]["validate"]["files"]["summary.json"] == sha256(run.root / "summary.json") or \
+        summary["run"]["current"] is True, writes
+    assert len(writes) == kill_after
 
 
 def test_an_interrupted_rerun_writes_a_report_that_says_where_it_stopped(folder_run, tmp_path: Path):
