@@ -204,6 +204,20 @@ def test_a_latency_gate_never_passes_on_a_contended_figure(gate: str):
     assert check_gates(s, GatesConfig(max_top1_drop=1.5)) == ([], []), "other gates stand"
 
 
+@pytest.mark.parametrize("gate, bad", [("min_flops_reduction", 0.7), ("max_parity_error", 1e-7),
+                                       ("max_top1_drop", 0.5)])
+def test_a_busy_machine_takes_only_the_latency_gates_away(gate: str, bad: float):
+    """A contended timing once returned before the gates that read no timing: a MACs reduction of 29% passed
+    min_flops_reduction 0.7 (exit 0) whenever the machine was busy. Every gate that reads no timing fails on a
+    contended run as on a quiet one, beside the latency gate's own failure."""
+    s = summary() | {"delta_pct": {"gflops": -28.7}}
+    s["latency_ms"]["contended"] = "other processes kept 0.82 of the 2 cores busy"
+    quiet = check_gates(summary() | {"delta_pct": {"gflops": -28.7}}, GatesConfig(**{gate: bad}))[0]
+    fails, _ = check_gates(s, GatesConfig(**{gate: bad}, min_speedup=1.5))
+    assert len(quiet) == 1 and quiet[0] in fails and len(fails) == 2, fails
+    assert any("busy machine" in f for f in fails)
+
+
 def test_a_contended_timing_is_retaken_and_keeps_its_caveat(monkeypatch):
     import export.runtime as R
     from export.validation import CONTENDED_RETRIES, clean_latency, latency_record
