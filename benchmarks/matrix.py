@@ -10,6 +10,7 @@ were chosen for their variety, not because anything in the code names them.
 from __future__ import annotations
 
 import json
+import statistics
 import tempfile
 import time
 import traceback
@@ -19,6 +20,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from benchmarks.tp_alone import RATIO, cell
 
 # (source, name, input size): at least 25, across structural families
 MATRIX: list[tuple[str, str, int]] = [
@@ -97,19 +100,42 @@ def run_one(source: str, name: str, size: int, workdir: Path) -> dict[str, Any]:
             "stop": prune["stop_reason"]}
 
 
+def inspect_seconds(source: str, name: str, size: int) -> float | None:
+    """`compress inspect`'s check (with its ONNX export check) on the run's config, as a user previews a run."""
+    from pipeline.config import Config
+    from pipeline.inspect import inspect_model
+
+    t0 = time.perf_counter()
+    try:
+        inspect_model(Config.model_validate(_config(source, name, size)))
+    except Exception:  # noqa: BLE001 - the run that follows says what fails; this only times the check
+        traceback.print_exc()
+        return None
+    return round(time.perf_counter() - t0, 2)
+
+
 def run(quick: bool = False) -> dict[str, Any]:
+    from benchmarks import tp_alone
+
     rows, failures = [], {}
     for source, name, size in (MATRIX[:8] if quick else MATRIX + WIDTH_DERIVED):
+        alone = tp_alone.run_one(source, name, size)  # in its own process: it may hang or grow without bound
+        inspected = inspect_seconds(source, name, size)
         with tempfile.TemporaryDirectory() as tmp:
             try:
-                rows.append(run_one(source, name, size, Path(tmp)))
+                rows.append(run_one(source, name, size, Path(tmp)) | {"tp_alone": alone, "inspect_s": inspected})
                 r = rows[-1]
                 print(f"matrix {r['model']}: -{r['cut']:.1%} MACs, held {r['held']} ({r['held_share']:.1%}), "
-                      f"parity {r['parity_rel']:.1e}, {r['seconds']:.0f}s", flush=True)
+                      f"parity {r['parity_rel']:.1e}, {r['seconds']:.0f}s; inspect {inspected} s; Torch-Pruning "
+                      f"alone: {tp_alone.cell(alone)}", flush=True)
             except Exception as exc:  # noqa: BLE001 - a failure is a row of the table, with its error
                 failures[f"{source}:{name}"] = f"{type(exc).__name__}: {exc}"
                 traceback.print_exc()
     return {"rows": rows, "failures": failures}
+
+
+def _ratio(r: dict[str, Any]) -> float | None:
+    return r["inspect_s"] / r["seconds"] if r.get("inspect_s") is not None and r["seconds"] > 0 else None
 
 
 def markdown(res: dict[str, Any]) -> str:
@@ -117,14 +143,30 @@ def markdown(res: dict[str, Any]) -> str:
              f"{len(res['rows'])} of {len(res['rows']) + len(res['failures'])} models finished (the last "
              f"{len(WIDTH_DERIVED)}, when present, are models a report named for widths their forward derives; "
              f"the rest no issue named).", "",
-             "| model | input | GMACs | MACs cut | held whole (share of MACs) | why held | parity (rel) | s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| model | input | GMACs | MACs cut | held whole (share of MACs) | why held | parity (rel) | run s | "
+             "inspect s (% of run) | Torch-Pruning alone |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         kinds = ", ".join(f"{n} {k}" for k, n in r["held_kinds"].items()) or "-"
+        ratio = _ratio(r)
+        inspected = f"{r['inspect_s']:.1f} ({ratio:.0%})" if ratio is not None else "-"
         lines.append(f"| {r['model']} | {r['input']} | {r['gflops']:.3g} | -{r['cut']:.1%} | {r['held']} "
-                     f"({r['held_share']:.1%}) | {kinds} | {r['parity_rel']:.1e} | {r['seconds']:.0f} |")
+                     f"({r['held_share']:.1%}) | {kinds} | {r['parity_rel']:.1e} | {r['seconds']:.0f} | {inspected} "
+                     f"| {cell(r.get('tp_alone'))} |")
     for model, error in res["failures"].items():
-        lines.append(f"| {model} | | | FAILED | | {error[:120]} | | |")
+        lines.append(f"| {model} | | | FAILED | | {error[:120]} | | | | |")
+    ratios = sorted(x for r in res["rows"] if (x := _ratio(r)) is not None)
+    alone = [r.get("tp_alone") for r in res["rows"] if r.get("tp_alone")]
+    if ratios:
+        lines += ["", f"`compress inspect` (its structure check and ONNX export check, run before each model's "
+                  f"pipeline run) took a median {statistics.median(ratios):.1%} of the pipeline run's time "
+                  f"(range {ratios[0]:.1%}-{ratios[-1]:.1%}, {len(ratios)} models)."]
+    if alone:
+        ok = sum(a["outcome"] == "ok" for a in alone)
+        lines += ["", f"Torch-Pruning alone (benchmarks/tp_alone.py: its README's recipe, `MetaPruner` with L2 "
+                  f"magnitude, the classifier ignored, `pruning_ratio` {RATIO} in one step, no hand work; `-x%` "
+                  f"means it finished with an output of the right shape, which does not prove the channels "
+                  f"map right) finished on {ok} of {len(alone)}."]
     lines += ["", "Held-whole kinds: `index map` (channels pass a reshape, concatenation or slice whose channel "
               "mapping cannot be derived: channel shuffles, window partitions), `grouped conv` (a grouped "
               "convolution reached through a concatenation, or with one channel per group: only whole groups "

@@ -119,8 +119,9 @@ def print_inspection(result, out: Console) -> None:
         out.print(f"proof: a few units of every prunable group removed on a copy; it runs and its ONNX export "
                   f"agrees with PyTorch (max relative difference {result.onnx['max_rel_diff']:.1e})",
                   markup=False, highlight=False)
-    out.print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()), markup=False,
-              highlight=False)
+    out.print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()) +
+              (" (the proof's outcome came from the cache: this model's structure was proved before, by an inspect "
+               "or a run)" if result.proof_cached else ""), markup=False, highlight=False)
 
 
 @app.command("inspect", epilog=(

@@ -38,6 +38,7 @@ class Inspection:
     not_candidates: dict[str, int] = field(default_factory=dict)
     onnx: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    proof_cached: bool = False  # the proof came from the cache (a run or an inspect of the same structure made it)
 
 
 def _fail(kind: str, what: str, fix: str) -> UserInputError:
@@ -67,7 +68,7 @@ def inspect_model(config: Config, onnx: bool = True) -> Inspection:
     from stages._blocks import find_candidates, measure_blocks
     from stages._graph import build_graph, in_attention
     from stages._pruning import classifier_layers, producers_of
-    from stages._structure import Held, every_attention, fill_shares, module_macs, prove, spread_copy
+    from stages._structure import Held, every_attention, fill_shares, groups_of_found, module_macs, prove, spread_copy
 
     spec = config.model
     seconds: dict[str, float] = {}
@@ -103,7 +104,9 @@ def inspect_model(config: Config, onnx: bool = True) -> Inspection:
     seconds["graph"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    broken = prove(model, example, [f[0] for f in found], build_graph)
+    groups_of = groups_of_found(model, found)  # once, for the proof and the ONNX check
+    broken = prove(model, example, [f[0] for f in found], build_graph, groups_of=groups_of)
+    proof_cached = prove.last_cached
     attention = every_attention(model)
     groups = []
     for name, module, _, group in found:
@@ -142,7 +145,8 @@ def inspect_model(config: Config, onnx: bool = True) -> Inspection:
         # pruned: either way the run ends by exporting it, and a model that cannot be exported must fail here,
         # not after training
         t0 = time.perf_counter()
-        trial = spread_copy(model, example, [g["root"] for g in groups], build_graph) if groups else model
+        trial = spread_copy(model, example, [g["root"] for g in groups], build_graph, groups_of) if groups else \
+            model
         what = "the pruned model" if groups else "the model"
         try:
             result.onnx = _onnx_check(trial, example, config)
@@ -155,6 +159,7 @@ def inspect_model(config: Config, onnx: bool = True) -> Inspection:
                         f"{result.onnx['max_rel_diff']:.1e} (relative)", "Try export.exporter: dynamo")
         seconds["onnx"] = time.perf_counter() - t0
     result.seconds = {k: round(v, 2) for k, v in seconds.items()}
+    result.proof_cached = proof_cached
     return result
 
 

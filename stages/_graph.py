@@ -4,6 +4,7 @@ guarded and its groups enumerated once each under a time budget, with every grou
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -224,6 +225,60 @@ def crosses_unmapped(group) -> bool:
                for dep, _ in group)
 
 
+# Most times one layer may come back, with another set of channel indices, while Torch-Pruning derives one group.
+# The densest coupling measured (DPN's dual-path concatenations) revisits a layer 26 times; a partial-channel
+# residual (`x[:, :C] += shortcut`, ReXNet) makes the index sets multiply without end (21,986 visits of one layer
+# in 3 s), which held each such group only when its 20 s budget ran out.
+REVISITS = 1000
+
+
+def _op_key(dep, idxs) -> tuple:
+    return id(dep.target), dep.handler, tuple(idxs)
+
+
+@contextmanager
+def _indexed_groups(revisits: int = REVISITS):
+    """Within the block, Torch-Pruning's groups keep a set of the (layer, handler, indices) they hold, so that its
+    check for one already there, made for every dependency it follows, is a lookup instead of a scan of the whole
+    group (quadratic in the group's size); the groups built are the same (a group edited by other means than
+    add_dep falls back to the scan). A layer that comes back more than `revisits` times raises IndexExplosion:
+    the derivation would not end, and the group is held at once instead of after its time budget."""
+    from torch_pruning.dependency.group import Group
+
+    add, has = Group.add_dep, Group.has_pruning_op
+
+    def add_dep(self, dep, idxs):
+        add(self, dep, idxs)
+        state = self.__dict__.setdefault("_index", {"ops": set(), "added": 0, "visits": Counter()})
+        visits = state["visits"]
+        visits[id(dep.target)] += 1
+        if visits[id(dep.target)] > revisits:
+            layer = dep.target.name.split(" (")[0]
+            raise IndexExplosion(f"deriving its coupled channels came back to {layer} more than {revisits} "
+                                 f"times with other channel indices (an index map that multiplies, as "
+                                 f"through a residual added to part of the channels)")
+        try:
+            state["ops"].add(_op_key(dep, idxs))
+            state["added"] += 1
+        except TypeError:  # indices that cannot be hashed: this group is scanned
+            state["added"] = -1
+
+    def has_pruning_op(self, dep, idxs):
+        state = self.__dict__.get("_index")
+        if state is None or state["added"] != len(self._group):
+            return has(self, dep, idxs)
+        try:
+            return _op_key(dep, idxs) in state["ops"]
+        except TypeError:
+            return has(self, dep, idxs)
+
+    Group.add_dep, Group.has_pruning_op = add_dep, has_pruning_op
+    try:
+        yield
+    finally:
+        Group.add_dep, Group.has_pruning_op = add, has
+
+
 class _Graph(tp.DependencyGraph):
     """Torch-Pruning's graph; its index maps are guarded, its groups enumerated with a time budget each."""
 
@@ -237,7 +292,7 @@ class _Graph(tp.DependencyGraph):
             return super().build_dependency(model, *args, **kwargs)
 
     def get_pruning_group(self, *args, **kwargs):
-        with _guarded_index_maps(self.widest):
+        with _guarded_index_maps(self.widest), _indexed_groups():
             return super().get_pruning_group(*args, **kwargs)
 
     def groups(self, model: nn.Module, ignored: list[nn.Module], held: dict[str, Held],

@@ -32,6 +32,7 @@ from stages._structure import (
     Held,
     every_attention,
     fill_shares,
+    groups_of_found,
     module_macs,
     plan_breaks,
     prove,
@@ -68,6 +69,7 @@ class Pruner:
         self.originals: dict[str, int] = {}
         self.held: dict[str, Held] = {}
         self.proved = False
+        self.proof_cached = False
         self.keep, self.graph_builds, self.score_seconds, self.proof_seconds = 1.0, 0, 0.0, 0.0
         self.round_to = round_to if round_to is not None else ctx.config.filter_prune.round_to
         if not isinstance(self.round_to, int):
@@ -80,8 +82,10 @@ class Pruner:
             self.held.setdefault(h.root, h)
         if not self.proved:
             t0 = time.perf_counter()
-            broken = prove(model, self.example, [f[0] for f in found], build_graph)
+            broken = prove(model, self.example, [f[0] for f in found], build_graph,
+                           groups_of=groups_of_found(model, found))
             self.proof_seconds = time.perf_counter() - t0
+            self.proof_cached = prove.last_cached
             attention = every_attention(model)
             for name, _, _, group in found:
                 if name in broken:

@@ -17,7 +17,11 @@ Held groups are listed with their share of the model's MACs in the filter_prune 
 from __future__ import annotations
 
 import copy
+import functools
+import hashlib
+import json
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -301,23 +305,43 @@ def _logits(out: Any) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else next(t for t in out if isinstance(t, torch.Tensor))
 
 
-def spread_copy(model: nn.Module, example: torch.Tensor, roots: list[str], build_graph) -> nn.Module:
+def groups_by_root(model: nn.Module, dg, roots: list[str]) -> dict[str, int]:
+    """Each root's channel groups (see channel_groups; 1 where none) in `model` as `dg` was built on it, before any
+    removal: a grouped convolution that loses output positions can become depthwise, and the graph's handlers (and
+    a count taken then) would not know. Empty when the model has no grouped convolution."""
+    if not any(is_grouped(m) for m in model.modules()):
+        return {}
+    modules = dict(model.named_modules())
+    heads = {layout(m).root for m in attention_modules(model).values()}
+    found = {}
+    for name in roots:
+        mod = modules[name]
+        pruner = dg.get_pruner_of_module(mod)
+        if mod not in heads and pruner is not None and (width := pruner.get_out_channels(mod)) > 1:
+            found[name] = channel_groups(dg.get_pruning_group(mod, pruner.prune_out_channels, list(range(width)))) or 1
+    return found
+
+
+def groups_of_found(model: nn.Module, found: list[tuple[str, nn.Module, Any, Any]]) -> dict[str, int]:
+    """groups_by_root from the full-width groups a graph's `groups` already derived (no graph work)."""
+    if not any(is_grouped(m) for m in model.modules()):
+        return {}
+    heads = {layout(m).root for m in attention_modules(model).values()}
+    return {name: channel_groups(group) or 1 for name, module, _, group in found
+            if module not in heads and len(group[0].idxs) > 1}
+
+
+def spread_copy(model: nn.Module, example: torch.Tensor, roots: list[str], build_graph,
+                groups_of: dict[str, int] | None = None) -> nn.Module:
     """A copy of the model with a few spread units (one head) of each named group removed: what the proof runs
-    and `compress inspect` exports."""
+    and `compress inspect` exports. `groups_of` is groups_by_root of the model (computed here when not given: the
+    proof computes it once for all its trials)."""
     trial = copy.deepcopy(model).eval()
     dg = build_graph(trial, example)
     modules = dict(trial.named_modules())
     heads = {layout(m).root: m for m in attention_modules(trial).values()}
-    # each root's channel groups as the graph was built, before any removal: a grouped convolution that loses
-    # output positions can become depthwise, and the graph's handlers (and a count taken then) would not know
-    groups_of: dict[str, int] = {}
-    if any(is_grouped(m) for m in trial.modules()):
-        for name in roots:
-            mod = modules[name]
-            pruner = dg.get_pruner_of_module(mod)
-            if mod not in heads and pruner is not None and (width := pruner.get_out_channels(mod)) > 1:
-                groups_of[name] = channel_groups(dg.get_pruning_group(mod, pruner.prune_out_channels,
-                                                                      list(range(width)))) or 1
+    if groups_of is None:
+        groups_of = groups_by_root(trial, dg, roots)
     for name in roots:
         mod = modules[name]
         pruner = dg.get_pruner_of_module(mod)
@@ -333,10 +357,11 @@ def spread_copy(model: nn.Module, example: torch.Tensor, roots: list[str], build
     return trial
 
 
-def _trial(model: nn.Module, example: torch.Tensor, roots: list[str], build_graph, expected: tuple) -> str | None:
+def _trial(model: nn.Module, example: torch.Tensor, roots: list[str], build_graph, expected: tuple,
+           groups_of: dict[str, int] | None = None) -> str | None:
     """None when the spread copy still runs with an output of the same shape, else the error."""
     try:
-        trial = spread_copy(model, example, roots, build_graph)
+        trial = spread_copy(model, example, roots, build_graph, groups_of)
         with torch.no_grad():
             out = _logits(trial(example))
     except Exception as exc:  # noqa: BLE001 - any failure of the pruned copy is what this looks for
@@ -347,18 +372,161 @@ def _trial(model: nn.Module, example: torch.Tensor, roots: list[str], build_grap
     return None
 
 
+# Bumped whenever what a proof entry means changes (the key also covers this package's pruning code).
+PROOF_CACHE_VERSION = 1
+_PRIMITIVE = (bool, int, float, str, type(None))
+
+
+def _plain(value: Any) -> Any:
+    """An attribute as the key sees it: numbers, strings and tuples or lists of them; anything else is left out
+    (an object's repr can carry a memory address, which would make every key new)."""
+    if isinstance(value, _PRIMITIVE):
+        return value
+    if isinstance(value, (tuple, list)) and all(isinstance(v, _PRIMITIVE) for v in value):
+        return list(value)
+    return None
+
+
+def _code_digest() -> str:
+    """sha256 of this package's pruning code (every stages/*.py): a proof made by other code is never reused."""
+    global _CODE
+    if _CODE is None:
+        from pathlib import Path
+
+        h = hashlib.sha256()
+        for path in sorted(Path(__file__).parent.glob("*.py")):
+            h.update(path.name.encode() + path.read_bytes())
+        _CODE = h.hexdigest()
+    return _CODE
+
+
+_CODE: str | None = None
+
+
+@functools.cache
+def _distributions() -> dict[str, list[str]]:
+    from importlib import metadata
+
+    return metadata.packages_distributions()
+
+
+def proof_key(model: nn.Module, example: torch.Tensor, roots: list[str]) -> str | None:
+    """What a proof's outcome depends on, digested: the module tree and every module's class (with its source
+    file and its package's version), methods replaced on an instance, plain attributes (stored widths, split sizes,
+    head counts), parameter and buffer shapes, the input's shape, type and device, the roots tried, and the
+    versions of torch, Torch-Pruning and this package's pruning code. None (nothing is cached) when a source cannot
+    be read or a module has forward hooks."""
+    import inspect
+    from importlib import metadata
+
+    h = hashlib.sha256(f"v{PROOF_CACHE_VERSION}|{_code_digest()}|{tuple(example.shape)}|{example.dtype}|"
+                       f"{example.device.type}|{roots}".encode())
+    for dist in ("torch", "torch-pruning"):
+        h.update(f"{dist}={metadata.version(dist)}|".encode())
+    files: dict[str, str] = {}
+
+    def source(obj: Any) -> str | None:
+        """sha256 of the whole file that defines obj (its helper functions too), with its package's version."""
+        where = getattr(obj, "__module__", None)
+        if where not in files:
+            try:
+                text = inspect.getsource(sys.modules[where])
+            except (KeyError, OSError, TypeError):
+                return None
+            top = where.split(".")[0]
+            dists = _distributions().get(top, [])
+            versions = ",".join(f"{d}={metadata.version(d)}" for d in sorted(set(dists)))
+            files[where] = hashlib.sha256(f"{versions}|{text}".encode()).hexdigest()
+        return files[where]
+
+    for name, module in model.named_modules():
+        if module._forward_hooks or module._forward_pre_hooks:  # a hook can change what the forward does
+            return None
+        cls = type(module)
+        code = source(cls)
+        if code is None:
+            return None
+        attrs, own = {}, []
+        for k, v in sorted(vars(module).items()):
+            if callable(v) and not isinstance(v, nn.Module):  # a method replaced on the instance
+                code_of = source(v)
+                if code_of is None:
+                    return None
+                own.append([k, getattr(v, "__qualname__", type(v).__qualname__), code_of])
+            elif not k.startswith("_") and k != "training" and _plain(v) is not None:
+                attrs[k] = _plain(v)
+        h.update(json.dumps([name, cls.__module__, cls.__qualname__, code, attrs, own]).encode())
+        for pname, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            if tensor is not None:
+                h.update(f"{pname}:{tuple(tensor.shape)}:{tensor.dtype}|".encode())
+    return h.hexdigest()
+
+
+def _proof_path(key: str):
+    from core.cache import cache_root
+
+    return cache_root() / "structure" / f"{key[:40]}.json"
+
+
+def _cached_proof(key: str | None) -> dict[str, str] | None:
+    if key is None:
+        return None
+    try:
+        data = json.loads(_proof_path(key).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("key") != key or not isinstance(data.get("broken"), dict):
+        return None
+    return data["broken"]
+
+
+def _store_proof(key: str | None, broken: dict[str, str], seconds: float) -> None:
+    if key is None:
+        return
+    from core.rundir import atomic_json
+
+    try:
+        atomic_json(_proof_path(key), {"key": key, "broken": broken, "seconds": round(seconds, 2)})
+    except Exception:  # noqa: BLE001 - a cache that cannot be written only costs the next run the proof again
+        pass
+
+
 def prove(model: nn.Module, example: torch.Tensor, roots: list[str], build_graph,
-          budget_s: float = 600.0) -> dict[str, str]:
-    """Root name -> the error, for every group whose one-unit removal breaks the model (bisection on copies)."""
+          budget_s: float = 600.0, groups_of: dict[str, int] | None = None) -> dict[str, str]:
+    """Root name -> the error, for every group whose one-unit removal breaks the model (bisection on copies).
+
+    The outcome is kept in the cache ($COMPRESS_CACHE_DIR/structure) under proof_key, so that `compress inspect`
+    and the run's first pruning step share one proof; a proof cut short by its time budget is not kept.
+    `prove.last_cached` says whether the last call's outcome came from the cache."""
+    key = proof_key(model, example, roots)
+    hit = _cached_proof(key)
+    prove.last_cached = hit is not None
+    if hit is not None:
+        return hit
+    t0 = time.monotonic()
+    broken = _prove(model, example, roots, build_graph, budget_s, groups_of)
+    if time.monotonic() - t0 < budget_s:
+        _store_proof(key, broken, time.monotonic() - t0)
+    return broken
+
+
+prove.last_cached = False
+
+
+def _prove(model: nn.Module, example: torch.Tensor, roots: list[str], build_graph, budget_s: float,
+           groups_of: dict[str, int] | None) -> dict[str, str]:
     with torch.no_grad():
         expected = tuple(_logits(model.eval()(example)).shape)
     broken: dict[str, str] = {}
     deadline = time.monotonic() + budget_s
+    if groups_of is None:
+        groups_of = groups_by_root(model, build_graph(model, example), roots) if \
+            any(is_grouped(m) for m in model.modules()) else {}
 
     def search(names: list[str], known_error: str | None = None) -> None:
         if not names:
             return
-        error = known_error or _trial(model, example, names, build_graph, expected)
+        error = known_error or _trial(model, example, names, build_graph, expected, groups_of)
         if error is None:
             return
         if len(names) == 1 or time.monotonic() > deadline:

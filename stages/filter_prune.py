@@ -347,7 +347,8 @@ class FilterPrune:
             metrics.update({"heads_before": heads0, "heads": count_heads(model)})
         held = pruner.held_records(model)
         metrics.update({"held_whole": len(held), "held_macs_share": round(sum(h["macs_share"] for h in held), 4),
-                        "proof_seconds": round(pruner.proof_seconds, 3)})
+                        "proof_seconds": round(pruner.proof_seconds, 3),
+                        "proof_cached": pruner.proof_cached})
         state = {"dynamics": [r.row() for r in log], "stop_reason": stop, "held_whole": held}
         if latency:
             state["latency"] = latency

@@ -107,6 +107,65 @@ def test_channel_shuffle_is_held_whole_and_grouped_convs_shrink_alike_in_every_g
     assert regnet(torch.zeros(1, 3, 64, 64)).shape == (1, 4)
 
 
+class _PartialResidual(nn.Module):
+    """ReXNet's block shape: the shortcut is added to the first `cin` of a wider output's channels."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.cin = cin
+        self.conv = nn.Sequential(nn.Conv2d(cin, cin * 2, 1), nn.ReLU(), nn.Conv2d(cin * 2, cout, 3, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv(x)
+        return torch.cat([out[:, 0:self.cin] + x, out[:, self.cin:]], dim=1)
+
+
+class _PartialResidualNet(nn.Module):
+    def __init__(self, blocks: int) -> None:
+        super().__init__()
+        widths = [16 + 4 * i for i in range(blocks + 1)]
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.blocks = nn.Sequential(*[_PartialResidual(widths[i], widths[i + 1]) for i in range(blocks)])
+        self.fc = nn.Linear(widths[-1], 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+def _partial_residual_net(blocks: int) -> nn.Module:
+    return _PartialResidualNet(blocks).eval()
+
+
+def test_a_coupling_whose_index_sets_multiply_is_held_at_once_not_after_its_time_budget():
+    """Chained partial-channel residuals make Torch-Pruning's derivation come back to the same layers with ever
+    more index sets (ReXNet: 140 s, every such group held only when its 20 s budget ran out). A layer that comes
+    back more than REVISITS times holds the group at once, as `graph`, saying why; shallower chains, whose
+    derivation ends, stay prunable, and a group derived with the lookup is the one the scan gives."""
+    from torch_pruning.dependency.group import Group
+
+    from stages._graph import REVISITS, _indexed_groups
+
+    deep = _partial_residual_net(8)
+    dg = build_graph(deep, torch.zeros(1, 3, 8, 8))
+    _, held = dg.groups(deep, [deep.fc], {})
+    assert held and all(h.kind == "graph" and f"more than {REVISITS} times" in h.reason for h in held), \
+        [(h.kind, h.reason) for h in held]
+    shallow = _partial_residual_net(4)
+    dg = build_graph(shallow, torch.zeros(1, 3, 8, 8))
+    found, held = dg.groups(shallow, [shallow.fc], {})
+    assert not held and len(found) == 5
+    root = shallow.blocks[3].conv[2]
+    pruner = dg.get_pruner_of_module(root)
+    with_lookup = dg.get_pruning_group(root, pruner.prune_out_channels, list(range(root.out_channels)))
+    assert Group.add_dep is not None and "_indexed_groups" not in repr(Group.has_pruning_op), "patched only inside"
+    scanned = super(type(dg), dg).get_pruning_group(root, pruner.prune_out_channels, list(range(root.out_channels)))
+    assert [(d.target, d.handler, list(i)) for d, i in with_lookup] == \
+        [(d.target, d.handler, list(i)) for d, i in scanned]
+    with _indexed_groups(revisits=1):
+        with pytest.raises(Exception, match="came back"):
+            super(type(dg), dg).get_pruning_group(root, pruner.prune_out_channels, list(range(root.out_channels)))
+
+
 def test_auxiliary_classifier_is_an_output_layer():
     model = torchvision.models.inception_v3(num_classes=7, init_weights=True).eval()
     found = classifier_layers(model, 7, build_graph(model, torch.zeros(1, 3, 299, 299)).output_layers)
