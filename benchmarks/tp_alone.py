@@ -20,7 +20,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 RATIO = 0.3
-LIMIT_S, LIMIT_BYTES = 300, 12 << 30
+LIMIT_S, LIMIT_BYTES = 120, 12 << 30
 
 
 def _first_line(exc: BaseException) -> str:

@@ -113,3 +113,20 @@ def test_matched_speed_compares_only_matched_seeds_and_calls_ties_by_the_seed_no
     assert "(a tie: within the seed std)" in text.split("\n- demo at 3.0x")[1].split("\n")[0]
     at5 = text.split("\n- demo at 5.0x")[1].split("\n")[0]
     assert at5.startswith(" (2 of 3 seeds matched)") and "+1.45 ± 0.07 points (ours higher by more than" in at5
+
+
+def test_torch_pruning_alone_reports_where_it_stops_and_the_matrix_states_the_inspect_ratio():
+    """The Torch-Pruning-alone column: a model it handles finishes with its MACs cut; a coupling it cannot follow
+    is reported where it failed, never as a cut; the matrix section states the inspect-to-run median."""
+    from benchmarks.matrix import markdown
+    from benchmarks.tp_alone import cell, run_one
+
+    ok = run_one("torchvision", "resnet18", 32)
+    assert ok["outcome"] == "ok" and 0.3 < ok["cut"] < 0.7, ok
+    assert cell({"outcome": "step", "error": "IndexError: index 169 is out of bounds"}).startswith("fails in its step")
+    assert cell({"outcome": "hang", "error": "still running"}) == "hangs"
+    row = {"model": "a:b", "input": 64, "gflops": 0.1, "cut": 0.5, "held": 0, "held_share": 0.0, "held_kinds": {},
+           "parity_rel": 1e-7, "seconds": 20.0, "inspect_s": 1.0, "tp_alone": ok}
+    text = markdown({"rows": [row, {**row, "inspect_s": 3.0}], "failures": {}})
+    assert "median 10.0% of the pipeline run's time" in text and f"-{ok['cut']:.1%}" in text
+    assert "finished on 2 of 2" in text
