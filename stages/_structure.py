@@ -312,14 +312,13 @@ def groups_by_root(model: nn.Module, dg, roots: list[str]) -> dict[str, int]:
     if not any(is_grouped(m) for m in model.modules()):
         return {}
     modules = dict(model.named_modules())
-    heads = {layout(m).root for m in attention_modules(model).values()}
-    found = {}
+    found = []
     for name in roots:
         mod = modules[name]
         pruner = dg.get_pruner_of_module(mod)
-        if mod not in heads and pruner is not None and (width := pruner.get_out_channels(mod)) > 1:
-            found[name] = channel_groups(dg.get_pruning_group(mod, pruner.prune_out_channels, list(range(width)))) or 1
-    return found
+        if pruner is not None and (width := pruner.get_out_channels(mod)) > 1:
+            found.append((name, mod, None, dg.get_pruning_group(mod, pruner.prune_out_channels, list(range(width)))))
+    return groups_of_found(model, found)
 
 
 def groups_of_found(model: nn.Module, found: list[tuple[str, nn.Module, Any, Any]]) -> dict[str, int]:
@@ -387,20 +386,15 @@ def _plain(value: Any) -> Any:
     return None
 
 
+@functools.cache
 def _code_digest() -> str:
     """sha256 of this package's pruning code (every stages/*.py): a proof made by other code is never reused."""
-    global _CODE
-    if _CODE is None:
-        from pathlib import Path
+    from pathlib import Path
 
-        h = hashlib.sha256()
-        for path in sorted(Path(__file__).parent.glob("*.py")):
-            h.update(path.name.encode() + path.read_bytes())
-        _CODE = h.hexdigest()
-    return _CODE
-
-
-_CODE: str | None = None
+    h = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(path.name.encode() + path.read_bytes())
+    return h.hexdigest()
 
 
 @functools.cache
@@ -519,9 +513,8 @@ def _prove(model: nn.Module, example: torch.Tensor, roots: list[str], build_grap
         expected = tuple(_logits(model.eval()(example)).shape)
     broken: dict[str, str] = {}
     deadline = time.monotonic() + budget_s
-    if groups_of is None:
-        groups_of = groups_by_root(model, build_graph(model, example), roots) if \
-            any(is_grouped(m) for m in model.modules()) else {}
+    if groups_of is None and any(is_grouped(m) for m in model.modules()):  # once for every trial below
+        groups_of = groups_by_root(model, build_graph(model, example), roots)
 
     def search(names: list[str], known_error: str | None = None) -> None:
         if not names:

@@ -157,7 +157,7 @@ def test_a_coupling_whose_index_sets_multiply_is_held_at_once_not_after_its_time
     root = shallow.blocks[3].conv[2]
     pruner = dg.get_pruner_of_module(root)
     with_lookup = dg.get_pruning_group(root, pruner.prune_out_channels, list(range(root.out_channels)))
-    assert Group.add_dep is not None and "_indexed_groups" not in repr(Group.has_pruning_op), "patched only inside"
+    assert "_indexed_groups" not in repr(Group.add_dep) + repr(Group.has_pruning_op), "patched only inside"
     scanned = super(type(dg), dg).get_pruning_group(root, pruner.prune_out_channels, list(range(root.out_channels)))
     assert [(d.target, d.handler, list(i)) for d, i in with_lookup] == \
         [(d.target, d.handler, list(i)) for d, i in scanned]
