@@ -128,7 +128,7 @@ class Pruner:
             return plan_step(records, self.originals, plan.share, self.round_to, cfg.max_layer_pruning_ratio,
                              cfg.ranking, keep), Removal(0)
         unit_ms = {r.name: unit_costs(plan.profile, r.members, plan.scale) for r in records}
-        weights = work_per_unit(records, module_macs(model, self.example))
+        weights = work_per_unit(records, module_macs(model, self.example)) if cfg.latency_weight == "work" else None
         chosen = plan_latency_step(records, self.originals, plan.budget_ms, self.round_to,
                                    cfg.max_layer_pruning_ratio, unit_ms, weights=weights, cap=plan.cap)
         layers: dict[str, float] = {}
@@ -156,15 +156,17 @@ class Pruner:
             if error is None:
                 self.keep = keep
                 return dataclasses.replace(removal, units=removed)
+            # the records name the modules this step pruned, which restoring the snapshot replaces: by path
+            where = {m: n for n, m in model.named_modules()}
             restore(model, snapshot)
             if retake:
                 raise RuntimeError(f"a pruning step broke the model ({error}) even without the groups held for it")
             roots = {r.name: r for r in records if chosen.get(r.name)}
-            for name, err in plan_breaks(snapshot, self.example, roots, chosen, build_graph).items():
+            paths = {name: where[r.module] for name, r in roots.items()}
+            for name, err in plan_breaks(snapshot, self.example, roots, chosen, build_graph, paths).items():
                 rec = roots[name]
                 self.held[name] = Held(name, f"removing {len(chosen[name])} of its {rec.width} units breaks the "
-                                             f"model ({err})", "breaks forward",
-                                       [n for n, m in model.named_modules() if m is rec.module])
+                                             f"model ({err})", "breaks forward", [paths[name]])
             snapshot = None
         raise AssertionError("unreachable")
 

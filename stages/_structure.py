@@ -556,16 +556,16 @@ def restore(model: nn.Module, snapshot: nn.Module) -> None:
 
 
 def plan_breaks(model: nn.Module, example: torch.Tensor, records: dict[str, Any], plan: dict[str, list[int]],
-                build_graph) -> dict[str, str]:
-    """Which planned roots break `model` when their planned units are removed (bisection on copies)."""
-    names = {m: n for n, m in model.named_modules()}
+                build_graph, paths: dict[str, str]) -> dict[str, str]:
+    """Which planned roots break `model` when their planned units are removed (bisection on copies). `paths` gives
+    each record's root module path in `model` (the records may hold modules of another copy)."""
 
     def trial(subset: list[str]) -> str | None:
         copy_ = copy.deepcopy(model).eval()
         dg = build_graph(copy_, example)
         for name in subset:
             rec = records[name]
-            module = copy_.get_submodule(names[rec.module])
+            module = copy_.get_submodule(paths[name])
             attention = copy_.get_submodule(name) if rec.attention is not None else None
             idxs = rec.features(plan[name])
             prune_group(dg, module, rec.handler, idxs, copy_, attention)

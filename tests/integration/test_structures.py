@@ -400,3 +400,58 @@ def test_an_equal_split_maps_each_part_to_its_own_place_in_the_concatenation():
     assert model.head.in_features == 22 and [c.out_channels for c in model.c] == [6, 6, 4, 6]
     with torch.no_grad():
         assert torch.allclose(model(x), expected, atol=1e-5)
+
+
+
+class _Parts(nn.Module):
+    """One convolution's channels split into equal parts by a stored width (`torch.split(x, self.width, 1)`), each
+    part through its own convolution, concatenated again: removing some of conv1's channels makes the parts
+    unequal, which the stored width cannot follow."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.width = 8
+        self.stem = nn.Conv2d(1, 16, 3, padding=1)
+        self.conv1 = nn.Conv2d(16, 32, 1)
+        self.convs = nn.ModuleList(nn.Conv2d(8, 8, 3, padding=1) for _ in range(4))
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x):
+        parts = torch.split(torch.relu(self.conv1(torch.relu(self.stem(x)))), self.width, 1)
+        x = torch.cat([torch.relu(conv(p)) for conv, p in zip(self.convs, parts, strict=True)], 1)
+        return self.head(x.mean((2, 3)))
+
+
+def test_a_step_that_breaks_the_model_after_the_proof_passed_holds_the_group_that_breaks_it(monkeypatch):
+    """The proof tries one set of units per group; a coupling that fails only for other sets shows when the step
+    runs. The step is undone, the group whose removal breaks the model is found on copies of the model before the
+    step (the records name the step's own modules, which the undo replaced), held with the reason, and the step
+    is taken again without it."""
+    from types import SimpleNamespace
+
+    import stages._pruner as pruner_mod
+    from pipeline.config import Config
+    from stages._criteria import CRITERIA
+    from stages._goals import Plan
+
+    def saw_no_break(*args, **kwargs) -> dict[str, str]:
+        return {}
+
+    saw_no_break.last_cached = False
+    monkeypatch.setattr(pruner_mod, "prove", saw_no_break)
+    torch.manual_seed(0)
+    model = _Parts().eval()
+    cfg = Config.model_validate({"name": "p", "model": {"source": "timm", "name": "resnet18", "num_classes": 4,
+                                                        "in_chans": 1, "input_size": [8, 8]},
+                                 "filter_prune": {"criterion": "l2", "round_to": 1}})
+    ctx = SimpleNamespace(config=cfg, device=torch.device("cpu"), loader=lambda *a, **k: [],
+                          track=lambda items, *a, **k: items)
+    pruner = pruner_mod.Pruner(CRITERIA.get("l2")(), ctx)
+    removal = pruner.apply(model, Plan(0, share=0.3))
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, 8, 8)).shape == (2, 4)
+    held = {h.root: h for h in pruner.held.values()}
+    assert list(held) == ["conv1"], {r: h.reason for r, h in held.items()}
+    assert held["conv1"].kind == "breaks forward" and held["conv1"].layers == ["conv1"]
+    assert "breaks the model" in held["conv1"].reason
+    assert removal.units > 0 and model.conv1.out_channels == 32 and model.stem.out_channels < 16
