@@ -99,6 +99,10 @@ class FilterPruneConfig(Section):
                                             "the multiple the validation runtime rewards, measured (8, 16 or 32)")
     ranking: Literal["global", "per_layer"] = Field("global", description="one ranking over all layers, or the "
                                                    "same share from each layer")
+    latency_weight: Literal["work", "none"] = Field("work", description="under target_speedup, what a unit's "
+                                                    "score is weighed by against the milliseconds it saves: the "
+                                                    "MACs it carries (work), or nothing (none: importance per "
+                                                    "millisecond alone, HALP's formulation); docs/latency.md")
     max_layer_pruning_ratio: float = Field(0.9, gt=0.0, lt=1.0, description="cap per layer vs original width")
     max_accuracy_drop: float = Field(5.0, ge=0.0, le=100.0, description="top-1 points below the stage start")
     recovery_steps: int = Field(30, ge=0, description="training steps per recovery round after each step")

@@ -476,3 +476,40 @@ def test_a_stop_on_an_implausible_or_contended_timing_is_timed_again(tmp_path: P
     goal.accept(goal.judge(plan, G.Removal(0), measured))
     assert not goal.reached()
     assert "busy" in goal.reached_because() and goal.record([measured])["retimed"] == goal.retimed
+
+
+@pytest.mark.parametrize("weight", ["work", "none"])
+def test_latency_weight_chooses_what_the_knapsack_weighs_a_units_score_by(weight: str, monkeypatch):
+    """`filter_prune.latency_weight`: the MACs a unit carries (work), or nothing (none: importance per millisecond
+    alone, HALP's ranking); the step still removes units and the model still runs."""
+    from types import SimpleNamespace
+
+    import stages._pruner as pruner_mod
+    from stages._criteria import CRITERIA
+    from stages._goals import Plan
+
+    seen = []
+    real = pruner_mod.plan_latency_step
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("weights"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pruner_mod, "plan_latency_step", spy)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, stride=2), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 4)).eval()
+    cfg = Config.model_validate(tiny_config(filter_prune={"criterion": "l2", "latency_weight": weight,
+                                                          "target_speedup": 2.0, "target_flops_reduction": None}))
+    cfg.model.in_chans, cfg.model.input_size, cfg.model.num_classes = 1, (16, 16), 4
+    ctx = SimpleNamespace(config=cfg, device=torch.device("cpu"), loader=lambda *a, **k: [],
+                          track=lambda items, *a, **k: items)
+    pruner = pruner_mod.Pruner(CRITERIA.get("l2")(), ctx)
+    profile = Profile(1.0, {"0": 0.4, "2": 0.5, "6": 0.01}, 0.09)
+    removal = pruner.apply(model, Plan(0, budget_ms=0.2, wanted_ms=0.2, profile=profile, cap=0.5))
+    assert removal.units > 0 and model(torch.randn(1, 1, 16, 16)).shape == (1, 4)
+    assert len(seen) == 1
+    if weight == "work":
+        assert set(seen[0]) == {"0", "2"} and seen[0]["0"] != seen[0]["2"]
+    else:
+        assert seen[0] is None
