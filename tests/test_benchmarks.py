@@ -90,7 +90,7 @@ def test_equal_latency_calls_ties_by_the_seed_noise():
     assert "measuring on a first run: 5% of the pipeline's stage time" in text and "24 of 24" in text
 
 
-def test_matched_speed_compares_only_matched_seeds_and_calls_ties_by_the_seed_noise():
+def test_matched_speed_compares_only_matched_seeds_and_calls_ties_by_the_seed_noise(tmp_path):
     from benchmarks import matched_speed as ms
 
     def timed(s: float) -> dict:
@@ -107,12 +107,21 @@ def test_matched_speed_compares_only_matched_seeds_and_calls_ties_by_the_seed_no
     assert not rows[-1]["matched"]  # 9x against 5x: not compared, and the table says so
     wide = {"speedup": 1.7, "speedup_low": 1.2, "speedup_high": 2.9}  # a sub-millisecond model's spread
     assert not ms._overlap(wide, {"speedup": 2.8, "speedup_low": 1.6, "speedup_high": 3.0})  # overlap, not a match
-    text = ms.markdown({"rows": rows})
-    assert "| demo | 2 | -90% | 98.00 | 90.00, 5.00x (4.80-5.20) | 99.00, 9.00x (8.80-9.20) | no | +9.00 |" in text
+    text = ms.markdown({"rows": rows}, tmp_path / "figure.png")
+    assert (tmp_path / "figure.png").stat().st_size > 0 and f"]({tmp_path / 'figure.png'})" in text
+    assert "| demo | 2 | -90% | 98.00 | 90.00, 5.00x (4.80-5.20) | 99.00, 9.00x (8.80-9.20) | no: ours ahead on both " \
+           "(faster, as accurate or more) | +9.00 |" in text
     assert "- demo at 3.0x (3 of 3 seeds matched): recipe 97.10 ± 0.10, ours 97.17 ± 0.12" in text
     assert "(a tie: within the seed std)" in text.split("\n- demo at 3.0x")[1].split("\n")[0]
     at5 = text.split("\n- demo at 5.0x")[1].split("\n")[0]
     assert at5.startswith(" (2 of 3 seeds matched)") and "+1.45 ± 0.07 points (ours higher by more than" in at5
+    assert at5.endswith("Of the seeds not at matched speed: 1 ours ahead on both (faster, as accurate or more).")
+    # apart in speed: faster and less accurate is a trade-off, not a win; one matched seed is no verdict
+    assert ms.dominance(row(0, 0.9, 97.0, 96.0, their=9.0)).startswith("a trade-off")
+    assert ms.dominance(row(0, 0.9, 97.0, 97.5, 9.0, their=5.0)).startswith("a trade-off")
+    assert ms.dominance(row(0, 0.9, 97.5, 97.0, 9.0, their=5.0)).startswith("recipe ahead on both")
+    one = ms.markdown({"rows": [row(0, 0.7, 97.0, 98.0, 3.0)]}, tmp_path / "one.png")
+    assert "(1 of 1 seeds matched)" in one and "(one seed: a figure, not a verdict)" in one
 
 
 def test_torch_pruning_alone_reports_where_it_stops_and_the_matrix_states_the_inspect_ratio():
