@@ -52,6 +52,26 @@ def resnet50_config(**sections: Any) -> dict[str, Any]:
     return tiny_config(**base)
 
 
+def pruner_for(criterion: str = "l2", input_size: tuple[int, int] = (8, 8), data: list | tuple = (),
+               **filter_prune: Any):
+    """A Pruner on a bare context (CPU, a 1-channel input of `input_size`, 4 classes, `data` as every loader's
+    batches), for tests that prune a hand-built model one step at a time."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from pipeline.config import Config
+    from stages._criteria import CRITERIA
+    from stages._pruner import Pruner
+
+    cfg = Config.model_validate({"name": "t", "model": {"source": "timm", "name": "resnet18", "num_classes": 4,
+                                                        "in_chans": 1, "input_size": list(input_size)},
+                                 "filter_prune": {"criterion": criterion, **filter_prune}})
+    ctx = SimpleNamespace(config=cfg, device=torch.device("cpu"), loader=lambda *a, **k: list(data),
+                          track=lambda items, *a, **k: items)
+    return Pruner(CRITERIA.get(criterion)(), ctx)
+
+
 def write_config(path: Path, cfg: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path

@@ -24,7 +24,7 @@ from core.rundir import RunDir, load_checkpoint
 from export.runtime import OrtModel
 from pipeline.config import load_config
 from pipeline.runner import run_pipeline
-from tests.conftest import write_config
+from tests.conftest import pruner_for, write_config
 from tests.integration.test_architectures import _config
 
 CLASSES = {
@@ -128,12 +128,8 @@ class _Heads(nn.Module):
 
 
 def test_attention_whose_heads_cannot_go_is_held_whole_with_the_reason_and_still_runs():
-    from types import SimpleNamespace
 
-    from pipeline.config import Config
-    from stages._criteria import CRITERIA
     from stages._goals import Plan
-    from stages._pruner import Pruner
 
     class Net(nn.Module):
         def __init__(self) -> None:
@@ -151,12 +147,7 @@ def test_attention_whose_heads_cannot_go_is_held_whole_with_the_reason_and_still
 
     torch.manual_seed(0)
     model = Net().eval()
-    cfg = Config.model_validate({"name": "a", "model": {"source": "timm", "name": "resnet18", "num_classes": 4,
-                                                        "in_chans": 1, "input_size": [8, 16]},
-                                 "filter_prune": {"criterion": "l2", "round_to": 8}})
-    ctx = SimpleNamespace(config=cfg, device=torch.device("cpu"), loader=lambda *a, **k: [],
-                          track=lambda items, *a, **k: items)
-    pruner = Pruner(CRITERIA.get("l2")(), ctx)
+    pruner = pruner_for("l2", (8, 16), round_to=8)
     pruner.apply(model, Plan(0, share=0.25))
     with torch.no_grad():
         assert model(torch.randn(2, 1, 8, 16)).shape == (2, 4)
@@ -199,23 +190,14 @@ def test_grouped_convolutions_shrink_alike_in_every_group(criterion: str):
     """A grouped convolution (not depthwise) loses the same positions in every group, so its groups stay equal
     and its weights line up with the channels it reads: the pruned model computes what the unpruned one does on
     the kept channels. Only the group that reaches one through a concatenation is held, with the reason."""
-    from types import SimpleNamespace
 
-    from pipeline.config import Config
-    from stages._criteria import CRITERIA
     from stages._goals import Plan
-    from stages._pruner import Pruner
     from stages._structure import is_grouped
 
     torch.manual_seed(0)
     model = _Grouped().eval()
-    cfg = Config.model_validate({"name": "g", "model": {"source": "timm", "name": "resnet18", "num_classes": 4,
-                                                        "in_chans": 1, "input_size": [8, 8]},
-                                 "filter_prune": {"criterion": criterion, "round_to": 8}})
     data = [(torch.randn(4, 1, 8, 8), torch.randint(0, 4, (4,))) for _ in range(2)]
-    ctx = SimpleNamespace(config=cfg, device=torch.device("cpu"), loader=lambda *a, **k: data,
-                          track=lambda items, *a, **k: items)
-    pruner = Pruner(CRITERIA.get(criterion)(), ctx)
+    pruner = pruner_for(criterion, (8, 8), data, round_to=8)
     for step in range(3):
         pruner.apply(model, Plan(step, share=0.3))
     with torch.no_grad():
@@ -427,11 +409,7 @@ def test_a_step_that_breaks_the_model_after_the_proof_passed_holds_the_group_tha
     runs. The step is undone, the group whose removal breaks the model is found on copies of the model before the
     step (the records name the step's own modules, which the undo replaced), held with the reason, and the step
     is taken again without it."""
-    from types import SimpleNamespace
-
     import stages._pruner as pruner_mod
-    from pipeline.config import Config
-    from stages._criteria import CRITERIA
     from stages._goals import Plan
 
     def saw_no_break(*args, **kwargs) -> dict[str, str]:
@@ -441,12 +419,7 @@ def test_a_step_that_breaks_the_model_after_the_proof_passed_holds_the_group_tha
     monkeypatch.setattr(pruner_mod, "prove", saw_no_break)
     torch.manual_seed(0)
     model = _Parts().eval()
-    cfg = Config.model_validate({"name": "p", "model": {"source": "timm", "name": "resnet18", "num_classes": 4,
-                                                        "in_chans": 1, "input_size": [8, 8]},
-                                 "filter_prune": {"criterion": "l2", "round_to": 1}})
-    ctx = SimpleNamespace(config=cfg, device=torch.device("cpu"), loader=lambda *a, **k: [],
-                          track=lambda items, *a, **k: items)
-    pruner = pruner_mod.Pruner(CRITERIA.get("l2")(), ctx)
+    pruner = pruner_for("l2", (8, 8), round_to=1)
     removal = pruner.apply(model, Plan(0, share=0.3))
     with torch.no_grad():
         assert model(torch.randn(2, 1, 8, 8)).shape == (2, 4)

@@ -13,7 +13,7 @@ from export.onnx_names import node_owners
 from pipeline.config import Config
 from stages._latency import Drift, LatencyMeter, LayerFit, Profile, best_alignment, unit_costs
 from stages._pruning import GroupRecord, plan_latency_step
-from tests.conftest import tiny_config
+from tests.conftest import pruner_for, tiny_config
 
 
 def _record(name: str, scores: list[float], unit_ms: float) -> tuple[GroupRecord, float]:
@@ -482,10 +482,8 @@ def test_a_stop_on_an_implausible_or_contended_timing_is_timed_again(tmp_path: P
 def test_latency_weight_chooses_what_the_knapsack_weighs_a_units_score_by(weight: str, monkeypatch):
     """`filter_prune.latency_weight`: the MACs a unit carries (work), or nothing (none: importance per millisecond
     alone, HALP's ranking); the step still removes units and the model still runs."""
-    from types import SimpleNamespace
 
     import stages._pruner as pruner_mod
-    from stages._criteria import CRITERIA
     from stages._goals import Plan
 
     seen = []
@@ -499,12 +497,7 @@ def test_latency_weight_chooses_what_the_knapsack_weighs_a_units_score_by(weight
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, stride=2), nn.ReLU(),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 4)).eval()
-    cfg = Config.model_validate(tiny_config(filter_prune={"criterion": "l2", "latency_weight": weight,
-                                                          "target_speedup": 2.0, "target_flops_reduction": None}))
-    cfg.model.in_chans, cfg.model.input_size, cfg.model.num_classes = 1, (16, 16), 4
-    ctx = SimpleNamespace(config=cfg, device=torch.device("cpu"), loader=lambda *a, **k: [],
-                          track=lambda items, *a, **k: items)
-    pruner = pruner_mod.Pruner(CRITERIA.get("l2")(), ctx)
+    pruner = pruner_for("l2", (16, 16), latency_weight=weight, target_speedup=2.0, target_flops_reduction=None)
     profile = Profile(1.0, {"0": 0.4, "2": 0.5, "6": 0.01}, 0.09)
     removal = pruner.apply(model, Plan(0, budget_ms=0.2, wanted_ms=0.2, profile=profile, cap=0.5))
     assert removal.units > 0 and model(torch.randn(1, 1, 16, 16)).shape == (1, 4)
