@@ -234,7 +234,7 @@ def dominance(row: dict[str, Any]) -> str:
     if not o.get("timed"):
         return "ours not validated"
     a, b = o["timed"], t["timed"]
-    if o.get("contended") or a.get("contended") or b.get("contended"):
+    if a.get("contended") or b.get("contended"):  # one session: both say the same
         return "timed on a busy machine"
     if a["speedup_low"] > b["speedup_high"] and o["top1"] >= t["top1"]:
         return "ours ahead on both (faster, as accurate or more)"
