@@ -128,7 +128,6 @@ class _Heads(nn.Module):
 
 
 def test_attention_whose_heads_cannot_go_is_held_whole_with_the_reason_and_still_runs():
-
     from stages._goals import Plan
 
     class Net(nn.Module):
@@ -190,7 +189,6 @@ def test_grouped_convolutions_shrink_alike_in_every_group(criterion: str):
     """A grouped convolution (not depthwise) loses the same positions in every group, so its groups stay equal
     and its weights line up with the channels it reads: the pruned model computes what the unpruned one does on
     the kept channels. Only the group that reaches one through a concatenation is held, with the reason."""
-
     from stages._goals import Plan
     from stages._structure import is_grouped
 
@@ -382,7 +380,6 @@ def test_an_equal_split_maps_each_part_to_its_own_place_in_the_concatenation():
     assert model.head.in_features == 22 and [c.out_channels for c in model.c] == [6, 6, 4, 6]
     with torch.no_grad():
         assert torch.allclose(model(x), expected, atol=1e-5)
-
 
 
 class _Parts(nn.Module):

@@ -482,7 +482,6 @@ def test_a_stop_on_an_implausible_or_contended_timing_is_timed_again(tmp_path: P
 def test_latency_weight_chooses_what_the_knapsack_weighs_a_units_score_by(weight: str, monkeypatch):
     """`filter_prune.latency_weight`: the MACs a unit carries (work), or nothing (none: importance per millisecond
     alone, HALP's ranking); the step still removes units and the model still runs."""
-
     import stages._pruner as pruner_mod
     from stages._goals import Plan
 
