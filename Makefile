@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: install install-gpu demo test test-slow gpu-check gpu-smoke wheels lint bench bench-quick bench-arch bench-matrix bench-int8 bench-latency bench-equal-latency bench-matched-speed bench-fingerprint readme-demo docs clean
+.PHONY: install install-gpu demo test test-slow gpu-check gpu-smoke wheels lint bench bench-quick bench-arch bench-matrix bench-int8 bench-latency bench-equal-latency bench-matched-speed bench-matched-speed-hard bench-fingerprint readme-demo docs clean
 
 install: $(STAMP)
 
@@ -56,6 +56,7 @@ bench: install
 	$(BIN)/python -m benchmarks.run --latency-target
 	$(BIN)/python -m benchmarks.run --equal-latency
 	$(BIN)/python -m benchmarks.run --matched-speed
+	$(BIN)/python -m benchmarks.run --matched-speed-hard
 	$(BIN)/python -m benchmarks.run --fingerprint
 
 bench-int8: install
@@ -69,6 +70,9 @@ bench-equal-latency: install
 
 bench-matched-speed: install
 	$(BIN)/python -m benchmarks.run --matched-speed
+
+bench-matched-speed-hard: install
+	$(BIN)/python -m benchmarks.run --matched-speed-hard
 
 bench-fingerprint: install
 	$(BIN)/python -m benchmarks.run --fingerprint

@@ -76,67 +76,97 @@ def _overlap(a: dict[str, float], b: dict[str, float]) -> bool:
     return close and a["speedup_low"] <= b["speedup_high"] and b["speedup_low"] <= a["speedup_high"]
 
 
-def one(out: Path, dataset: str, seed: int) -> dict[str, Any]:
+def _ours(run: Path, s: dict[str, Any], asked: list[float], keep: Path, tag: str) -> dict[float, dict[str, Any]]:
+    """Each requested speedup's frontier point, its ONNX copied aside (the next frontier run replaces it)."""
+    got = {}
+    for target in asked:
+        row = next(r for r in s["frontier"]["points"] if r["requested"] == target)
+        onnx = None
+        if row.get("validated"):
+            onnx = keep / f"{tag}-{target}.onnx"
+            shutil.copy2(run / row["path"], onnx)
+        got[target] = {"requested": target, "top1": row.get("top1"), "gflops": row.get("gflops"),
+                       "validated": row.get("validated", False), "reason": row.get("reason"),
+                       "onnx": str(onnx) if onnx else None}
+    return got
+
+
+def one(out: Path, dataset: str, seed: int, levels: tuple[float, ...] = LEVELS,
+        arms: dict[str, list[str]] | None = None) -> dict[str, Any]:
+    """One dataset and seed: the recipe at each MACs level, IDAP++ asked for its speed (and, per extra arm, IDAP++
+    with those settings asked for the same speeds), everything re-timed side by side."""
+    arms = arms or {}
     run = out / f"matched-{dataset}-seed{seed}"
     keep = out / f"matched-{dataset}-seed{seed}-onnx"
     shutil.rmtree(keep, ignore_errors=True)
     keep.mkdir(parents=True)
     sets = [f"seed={seed}", *(DIGITS if dataset == "digits" else [])]
     tp = {}
-    for i, level in enumerate(LEVELS):
+    for i, level in enumerate(levels):
         tp[level] = _recipe(run, sets, level, keep / f"tp-{level}.onnx", ["--fresh"] if i == 0 else [])
     shutil.copy2(next(run.glob("*_validate/base.onnx")), keep / "base.onnx")
     timed = retime(keep / "base.onnx", {f"tp-{lv}": Path(t["onnx"]) for lv, t in tp.items()}, None)
-    asked = [round(timed[f"tp-{lv}"]["speedup"], 3) for lv in LEVELS]
-    s = _pipeline(run, [*sets, "filter_prune.target_flops_reduction=null",
-                        f"filter_prune.target_speedup=[{', '.join(str(a) for a in asked)}]"])
-    ours = {}
-    for lv, target in zip(LEVELS, asked, strict=True):
-        row = next(r for r in s["frontier"]["points"] if r["requested"] == target)
-        ours[lv] = {"requested": target, "top1": row.get("top1"), "gflops": row.get("gflops"),
-                    "validated": row.get("validated", False), "reason": row.get("reason"),
-                    "onnx": str(run / row["path"]) if row.get("validated") else None}
-    models = {f"tp-{lv}": Path(tp[lv]["onnx"]) for lv in LEVELS}
-    models |= {f"ours-{lv}": Path(ours[lv]["onnx"]) for lv in LEVELS if ours[lv]["onnx"]}
+    asked = [round(timed[f"tp-{lv}"]["speedup"], 3) for lv in levels]
+    frontier = [*sets, "filter_prune.target_flops_reduction=null",
+                f"filter_prune.target_speedup=[{', '.join(str(a) for a in asked)}]"]
+    s = _pipeline(run, frontier)
+    got = _ours(run, s, asked, keep, "ours")
+    ours = {lv: got[a] for lv, a in zip(levels, asked, strict=True)}
+    variants: dict[str, dict[float, dict[str, Any]]] = {}
+    for name, extra in arms.items():  # the same speeds asked with other settings, from the same trained base
+        got = _ours(run, _pipeline(run, [*frontier, *extra]), asked, keep, f"arm{len(variants)}")
+        variants[name] = {lv: got[a] for lv, a in zip(levels, asked, strict=True)}
+    models = {f"tp-{lv}": Path(tp[lv]["onnx"]) for lv in levels}
+    models |= {f"ours-{lv}": Path(ours[lv]["onnx"]) for lv in levels if ours[lv]["onnx"]}
+    models |= {f"{name}-{lv}": Path(v[lv]["onnx"]) for name, v in variants.items() for lv in levels if v[lv]["onnx"]}
     timed = retime(keep / "base.onnx", models, None)
     adjusted = {}
-    for lv in LEVELS:  # the other way: the recipe asked for our speed where the two did not meet
+    for lv in levels:  # the other way: the recipe asked for our speed where the two did not meet
         mine = timed.get(f"ours-{lv}")
         if mine is None or _overlap(mine, timed[f"tp-{lv}"]):
             continue
         ratio = timed[f"tp-{lv}"]["speedup"] / mine["speedup"]
-        level = min(0.97, max(0.05, 1.0 - (1.0 - lv) * ratio))  # MACs left scale with the speed asked
+        level = min(0.99, max(0.05, 1.0 - (1.0 - lv) * ratio))  # MACs left scale with the speed asked
         adjusted[lv] = _recipe(run, sets, level, keep / f"tp-adjusted-{lv}.onnx")
     if adjusted:
         models |= {f"tp-adjusted-{lv}": Path(a["onnx"]) for lv, a in adjusted.items()}
         timed = retime(keep / "base.onnx", models, None)
     rows = []
-    for lv in LEVELS:
+    for lv in levels:
         mine = timed.get(f"ours-{lv}")
         recipe = tp[lv] | {"timed": timed[f"tp-{lv}"]}
         if lv in adjusted and mine is not None and _overlap(mine, timed[f"tp-adjusted-{lv}"]) and \
                 not _overlap(mine, recipe["timed"]):
             recipe = adjusted[lv] | {"timed": timed[f"tp-adjusted-{lv}"], "adjusted": True}
-        rows.append({"dataset": dataset, "seed": seed, "level": lv, "base_top1": s["base"]["top1"], "tp": recipe,
-                     "ours": ours[lv] | ({"timed": mine} if mine else {}),
-                     # speeds read on a busy machine match nothing: the row is shown, not counted
-                     "matched": mine is not None and _overlap(mine, recipe["timed"]) and not mine["contended"]})
+        row = {"dataset": dataset, "seed": seed, "level": lv, "base_top1": s["base"]["top1"], "tp": recipe,
+               "ours": ours[lv] | ({"timed": mine} if mine else {}),
+               # speeds read on a busy machine match nothing: the row is shown, not counted
+               "matched": mine is not None and _overlap(mine, recipe["timed"]) and not mine["contended"]}
+        if variants:
+            row["arms"] = {name: v[lv] | ({"timed": timed[f"{name}-{lv}"]} if f"{name}-{lv}" in timed else {})
+                           for name, v in variants.items()}
+        rows.append(row)
     return {"rows": rows}
 
 
-def run(out: Path, seeds: list[int], quick: bool = False) -> dict[str, Any]:
+def run(out: Path, seeds: list[int], quick: bool = False, datasets: tuple[str, ...] = ("demo", "digits"),
+        levels: tuple[float, ...] = LEVELS, arms: dict[str, list[str]] | None = None,
+        partial_name: str = "matched_speed") -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
-    partial = out / "matched_speed.partial.json"  # what a crash or Ctrl-C an hour in leaves to read
-    for dataset in ("demo",) if quick else ("demo", "digits"):
+    partial = out / f"{partial_name}.partial.json"  # what a crash or Ctrl-C an hour in leaves to read
+    for dataset in datasets[:1] if quick else datasets:
         for seed in seeds[:2] if quick else seeds:
-            got = one(out, dataset, seed)["rows"]
+            got = one(out, dataset, seed, levels, arms)["rows"]
             partial.write_text(json.dumps({"rows": rows + got}, indent=2, default=str))
             for r in got:
                 rows.append(r)
                 t, o = r["tp"], r["ours"]
+                extra = "".join(f"; {name} {a.get('top1')} at {a.get('timed', {}).get('speedup', float('nan')):.2f}x"
+                                for name, a in r.get("arms", {}).items())
                 print(f"matched-speed {dataset} seed {seed} recipe at {t['level']:.0%} MACs: "
                       f"{t['top1']:.2f} at {t['timed']['speedup']:.2f}x; ours {o.get('top1')} at "
-                      f"{o.get('timed', {}).get('speedup', float('nan')):.2f}x (matched: {r['matched']})", flush=True)
+                      f"{o.get('timed', {}).get('speedup', float('nan')):.2f}x (matched: {r['matched']}){extra}",
+                      flush=True)
     return {"rows": rows}
 
 
@@ -158,16 +188,21 @@ def figure(res: dict[str, Any], path: Path = FIGURE) -> None:
         for i, seed in enumerate(dict.fromkeys(r["seed"] for r in rows)):
             mine = [r for r in rows if r["seed"] == seed]
             base = mine[0]["base_top1"]
-            for key, color, marker, name in (("tp", "tab:orange", "o", "Torch-Pruning recipe (global Taylor, "
-                                               "round_to 8)"), ("ours", "tab:blue", "^", "IDAP++ target_speedup")):
-                pts = sorted((r[key]["timed"]["speedup"], r[key]["top1"] - base) for r in mine if r[key].get("timed"))
+            series = [(lambda r: r["tp"], "tab:orange", "o", "Torch-Pruning recipe (global Taylor, round_to 8)"),
+                      (lambda r: r["ours"], "tab:blue", "^", "IDAP++ target_speedup")]
+            series += [(lambda r, a=a: r.get("arms", {}).get(a, {}), c, "s", f"IDAP++ target_speedup, {a}")
+                       for a, c in zip(dict.fromkeys(a for r in rows for a in r.get("arms", {})),
+                                       ("tab:green", "tab:purple"), strict=False)]
+            for pick, color, marker, name in series:
+                pts = sorted((pick(r)["timed"]["speedup"], pick(r)["top1"] - base) for r in mine
+                             if pick(r).get("timed"))
                 if pts:
                     xs, ys = zip(*[(1.0, 0.0), *pts], strict=True)
                     ax.plot(xs, ys, color=color, marker=marker, alpha=0.7, label=name if i == 0 else None)
                     for r in mine:  # the timing spread of each point, 10th-90th percentile across blocks
-                        t = r[key].get("timed")
+                        t = pick(r).get("timed")
                         if t:
-                            ax.plot([t["speedup_low"], t["speedup_high"]], [r[key]["top1"] - base] * 2, color=color,
+                            ax.plot([t["speedup_low"], t["speedup_high"]], [pick(r)["top1"] - base] * 2, color=color,
                                     alpha=0.35, linewidth=3)
         ax.scatter([1.0], [0.0], color="grey", zorder=3, label="base (each seed's own)")
         ax.axhline(0.0, color="grey", linewidth=0.8)
@@ -189,42 +224,90 @@ def _spd(t: dict[str, float]) -> str:
     return f"{t['speedup']:.2f}x ({t['speedup_low']:.2f}-{t['speedup_high']:.2f}){busy}"
 
 
-def markdown(res: dict[str, Any], figure_path: Path = FIGURE) -> str:
-    lines = ["## Accuracy at matched measured speed", "", (__doc__ or "").split("\n\n", 1)[1].strip(), "",
+def markdown(res: dict[str, Any], figure_path: Path = FIGURE, title: str = "## Accuracy at matched measured speed",
+             doc: str | None = None) -> str:
+    arms = list(dict.fromkeys(a for r in res["rows"] for a in r.get("arms", {})))
+    lines = [title, "", (doc or __doc__ or "").split("\n\n", 1)[1].strip(), "",
              "| dataset | seed | recipe's MACs target | base top-1 | recipe: top-1, speedup | ours: top-1, speedup | "
-             "matched | ours - recipe |", "|---|---|---|---|---|---|---|---|"]
+             + "".join(f"ours, {a}: top-1, speedup | " for a in arms) + "matched | ours - recipe |",
+             "|---|---|---|---|---|---|" + "---|" * len(arms) + "---|---|"]
     for r in res["rows"]:
         t, o = r["tp"], r["ours"]
         target = f"-{t['level']:.0%}" + (" (adjusted)" if t.get("adjusted") else "")
-        mine = f"{o['top1']:.2f}, {_spd(o['timed'])}" if o.get("timed") else f"not validated: {o.get('reason')}"
         diff = f"{o['top1'] - t['top1']:+.2f}" if o.get("timed") else "-"
+        cells = [_point(o), *(_point(r.get("arms", {}).get(a, {})) for a in arms)]
         lines.append(f"| {r['dataset']} | {r['seed']} | {target} | {r['base_top1']:.2f} | {t['top1']:.2f}, "
-                     f"{_spd(t['timed'])} | {mine} | {'yes' if r['matched'] else 'no: ' + dominance(r)} | {diff} |")
+                     f"{_spd(t['timed'])} | {' | '.join(cells)} | {'yes' if r['matched'] else 'no: ' + dominance(r)} "
+                     f"| {diff} |")
     lines.append("")
     figure(res, figure_path)
     link = figure_path.relative_to(REPO) if figure_path.is_relative_to(REPO) else figure_path
     lines += [f"![top-1 against measured speedup, both methods]({link})", ""]
     for dataset in dict.fromkeys(r["dataset"] for r in res["rows"]):
-        for lv in LEVELS:
-            rows = [r for r in res["rows"] if r["dataset"] == dataset and r["level"] == lv and r["matched"]]
-            total = sum(1 for r in res["rows"] if r["dataset"] == dataset and r["level"] == lv)
-            apart = Counter(dominance(r) for r in res["rows"] if r["dataset"] == dataset and r["level"] == lv
-                            and not r["matched"])
-            others = (" Of the seeds not at matched speed: " + ", ".join(f"{n} {k}" for k, n in apart.items())
-                      + ".") if apart else ""
-            if not rows:
-                lines.append(f"- {dataset}, recipe at -{lv:.0%} MACs: no seed at matched speed (of {total}).{others}")
-                continue
-            (tm, ts), (om, os_) = (_stat([r[k]["top1"] for r in rows]) for k in ("tp", "ours"))
-            dm, ds = _stat([r["ours"]["top1"] - r["tp"]["top1"] for r in rows])
-            speed = statistics.mean(r["tp"]["timed"]["speedup"] for r in rows)
-            word = ("one seed: a figure, not a verdict" if len(rows) < 2 else
-                    "a tie: within the seed std" if abs(dm) <= max(ds, ts, os_) else
-                    f"{'ours' if dm > 0 else 'the recipe'} higher by more than the seed std")
-            lines.append(f"- {dataset} at {speed:.1f}x ({len(rows)} of {total} seeds matched): recipe {tm:.2f} ± "
-                         f"{ts:.2f}, ours {om:.2f} ± {os_:.2f}, paired difference {dm:+.2f} ± {ds:.2f} points "
-                         f"({word}).{others}")
+        for lv in dict.fromkeys(r["level"] for r in res["rows"] if r["dataset"] == dataset):
+            mine = [r for r in res["rows"] if r["dataset"] == dataset and r["level"] == lv]
+            lines.append(_verdict(dataset, lv, mine))
+            lines += [_arm_verdict(dataset, lv, a, mine) for a in arms]
     return "\n".join(lines) + "\n"
+
+
+def _point(o: dict[str, Any]) -> str:
+    if o.get("timed"):
+        return f"{o['top1']:.2f}, {_spd(o['timed'])}"
+    return f"not validated: {o.get('reason')}" if o else "-"
+
+
+def _verdict(dataset: str, lv: float, mine: list[dict[str, Any]]) -> str:
+    rows = [r for r in mine if r["matched"]]
+    apart = Counter(dominance(r) for r in mine if not r["matched"])
+    others = (" Of the seeds not at matched speed: " + ", ".join(f"{n} {k}" for k, n in apart.items())
+              + ".") if apart else ""
+    if not rows:
+        return f"- {dataset}, recipe at -{lv:.0%} MACs: no seed at matched speed (of {len(mine)}).{others}"
+    (tm, ts), (om, os_) = (_stat([r[k]["top1"] for r in rows]) for k in ("tp", "ours"))
+    dm, ds = _stat([r["ours"]["top1"] - r["tp"]["top1"] for r in rows])
+    speed = statistics.mean(r["tp"]["timed"]["speedup"] for r in rows)
+    return (f"- {dataset} at {speed:.1f}x ({len(rows)} of {len(mine)} seeds matched): recipe {tm:.2f} ± "
+            f"{ts:.2f}, ours {om:.2f} ± {os_:.2f}, paired difference {dm:+.2f} ± {ds:.2f} points "
+            f"({_word(len(rows), dm, max(ds, ts, os_))}).{others}")
+
+
+def _word(n: int, diff: float, noise: float, a: str = "ours", b: str = "the recipe") -> str:
+    if n < 2:
+        return "one seed: a figure, not a verdict"
+    return "a tie: within the seed std" if abs(diff) <= noise else f"{a if diff > 0 else b} higher by more than " \
+        "the seed std"
+
+
+def _arm_verdict(dataset: str, lv: float, arm: str, mine: list[dict[str, Any]]) -> str:
+    """An extra arm against the default settings, both asked for the recipe's speed: paired where both were
+    validated and timed on a quiet machine, at matched speed or else who is ahead on which axis."""
+    pairs = [(r["ours"], r["arms"][arm]) for r in mine if r["ours"].get("timed") and
+             r.get("arms", {}).get(arm, {}).get("timed") and not r["ours"]["timed"].get("contended")]
+    head = f"  - {arm} against the default at the recipe's -{lv:.0%} speed"
+    if not pairs:
+        return f"{head}: no seed where both were validated and timed on a quiet machine (of {len(mine)})."
+    matched = [(d, a) for d, a in pairs if _overlap(d["timed"], a["timed"])]
+    apart = Counter(_ahead(d, a, arm) for d, a in pairs if not _overlap(d["timed"], a["timed"]))
+    (dm, ds), (am, as_) = (_stat([p[i]["top1"] for p in pairs]) for i in (0, 1))
+    speeds = [statistics.mean(p[i]["timed"]["speedup"] for p in pairs) for i in (0, 1)]
+    text = (f"{head} ({len(pairs)} of {len(mine)} seeds): default {dm:.2f} ± {ds:.2f} at {speeds[0]:.2f}x, {arm} "
+            f"{am:.2f} ± {as_:.2f} at {speeds[1]:.2f}x; at matched speed in {len(matched)}")
+    if matched:
+        diff, sd = _stat([a["top1"] - d["top1"] for d, a in matched])
+        text += f" (paired {arm} - default {diff:+.2f} ± {sd:.2f}: {_word(len(matched), diff, sd, arm, 'the default')})"
+    if apart:
+        text += "; apart in speed: " + ", ".join(f"{n} {k}" for k, n in apart.items())
+    return text + "."
+
+
+def _ahead(default: dict[str, Any], arm: dict[str, Any], name: str) -> str:
+    a, b = arm["timed"], default["timed"]
+    if a["speedup_low"] > b["speedup_high"] and arm["top1"] >= default["top1"]:
+        return f"{name} ahead on both"
+    if b["speedup_low"] > a["speedup_high"] and default["top1"] >= arm["top1"]:
+        return "the default ahead on both"
+    return "a trade-off"
 
 
 def dominance(row: dict[str, Any]) -> str:

@@ -122,6 +122,16 @@ def test_matched_speed_compares_only_matched_seeds_and_calls_ties_by_the_seed_no
     assert ms.dominance(row(0, 0.9, 97.5, 97.0, 9.0, their=5.0)).startswith("recipe ahead on both")
     one = ms.markdown({"rows": [row(0, 0.7, 97.0, 98.0, 3.0)]}, tmp_path / "one.png")
     assert "(1 of 1 seeds matched)" in one and "(one seed: a figure, not a verdict)" in one
+    # an extra arm (other settings asked for the same speed) is judged against the default, not the recipe
+    arm = [row(s, 0.95, 90.0, 92.0, 8.0) | {"arms": {"w=none": {"top1": 92.5 + s, "timed": timed(t)}}}
+           for s, t in ((0, 8.1), (1, 8.0), (2, 12.0))]
+    arm.append(row(3, 0.95, 90.0, 92.0, 8.0) | {"arms": {"w=none": {"top1": None, "reason": "accuracy budget"}}})
+    text = ms.markdown({"rows": arm}, tmp_path / "arm.png")
+    assert "| ours, w=none: top-1, speedup |" in text and "| not validated: accuracy budget |" in text
+    line = next(x for x in text.splitlines() if x.startswith("  - w=none against the default at the recipe's -95%"))
+    assert "(3 of 4 seeds): default 92.00 ± 0.00 at 8.00x, w=none 93.50 ± 1.00 at 9.37x" in line
+    assert "at matched speed in 2 (paired w=none - default +1.00 ± 0.71: w=none higher by more than" in line
+    assert line.endswith("apart in speed: 1 w=none ahead on both.")
 
 
 def test_torch_pruning_alone_reports_where_it_stops_and_the_matrix_states_the_inspect_ratio():
