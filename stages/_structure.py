@@ -337,10 +337,16 @@ def spread_copy(model: nn.Module, example: torch.Tensor, roots: list[str], build
     proof computes it once for all its trials)."""
     trial = copy.deepcopy(model).eval()
     dg = build_graph(trial, example)
-    modules = dict(trial.named_modules())
-    heads = {layout(m).root: m for m in attention_modules(trial).values()}
     if groups_of is None:
         groups_of = groups_by_root(trial, dg, roots)
+    _remove_spread(trial, dg, roots, groups_of)
+    return trial
+
+
+def _remove_spread(trial: nn.Module, dg, roots: list[str], groups_of: dict[str, int]) -> None:
+    """Remove a few spread units (one head) of each named group of `trial`, in place, through `dg` (its graph)."""
+    modules = dict(trial.named_modules())
+    heads = {layout(m).root: m for m in attention_modules(trial).values()}
     for name in roots:
         mod = modules[name]
         pruner = dg.get_pruner_of_module(mod)
@@ -353,16 +359,78 @@ def spread_copy(model: nn.Module, example: torch.Tensor, roots: list[str], build
             units = grouped_channels(spread_units(width // groups), width, groups) if groups > 1 else \
                 spread_units(width)
             prune_group(dg, mod, pruner.prune_out_channels, units, trial)
-    return trial
+
+
+_CONTAINERS = (list, dict, set)  # copied with their own .copy() (an OrderedDict stays one)
+
+
+def _module_state(mod: nn.Module) -> tuple[dict[str, Any], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """What pruning can change on one module: its attributes (containers copied: a list of split sizes can be
+    edited in place) and the data of its parameters and buffers (a loose parameter is cut by replacing .data)."""
+    attrs = {k: v.copy() if isinstance(v, _CONTAINERS) else v for k, v in vars(mod).items()}
+    tensors = [(t, t.data) for t in [*mod._parameters.values(), *mod._buffers.values()] if t is not None]
+    return attrs, tensors
+
+
+def _structure_print(modules: list[nn.Module]) -> list[Any]:
+    """Every module's parameter and buffer shapes and plain attributes, in their order: what must be the same
+    after an undo."""
+    out = []
+    for mod in modules:
+        shapes = [(n, t.shape) for n, t in [*mod._parameters.items(), *mod._buffers.items()] if t is not None]
+        attrs = [(k, p) for k, v in vars(mod).items() if not k.startswith("_") and (p := _plain(v)) is not None]
+        out.append((type(mod), shapes, attrs, list(mod._modules)))
+    return out
+
+
+class _Bench:
+    """One working copy of the model and one graph traced on it, for all the trials of a proof: each trial removes
+    its units from the copy in place and is then undone (every module's attributes, including the graph's own
+    split and concatenation records, and the data of every parameter and buffer put back). A fresh deep copy and
+    trace per trial cost two thirds of the proof. After each undo the copy's structure is compared with the
+    first; on any difference (something an undo does not reach) the bench is given up and the remaining trials
+    take fresh copies."""
+
+    def __init__(self, model: nn.Module, example: torch.Tensor, build_graph) -> None:
+        self.model = copy.deepcopy(model)
+        self.dg = build_graph(self.model, example)
+        self.model.eval()
+        mods = list(self.model.modules())
+        seen = {id(m) for m in mods}
+        mods += [m for m in self.dg.module2node if isinstance(m, nn.Module) and id(m) not in seen]
+        self.modules = mods
+        self.saved = [_module_state(m) for m in mods]
+        self.print = _structure_print(mods)
+        self.sound = True
+
+    def undo(self) -> None:
+        for mod, (attrs, tensors) in zip(self.modules, self.saved, strict=True):
+            state = mod.__dict__
+            state.clear()
+            state.update({k: v.copy() if isinstance(v, _CONTAINERS) else v for k, v in attrs.items()})
+            for t, data in tensors:
+                if t.data is not data:
+                    t.data = data
+                t.grad = None
+        self.sound = _structure_print(self.modules) == self.print
 
 
 def _trial(model: nn.Module, example: torch.Tensor, roots: list[str], build_graph, expected: tuple,
-           groups_of: dict[str, int] | None = None) -> str | None:
-    """None when the spread copy still runs with an output of the same shape, else the error."""
+           groups_of: dict[str, int] | None = None, bench: _Bench | None = None) -> str | None:
+    """None when the spread copy still runs with an output of the same shape, else the error. With a sound
+    `bench`, the units are removed from its copy and undone after; else from a fresh copy."""
     try:
-        trial = spread_copy(model, example, roots, build_graph, groups_of)
-        with torch.no_grad():
-            out = _logits(trial(example))
+        if bench is not None and bench.sound:
+            try:
+                _remove_spread(bench.model, bench.dg, roots, groups_of or {})
+                with torch.no_grad():
+                    out = _logits(bench.model(example))
+            finally:
+                bench.undo()
+        else:
+            trial = spread_copy(model, example, roots, build_graph, groups_of)
+            with torch.no_grad():
+                out = _logits(trial(example))
     except Exception as exc:  # noqa: BLE001 - any failure of the pruned copy is what this looks for
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         return f"{type(exc).__name__}: {text}"[:240]
@@ -399,9 +467,27 @@ def _code_digest() -> str:
 
 @functools.cache
 def _distributions() -> dict[str, list[str]]:
+    """Top-level import name -> the installed distributions that provide it, as importlib's
+    packages_distributions() gives, read from each distribution's top_level.txt or the .py paths of its RECORD
+    (packages_distributions builds a path object for every installed file: seconds of every proof's key)."""
     from importlib import metadata
 
-    return metadata.packages_distributions()
+    out: dict[str, set[str]] = {}
+    for dist in metadata.distributions():
+        name = dist.metadata["Name"]
+        text = dist.read_text("top_level.txt")
+        if text is not None:
+            tops = set(text.split())
+        else:
+            tops = set()
+            for line in (dist.read_text("RECORD") or "").splitlines():
+                path = line.split(",", 1)[0]
+                if path.endswith(".py"):
+                    parts = path.split("/")
+                    tops.add(parts[0] if len(parts) > 1 else parts[0][:-3])
+        for top in tops:
+            out.setdefault(top, set()).add(name)
+    return {top: sorted(names) for top, names in out.items()}
 
 
 def proof_key(model: nn.Module, example: torch.Tensor, roots: list[str]) -> str | None:
@@ -515,11 +601,15 @@ def _prove(model: nn.Module, example: torch.Tensor, roots: list[str], build_grap
     deadline = time.monotonic() + budget_s
     if groups_of is None and any(is_grouped(m) for m in model.modules()):  # once for every trial below
         groups_of = groups_by_root(model, build_graph(model, example), roots)
+    try:
+        bench = _Bench(model, example, build_graph)
+    except Exception:  # noqa: BLE001 - the trials take fresh copies, and the first says what fails
+        bench = None
 
     def search(names: list[str], known_error: str | None = None) -> None:
         if not names:
             return
-        error = known_error or _trial(model, example, names, build_graph, expected, groups_of)
+        error = known_error or _trial(model, example, names, build_graph, expected, groups_of, bench)
         if error is None:
             return
         if len(names) == 1 or time.monotonic() > deadline:
