@@ -92,7 +92,7 @@ def _ours(run: Path, s: dict[str, Any], asked: list[float], keep: Path, tag: str
 
 
 def one(out: Path, dataset: str, seed: int, levels: tuple[float, ...] = LEVELS,
-        arms: dict[str, list[str]] | None = None) -> dict[str, Any]:
+        arms: dict[str, list[str]] | None = None, extra: list[str] = ()) -> dict[str, Any]:
     """One dataset and seed: the recipe at each MACs level, IDAP++ asked for its speed (and, per extra arm, IDAP++
     with those settings asked for the same speeds), everything re-timed side by side."""
     arms = arms or {}
@@ -100,7 +100,7 @@ def one(out: Path, dataset: str, seed: int, levels: tuple[float, ...] = LEVELS,
     keep = out / f"matched-{dataset}-seed{seed}-onnx"
     shutil.rmtree(keep, ignore_errors=True)
     keep.mkdir(parents=True)
-    sets = [f"seed={seed}", *(DIGITS if dataset == "digits" else [])]
+    sets = [f"seed={seed}", *(DIGITS if dataset == "digits" else []), *extra]
     tp = {}
     for i, level in enumerate(levels):
         tp[level] = _recipe(run, sets, level, keep / f"tp-{level}.onnx", ["--fresh"] if i == 0 else [])
@@ -151,12 +151,12 @@ def one(out: Path, dataset: str, seed: int, levels: tuple[float, ...] = LEVELS,
 
 def run(out: Path, seeds: list[int], quick: bool = False, datasets: tuple[str, ...] = ("demo", "digits"),
         levels: tuple[float, ...] = LEVELS, arms: dict[str, list[str]] | None = None,
-        partial_name: str = "matched_speed") -> dict[str, Any]:
+        partial_name: str = "matched_speed", extra: list[str] = ()) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     partial = out / f"{partial_name}.partial.json"  # what a crash or Ctrl-C an hour in leaves to read
     for dataset in datasets[:1] if quick else datasets:
         for seed in seeds[:2] if quick else seeds:
-            got = one(out, dataset, seed, levels, arms)["rows"]
+            got = one(out, dataset, seed, levels, arms, extra)["rows"]
             partial.write_text(json.dumps({"rows": rows + got}, indent=2, default=str))
             for r in got:
                 rows.append(r)

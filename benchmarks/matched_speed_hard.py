@@ -1,10 +1,14 @@
-"""Accuracy at matched measured speed where compression bites: the demo at -95% and -98% MACs.
+"""Accuracy at matched measured speed where compression bites: the demo with almost no recovery.
 
 The same comparison as "Accuracy at matched measured speed" (same harness, same re-timing, same matching rule), on
-the demo's data with Torch-Pruning's recipe asked for -95% and -98% MACs, where a ResNet-18 keeps a few channels
-per layer and top-1 starts to fall. A third arm asks IDAP++ for the same speeds with
-`filter_prune.latency_weight: none` (HALP's knapsack: importance per predicted millisecond, without the default's
-weighting by each unit's MACs), from the same trained base: it is what chooses that setting's default.
+the demo's data with the recovery cut to what a user without the training pipeline has: 4 recovery steps after
+each pruning and truncation step, no fine-tuning, no accuracy budget (`filter_prune.max_accuracy_drop: 100`), and
+Torch-Pruning's recipe asked for -90% and -96% MACs (its round_to 8 stops a ResNet-18 near -96%). With the demo's
+full recovery neither method loses more than a point even at the width floor (measured: both at 97.7 against a
+97.5 base at -96% MACs), so the criteria are not told apart; here top-1 falls. A third arm asks IDAP++ for the
+same speeds with `filter_prune.latency_weight: none` (HALP's knapsack: importance per predicted millisecond,
+without the default's weighting by each unit's MACs), from the same trained base: it is what chooses that
+setting's default.
 """
 
 from __future__ import annotations
@@ -14,13 +18,16 @@ from typing import Any
 
 from benchmarks import matched_speed as ms
 
-LEVELS = (0.95, 0.98)
+LEVELS = (0.9, 0.96)
+SHORT = ["finetune.max_epochs=0", "filter_prune.recovery_steps=4", "layer_truncate.recovery_steps=4",
+         "filter_prune.max_accuracy_drop=100"]
 ARMS = {"latency_weight=none": ["filter_prune.latency_weight=none"]}
 FIGURE = ms.REPO / "benchmarks" / "figures" / "matched_speed_hard.png"
 
 
 def run(out: Path, seeds: list[int], quick: bool = False) -> dict[str, Any]:
-    return ms.run(out, seeds, quick, datasets=("demo",), levels=LEVELS, arms=ARMS, partial_name="matched_speed_hard")
+    return ms.run(out, seeds, quick, datasets=("demo",), levels=LEVELS, arms=ARMS, partial_name="matched_speed_hard",
+                  extra=SHORT)
 
 
 def markdown(res: dict[str, Any], figure_path: Path = FIGURE) -> str:

@@ -104,8 +104,9 @@ def main() -> None:
                         "(Torch-Pruning's recipe at -70%% and -90%% MACs, IDAP++ asked for its speed, demo and digits, "
                         "3 seeds, about 60 minutes; --quick: demo, 2 seeds); rewrites that section")
     parser.add_argument("--matched-speed-hard", action="store_true", help="only matched speed where compression "
-                        "bites (the recipe at -95%% and -98%% MACs on the demo, IDAP++ with both latency_weight "
-                        "settings asked for its speed, 3 seeds, about 45 minutes); rewrites that section")
+                        "bites (the demo with 4 recovery steps and no fine-tuning, the recipe at -90%% and -96%% MACs, "
+                        "IDAP++ with both latency_weight settings asked for its speed, 3 seeds, about 25 minutes); "
+                        "rewrites that section")
     parser.add_argument("--fingerprint", action="store_true", help="only the data-fingerprint cost (10,000 small "
                         "images: first and second run, a fresh copy, 40 added; about a minute); rewrites that section")
     parser.add_argument("--render", action="store_true", help="with a section's flag: write that section again "
