@@ -2,10 +2,12 @@
 
 Per dataset and seed, one run directory, whose base is trained once by the pipeline's own stages (the demo's
 settings). Torch-Pruning's usual recipe (global Taylor ranking, round_to 8) is run at -70% and -90% MACs through
-the same recovery, truncation and fine-tuning; its validated speedups are then requested from IDAP++ as one
+the same recovery, truncation and fine-tuning; its re-timed speedups are then requested from IDAP++ as one
 frontier run (`filter_prune.target_speedup: [S70, S90]`, the demo's criterion and settings). All four compressed
 models and the base are re-timed side by side in one session (ONNX Runtime CPU, batch 1, interleaved blocks, as
-`validate` times), so that both methods' speedups come from the same minutes of the same machine. Two models are
+`validate` times, but with intra-op threads that park after each run instead of spinning: spinning threads of
+one session took the cores of the next and split the same file's speedup into two modes), so that both methods'
+speedups come from the same minutes of the same machine. Two models are
 at matched speed when their median speedups are within 10% of each other and their spreads (10th-90th percentile
 across blocks) overlap; where they are not, the recipe is run once more with its MACs target scaled by the speed
 ratio (asking it for our speed) and re-timed with the rest, and a row that still does not meet says whether one
@@ -61,7 +63,11 @@ def retime(base: Path, models: dict[str, Path], threads: int | None) -> dict[str
 
     dims = onnx.load(str(base)).graph.input[0].type.tensor_type.shape.dim
     shape = tuple(d.dim_value or 1 for d in dims)
-    rts = {"base": OrtModel(base, threads), **{k: OrtModel(p, threads) for k, p in models.items()}}
+    # intra-op threads that park after each run: with ONNX Runtime's spinning threads, six sessions timed in turn
+    # on 2 cores gave the same file 6.4x in one session and 4.2x in the next (block spreads 4.1-7.1x); parked,
+    # 6.5x and 7.2x (spreads within 6.1-8.9x)
+    rts = {"base": OrtModel(base, threads, spinning=False),
+           **{k: OrtModel(p, threads, spinning=False) for k, p in models.items()}}
     lat, load = clean_latency(rts, shape, 20, 200, threads, blocks=BLOCKS, block_seconds=BLOCK_SECONDS,
                               warn=lambda m: print(f"matched-speed: {m}", flush=True))
     # a figure taken while other processes held the cores says so beside every speedup it produced
@@ -161,11 +167,11 @@ def run(out: Path, seeds: list[int], quick: bool = False, datasets: tuple[str, .
             for r in got:
                 rows.append(r)
                 t, o = r["tp"], r["ours"]
-                extra = "".join(f"; {name} {a.get('top1')} at {a.get('timed', {}).get('speedup', float('nan')):.2f}x"
+                arm_text = "".join(f"; {name} {a.get('top1')} at {a.get('timed', {}).get('speedup', float('nan')):.2f}x"
                                 for name, a in r.get("arms", {}).items())
                 print(f"matched-speed {dataset} seed {seed} recipe at {t['level']:.0%} MACs: "
                       f"{t['top1']:.2f} at {t['timed']['speedup']:.2f}x; ours {o.get('top1')} at "
-                      f"{o.get('timed', {}).get('speedup', float('nan')):.2f}x (matched: {r['matched']}){extra}",
+                      f"{o.get('timed', {}).get('speedup', float('nan')):.2f}x (matched: {r['matched']}){arm_text}",
                       flush=True)
     return {"rows": rows}
 

@@ -38,7 +38,11 @@ class OrtModel:
     """An ONNX model in ONNX Runtime on the CPU or CUDA execution provider (FP32 as exported, or the INT8 QDQ
     model)."""
 
-    def __init__(self, path: Path, threads: int | None = None, provider: str = "cpu", tf32: bool = False) -> None:
+    def __init__(self, path: Path, threads: int | None = None, provider: str = "cpu", tf32: bool = False,
+                 spinning: bool = True) -> None:
+        """`spinning=False` parks the intra-op threads after every run instead of letting them spin (ONNX
+        Runtime's default): slower on a sub-millisecond model, but several sessions timed in turn in one process
+        no longer take each other's cores (see benchmarks/matched_speed.py)."""
         import onnxruntime as ort
 
         name = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}[provider]
@@ -56,6 +60,8 @@ class OrtModel:
         # Pinned, so that the same artifact is timed with the same threads in the pipeline and in `validate`.
         self.threads = threads or default_threads()
         opts.intra_op_num_threads = self.threads
+        if not spinning:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.backend = f"onnxruntime-{provider}"
         self.device = cpu_name() if provider == "cpu" else _gpu_name()
         try:

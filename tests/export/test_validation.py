@@ -81,6 +81,16 @@ def test_onnxruntime_cpu_scores_and_times(onnx_file: Path):
     assert lat["runs"] == 5 and 0 < lat["median_ms"] <= lat["p90_ms"]
 
 
+def test_a_session_whose_threads_park_after_each_run_gives_the_same_outputs(onnx_file: Path):
+    """The benchmarks time several sessions in turn with parked intra-op threads; the session says so in its
+    options and computes what a default one does."""
+    spinning, parked = OrtModel(onnx_file, threads=2), OrtModel(onnx_file, threads=2, spinning=False)
+    options = parked.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    x = torch.randn(2, 1, 8, 8).numpy()
+    assert (parked(x) == spinning(x)).all()
+
+
 @pytest.mark.parametrize("runtime, suffix, expected", [
     ("tensorrt", ".onnx", "runs .engine files"),
     ("onnxruntime-cpu", ".engine", "runs only in the tensorrt runtime"),
