@@ -277,9 +277,12 @@ def _verdict(dataset: str, lv: float, mine: list[dict[str, Any]]) -> str:
     (tm, ts), (om, os_) = (_stat([r[k]["top1"] for r in rows]) for k in ("tp", "ours"))
     dm, ds = _stat([r["ours"]["top1"] - r["tp"]["top1"] for r in rows])
     speed = statistics.mean(r["tp"]["timed"]["speedup"] for r in rows)
+    diffs = [r["ours"]["top1"] - r["tp"]["top1"] for r in rows]
+    sides = f"; ours higher in {sum(d > 0 for d in diffs)}, the recipe in {sum(d < 0 for d in diffs)}" \
+        if len(rows) > 1 else ""
     return (f"- {dataset} at {speed:.1f}x ({len(rows)} of {len(mine)} seeds matched): recipe {tm:.2f} ± "
             f"{ts:.2f}, ours {om:.2f} ± {os_:.2f}, paired difference {dm:+.2f} ± {ds:.2f} points "
-            f"({_word(len(rows), dm, max(ds, ts, os_))}).{others}")
+            f"({_word(len(rows), dm, max(ds, ts, os_))}{sides}).{others}")
 
 
 def _word(n: int, diff: float, noise: float, a: str = "ours", b: str = "the recipe") -> str:

@@ -112,9 +112,11 @@ def test_matched_speed_compares_only_matched_seeds_and_calls_ties_by_the_seed_no
     assert "| demo | 2 | -90% | 98.00 | 90.00, 5.00x (4.80-5.20) | 99.00, 9.00x (8.80-9.20) | no: ours ahead on both " \
            "(faster, as accurate or more) | +9.00 |" in text
     assert "- demo at 3.0x (3 of 3 seeds matched): recipe 97.10 ± 0.10, ours 97.17 ± 0.12" in text
-    assert "(a tie: within the seed std)" in text.split("\n- demo at 3.0x")[1].split("\n")[0]
+    at3 = text.split("\n- demo at 3.0x")[1].split("\n")[0]
+    assert "(a tie: within the seed std; ours higher in 2, the recipe in 1)" in at3
     at5 = text.split("\n- demo at 5.0x")[1].split("\n")[0]
     assert at5.startswith(" (2 of 3 seeds matched)") and "+1.45 ± 0.07 points (ours higher by more than" in at5
+    assert "the seed std; ours higher in 2, the recipe in 0)" in at5  # a tie or not, who was ahead in each seed
     assert at5.endswith("Of the seeds not at matched speed: 1 ours ahead on both (faster, as accurate or more).")
     # apart in speed: faster and less accurate is a trade-off, not a win; one matched seed is no verdict
     assert ms.dominance(row(0, 0.9, 97.0, 96.0, their=9.0)).startswith("a trade-off")
