@@ -599,12 +599,13 @@ def _prove(model: nn.Module, example: torch.Tensor, roots: list[str], build_grap
         expected = tuple(_logits(model.eval()(example)).shape)
     broken: dict[str, str] = {}
     deadline = time.monotonic() + budget_s
-    if groups_of is None and any(is_grouped(m) for m in model.modules()):  # once for every trial below
-        groups_of = groups_by_root(model, build_graph(model, example), roots)
     try:
         bench = _Bench(model, example, build_graph)
     except Exception:  # noqa: BLE001 - the trials take fresh copies, and the first says what fails
         bench = None
+    if groups_of is None and any(is_grouped(m) for m in model.modules()):  # once for every trial below
+        groups_of = groups_by_root(bench.model, bench.dg, roots) if bench is not None else \
+            groups_by_root(model, build_graph(model, example), roots)
 
     def search(names: list[str], known_error: str | None = None) -> None:
         if not names:

@@ -11,7 +11,7 @@ from torch import nn
 import stages._structure as S
 from stages._graph import build_graph
 from stages._pruning import classifier_layers
-from tests.integration.test_structures import _GainConv, _Parts, _StoredSplit
+from tests.integration.test_structures import _GainConv, _Grouped, _Parts, _StoredSplit
 from tests.stages.test_proof_cache import Stored
 
 
@@ -46,7 +46,8 @@ MODELS = {"stored reshape width": (Stored, (3, 8, 8)), "stored split sizes": (_S
           "per-channel gain": (lambda: nn.Sequential(_GainConv(1, 16, 3), nn.ReLU(), _GainConv(16, 8, 1),
                                                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)),
                                (1, 8, 8)),
-          "Res2Net blocks": (_res2net, (3, 32, 32))}
+          "Res2Net blocks": (_res2net, (3, 32, 32)),
+          "grouped convolutions (their counts from the bench's own graph)": (_Grouped, (1, 8, 8))}
 
 
 BREAKS = {"stored reshape width", "equal parts by a stored width", "Res2Net blocks"}
