@@ -102,20 +102,24 @@ def _ours(run: Path, s: dict[str, Any], asked: list[float], keep: Path, tag: str
 
 
 def one(out: Path, dataset: str, seed: int, levels: tuple[float, ...] = LEVELS,
-        arms: dict[str, list[str]] | None = None, extra: list[str] = ()) -> dict[str, Any]:
+        arms: dict[str, list[str]] | None = None, extra: list[str] = (), threads: int | None = None,
+        ) -> dict[str, Any]:
     """One dataset and seed: the recipe at each MACs level, IDAP++ asked for its speed (and, per extra arm, IDAP++
-    with those settings asked for the same speeds), everything re-timed side by side."""
+    with those settings asked for the same speeds), everything re-timed side by side. `threads`, when given, is the
+    deployment's thread count (`validate.threads`: the loop, validate and the re-timing all time with it)."""
     arms = arms or {}
     run = out / f"matched-{dataset}-seed{seed}"
     keep = out / f"matched-{dataset}-seed{seed}-onnx"
     shutil.rmtree(keep, ignore_errors=True)
     keep.mkdir(parents=True)
-    sets = [f"seed={seed}", *(DIGITS if dataset == "digits" else []), *extra]
+    sets = [f"seed={seed}", *(DIGITS if dataset == "digits" else []), *extra,
+            *([f"validate.threads={threads}"] if threads else [])]
     tp = {}
     for i, level in enumerate(levels):
         tp[level] = _recipe(run, sets, level, keep / f"tp-{level}.onnx", ["--fresh"] if i == 0 else [])
     shutil.copy2(next(run.glob("*_validate/base.onnx")), keep / "base.onnx")
-    timed = retime(keep / "base.onnx", {f"tp-{lv}": Path(t["onnx"]) for lv, t in tp.items()}, None, spinning=True)
+    timed = retime(keep / "base.onnx", {f"tp-{lv}": Path(t["onnx"]) for lv, t in tp.items()}, threads,
+                   spinning=True)
     asked = [round(timed[f"tp-{lv}"]["speedup"], 3) for lv in levels]
     frontier = [*sets, "filter_prune.target_flops_reduction=null",
                 f"filter_prune.target_speedup=[{', '.join(str(a) for a in asked)}]"]
@@ -129,7 +133,7 @@ def one(out: Path, dataset: str, seed: int, levels: tuple[float, ...] = LEVELS,
     models = {f"tp-{lv}": Path(tp[lv]["onnx"]) for lv in levels}
     models |= {f"ours-{lv}": Path(ours[lv]["onnx"]) for lv in levels if ours[lv]["onnx"]}
     models |= {f"{name}-{lv}": Path(v[lv]["onnx"]) for name, v in variants.items() for lv in levels if v[lv]["onnx"]}
-    timed = retime(keep / "base.onnx", models, None)
+    timed = retime(keep / "base.onnx", models, threads)
     adjusted = {}
     for lv in levels:  # the other way: the recipe asked for our speed where the two did not meet
         mine = timed.get(f"ours-{lv}")
@@ -140,7 +144,7 @@ def one(out: Path, dataset: str, seed: int, levels: tuple[float, ...] = LEVELS,
         adjusted[lv] = _recipe(run, sets, level, keep / f"tp-adjusted-{lv}.onnx")
     if adjusted:
         models |= {f"tp-adjusted-{lv}": Path(a["onnx"]) for lv, a in adjusted.items()}
-        timed = retime(keep / "base.onnx", models, None)
+        timed = retime(keep / "base.onnx", models, threads)
     rows = []
     for lv in levels:
         mine = timed.get(f"ours-{lv}")
@@ -161,12 +165,12 @@ def one(out: Path, dataset: str, seed: int, levels: tuple[float, ...] = LEVELS,
 
 def run(out: Path, seeds: list[int], quick: bool = False, datasets: tuple[str, ...] = ("demo", "digits"),
         levels: tuple[float, ...] = LEVELS, arms: dict[str, list[str]] | None = None,
-        partial_name: str = "matched_speed", extra: list[str] = ()) -> dict[str, Any]:
+        partial_name: str = "matched_speed", extra: list[str] = (), threads: int | None = None) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     partial = out / f"{partial_name}.partial.json"  # what a crash or Ctrl-C an hour in leaves to read
     for dataset in datasets[:1] if quick else datasets:
         for seed in seeds[:2] if quick else seeds:
-            got = one(out, dataset, seed, levels, arms, extra)["rows"]
+            got = one(out, dataset, seed, levels, arms, extra, threads)["rows"]
             partial.write_text(json.dumps({"rows": rows + got}, indent=2, default=str))
             for r in got:
                 rows.append(r)

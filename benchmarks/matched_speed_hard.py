@@ -9,6 +9,14 @@ full recovery neither method loses more than a point even at the width floor (me
 same speeds with `filter_prune.latency_weight: none` (HALP's knapsack: importance per predicted millisecond,
 without the default's weighting by each unit's MACs), from the same trained base: it is what chooses that
 setting's default.
+
+Everything here is timed at 1 thread (`validate.threads: 1`: the pruning loop, `validate` and the re-timing). At
+2 threads on the 2-core benchmark machine a sub-0.1 ms model's latency has two modes that last for seconds: the
+recipe's -90% model, re-timed in 14 fresh session pairs in one process, read 0.065 ms (6.4-7.3x) or 0.125 ms
+(3.9-4.3x), while the base moved by 20%; at 1 thread the same 14 pairs read 0.076-0.079 ms (10.9-12.9x). The
+recipe's MACs target does not see this; the latency-targeted loop steers by it (one run read 0.35 ms at -59% of the
+MACs and 0.17 ms at -94%, and pruned to -94.7% for a speed the recipe had at -92.75%), so at 2 threads the
+comparison measured the machine's modes more than the methods.
 """
 
 from __future__ import annotations
@@ -23,11 +31,12 @@ SHORT = ["finetune.max_epochs=0", "filter_prune.recovery_steps=4", "layer_trunca
          "filter_prune.max_accuracy_drop=100"]
 ARMS = {"latency_weight=none": ["filter_prune.latency_weight=none"]}
 FIGURE = ms.REPO / "benchmarks" / "figures" / "matched_speed_hard.png"
+THREADS = 1
 
 
 def run(out: Path, seeds: list[int], quick: bool = False) -> dict[str, Any]:
     return ms.run(out, seeds, quick, datasets=("demo",), levels=LEVELS, arms=ARMS, partial_name="matched_speed_hard",
-                  extra=SHORT)
+                  extra=SHORT, threads=THREADS)
 
 
 def markdown(res: dict[str, Any], figure_path: Path = FIGURE) -> str:

@@ -128,9 +128,13 @@ class Pruner:
             return plan_step(records, self.originals, plan.share, self.round_to, cfg.max_layer_pruning_ratio,
                              cfg.ranking, keep), Removal(0)
         unit_ms = {r.name: unit_costs(plan.profile, r.members, plan.scale) for r in records}
-        weights = work_per_unit(records, module_macs(model, self.example)) if cfg.latency_weight == "work" else None
+        macs = module_macs(model, self.example)
+        weights = work_per_unit(records, macs) if cfg.latency_weight == "work" else None
+        unit_macs = {r.name: sum(per_unit(macs, r.members).values()) for r in records}
+        max_macs = plan.macs_cap * macs.get("<total>", 0.0) if plan.macs_cap is not None else None
         chosen = plan_latency_step(records, self.originals, plan.budget_ms, self.round_to,
-                                   cfg.max_layer_pruning_ratio, unit_ms, weights=weights, cap=plan.cap)
+                                   cfg.max_layer_pruning_ratio, unit_ms, weights=weights, cap=plan.cap,
+                                   unit_macs=unit_macs, max_macs=max_macs or None)
         layers: dict[str, float] = {}
         for r in records:
             removing = len(chosen.get(r.name, ()))

@@ -69,6 +69,54 @@ def test_a_speedup_step_is_capped_at_a_multiple_of_the_macs_schedule():
         assert goal.plan(t).cap == pytest.approx(expected)
 
 
+def test_a_step_removes_at_most_its_share_of_the_macs_whatever_the_budget():
+    """A budget inflated by noisy readings takes what the per-layer caps allow from every layer; the MACs bound
+    scales the budget down until the step's MACs fit, and the plan is then the knapsack's for the smaller budget
+    (the cheapest units per millisecond still go first)."""
+    wide, ms = _record("wide", [float(i + 1) for i in range(256)], 0.001)
+    narrow, _ = _record("narrow", [1.0] * 64, 0.004)
+    unit_ms = {"wide": ms, "narrow": 0.004}
+    unit_macs = {"wide": 10.0, "narrow": 10.0}
+    total = 10.0 * (256 + 64)
+    free = plan_latency_step([wide, narrow], {}, 1000.0, 8, 0.9, unit_ms, cap=0.5)
+    assert sum(map(len, free.values())) == 128 + 32, "the per-layer caps alone: half of every layer"
+    bounded = plan_latency_step([wide, narrow], {}, 1000.0, 8, 0.9, unit_ms, cap=0.5, unit_macs=unit_macs,
+                                max_macs=0.15 * total)
+    removed = sum(len(idx) * unit_macs[name] for name, idx in bounded.items())
+    assert 0 < removed <= 0.15 * total
+    assert len(bounded["narrow"]) == 32, "the narrow layer's units save 4x the milliseconds at the same importance"
+    # a budget whose plan fits is planned as without the bound
+    small = plan_latency_step([wide, narrow], {}, 0.05, 8, 0.9, unit_ms, cap=0.5)
+    assert plan_latency_step([wide, narrow], {}, 0.05, 8, 0.9, unit_ms, cap=0.5, unit_macs=unit_macs,
+                             max_macs=0.15 * total) == small
+
+
+def test_a_layer_already_cut_narrow_weighs_its_original_width():
+    """Scores are normalised over the units a layer has left, so a layer cut to a quarter of its width shows the
+    same scores as an untouched one; at the same milliseconds per unit the knapsack takes the untouched layer's
+    units, and the narrow layer's only when its milliseconds are worth more than (original / width) ** KEEP_POWER."""
+    from stages._pruning import KEEP_POWER
+
+    cut, _ = _record("cut", [1.0] * 32, 0.01)
+    whole, _ = _record("whole", [1.0] * 128, 0.01)
+    originals = {"cut": 128, "whole": 128}
+    plan = plan_latency_step([cut, whole], originals, 0.08, 8, 0.9, {"cut": 0.01, "whole": 0.01})
+    assert {k: len(v) for k, v in plan.items()} == {"whole": 8}
+    dear = 1.01 * 4 ** KEEP_POWER * 0.01  # the cut layer's units now save more than their extra weight
+    plan = plan_latency_step([cut, whole], originals, 8 * dear, 8, 0.9, {"cut": dear, "whole": 0.01})
+    assert {k: len(v) for k, v in plan.items()} == {"cut": 8}
+
+
+def test_a_speedup_step_bounds_its_macs_at_a_multiple_of_the_schedules():
+    from stages._goals import STEP_MACS, SpeedupGoal, step_fraction
+
+    cfg = Config.model_validate(tiny_config(filter_prune={"target_speedup": 2.0, "target_flops_reduction": None}))
+    goal = SpeedupGoal(cfg.filter_prune, cfg.model, None, Profile(1.0, {"c": 0.9}, 0.1), None, 1.0)
+    for t in (0, 10, 19):
+        p = step_fraction(cfg.filter_prune.p0, cfg.filter_prune.alpha, t, cfg.filter_prune.steps)
+        assert goal.plan(t).macs_cap == pytest.approx(min(STEP_MACS * (1 - (1 - p) ** 2), 0.95))
+
+
 def test_unit_cost_charges_each_member_its_share_of_width():
     from stages._latency import Profile
 
