@@ -207,14 +207,16 @@ def apply_plan(dg, records: list[GroupRecord], plan: dict[str, list[int]], model
     return removed
 
 
-# The knapsack counts a unit's importance times (original width / current width) ** KEEP_POWER. Scores are normalised
-# per layer over the units it has left, so a layer cut to an eighth of its width weighed an eighth of what it did,
-# and the knapsack, which sees milliseconds, kept cutting the same layers down to their floor: on the demo with
-# 4 recovery steps per step (1 thread), layer2's residual width went 128 -> 16 where Torch-Pruning's recipe kept
-# 56, and top-1 fell to 16 on the way (57.8 at -91.7% MACs, against 93.6 for the MACs-targeted global ranking at
-# -92.1%). Counted against the original width (power 1) every layer keeps its total importance however narrow it
-# gets: top-1 89.6 at -84.8%, 63.1 at -90.6% (one run); squared, a narrow layer's last units grow dearer faster
-# than its milliseconds: 93.1 at -82.2%, 72.3 at -90.7% (one run each; benchmarks/matched_speed_hard.py measures it).
+# The knapsack counts a unit's importance times (model keep / layer keep) ** KEEP_POWER where a layer has been cut
+# deeper than the model as a whole (keep: current over original width; the model's over all groups), 1 elsewhere.
+# Scores are normalised per layer over the units it has left, so a layer cut to an eighth of its width weighed an
+# eighth of what it did, and the knapsack, which sees milliseconds, kept cutting the same layers down to their
+# floor: on the demo with 4 recovery steps per step (1 thread), layer2's residual width went 128 -> 16 where
+# Torch-Pruning's recipe kept 56, and top-1 fell to 16 on the way (57.8 at -91.7% MACs, against 93.6 for the
+# MACs-targeted global ranking at -92.1%). Weighed by (original / current width) ** 2 instead, top-1 stayed at 93.1
+# to -82.2% of the MACs (one run), but every layer cut at all grew dearer, and latency efficiency on the ten
+# architectures at 2x fell from a median 0.94 to 0.84: the knapsack no longer bought the dear milliseconds that
+# latency-targeted pruning is for. Relative to the model's own keep, only a layer cut deeper than the rest pays.
 KEEP_POWER = 2.0
 BISECTIONS = 7  # solves that find the largest budget within a step's MACs bound (to 1/128 of the budget)
 
@@ -231,14 +233,17 @@ def plan_latency_step(records: list[GroupRecord], originals: dict[str, int], bud
     of k chunks' predicted milliseconds (`unit_ms`: what one unit saves, from the latency model) and an
     importance of their units' scores (per layer normalised, features per unit counted, so that a head and its
     head_dim channels weigh alike) times the group's `weights` (1 when not given; filter_prune passes the work a
-    unit does, `work_per_unit`) and times (original width / width) ** KEEP_POWER, so that no layer is cut to its
-    floor for its milliseconds alone. `cap`, when given, is the most of each layer's current width this step may
-    remove (at least one aligned chunk, so that narrow layers still prune). When the budget cannot be met within
+    unit does, `work_per_unit`) and, for a layer cut deeper than the model as a whole, times (model keep / layer
+    keep) ** KEEP_POWER, so that no layer is cut to its floor for its milliseconds alone. `cap`, when given, is
+    the most of each layer's current width this step may remove (at least one aligned chunk, so that narrow
+    layers still prune). When the budget cannot be met within
     the caps, everything the caps allow is taken. `max_macs`, when given, bounds the MACs the whole step removes
     (`unit_macs`: the MACs one unit of each group carries): a plan beyond it is replaced by the plan of the largest
     budget that fits (the saving then falls short of the budget, and the next step asks for the rest).
     """
     layers: list[tuple[GroupRecord, list[tuple[float, float, list[int]]]]] = []
+    originals_of = {r.name: originals.get(r.name, r.width) for r in records}
+    model_keep = sum(r.width * r.unit for r in records) / max(sum(originals_of[r.name] * r.unit for r in records), 1)
     for r in records:
         cost = unit_ms.get(r.name, 0.0)
         if cost <= 0:
@@ -249,7 +254,8 @@ def plan_latency_step(records: list[GroupRecord], originals: dict[str, int], bud
             first = r.width % align or align
             floor = max(floor, r.width - max(math.floor(cap * r.width), first))
         choices, ms, lost, idx = [(0.0, 0.0, [])], 0.0, 0.0, []
-        weight = (weights or {}).get(r.name, 1.0) * (originals.get(r.name, r.width) / r.width) ** KEEP_POWER
+        deeper = max(model_keep * originals_of[r.name] / r.width, 1.0)  # model keep / this layer's keep, at least 1
+        weight = (weights or {}).get(r.name, 1.0) * deeper ** KEEP_POWER
         for _, chunk in _chunks(r, floor, align):
             idx = idx + chunk
             ms += cost * len(chunk)

@@ -91,10 +91,11 @@ def test_a_step_removes_at_most_its_share_of_the_macs_whatever_the_budget():
                              max_macs=0.15 * total) == small
 
 
-def test_a_layer_already_cut_narrow_weighs_its_original_width():
+def test_a_layer_cut_deeper_than_the_model_weighs_more():
     """Scores are normalised over the units a layer has left, so a layer cut to a quarter of its width shows the
     same scores as an untouched one; at the same milliseconds per unit the knapsack takes the untouched layer's
-    units, and the narrow layer's only when its milliseconds are worth more than (original / width) ** KEEP_POWER."""
+    units, and the narrow layer's only when its milliseconds are worth more than (model keep / layer keep) **
+    KEEP_POWER. Layers cut alike weigh as their scores say."""
     from stages._pruning import KEEP_POWER
 
     cut, _ = _record("cut", [1.0] * 32, 0.01)
@@ -102,9 +103,14 @@ def test_a_layer_already_cut_narrow_weighs_its_original_width():
     originals = {"cut": 128, "whole": 128}
     plan = plan_latency_step([cut, whole], originals, 0.08, 8, 0.9, {"cut": 0.01, "whole": 0.01})
     assert {k: len(v) for k, v in plan.items()} == {"whole": 8}
-    dear = 1.01 * 4 ** KEEP_POWER * 0.01  # the cut layer's units now save more than their extra weight
+    deeper = (160 / 256) / (32 / 128)  # the model keeps 160 of 256 units, the cut layer 32 of 128
+    dear = 1.01 * deeper ** KEEP_POWER * 0.01  # the cut layer's units now save more than their extra weight
     plan = plan_latency_step([cut, whole], originals, 8 * dear, 8, 0.9, {"cut": dear, "whole": 0.01})
     assert {k: len(v) for k, v in plan.items()} == {"cut": 8}
+    # both cut to a quarter: no layer is deeper than the model, the lower scores go first
+    low, _ = _record("low", [0.5] * 32, 0.01)
+    plan = plan_latency_step([cut, low], originals | {"low": 128}, 0.08, 8, 0.9, {"cut": 0.01, "low": 0.01})
+    assert {k: len(v) for k, v in plan.items()} == {"low": 8}
 
 
 def test_a_speedup_step_bounds_its_macs_at_a_multiple_of_the_schedules():
