@@ -216,7 +216,9 @@ def apply_plan(dg, records: list[GroupRecord], plan: dict[str, list[int]], model
 # MACs-targeted global ranking at -92.1%). Weighed by (original / current width) ** 2 instead, top-1 stayed at 93.1
 # to -82.2% of the MACs (one run), but every layer cut at all grew dearer, and latency efficiency on the ten
 # architectures at 2x fell from a median 0.94 to 0.84: the knapsack no longer bought the dear milliseconds that
-# latency-targeted pruning is for. Relative to the model's own keep, only a layer cut deeper than the rest pays.
+# latency-targeted pruning is for. Relative to the model's own keep, only a layer cut deeper than the rest pays
+# (median efficiency 0.89, BENCHMARKS.md latency targets; on the short-recovery demo neither form closed the gap
+# to Torch-Pruning's recipe: docs/latency.md).
 KEEP_POWER = 2.0
 BISECTIONS = 7  # solves that find the largest budget within a step's MACs bound (to 1/128 of the budget)
 
@@ -236,10 +238,10 @@ def plan_latency_step(records: list[GroupRecord], originals: dict[str, int], bud
     unit does, `work_per_unit`) and, for a layer cut deeper than the model as a whole, times (model keep / layer
     keep) ** KEEP_POWER, so that no layer is cut to its floor for its milliseconds alone. `cap`, when given, is
     the most of each layer's current width this step may remove (at least one aligned chunk, so that narrow
-    layers still prune). When the budget cannot be met within
-    the caps, everything the caps allow is taken. `max_macs`, when given, bounds the MACs the whole step removes
-    (`unit_macs`: the MACs one unit of each group carries): a plan beyond it is replaced by the plan of the largest
-    budget that fits (the saving then falls short of the budget, and the next step asks for the rest).
+    layers still prune). When the budget cannot be met within the caps, everything the caps allow is taken.
+    `max_macs`, when given, bounds the MACs the whole step removes (`unit_macs`: the MACs one unit of each group
+    carries): a plan beyond it is replaced by the plan of the largest budget that fits (the saving then falls
+    short of the budget, and the next step asks for the rest).
     """
     layers: list[tuple[GroupRecord, list[tuple[float, float, list[int]]]]] = []
     originals_of = {r.name: originals.get(r.name, r.width) for r in records}
