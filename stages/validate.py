@@ -312,18 +312,28 @@ def targets(ctx: Context, base_gflops: float, gflops: float, latency: dict[str, 
 
 def shortfall(stop: str, state: dict[str, Any], fp: Any, latency: dict[str, Any]) -> dict[str, Any]:
     """Why a speedup target was not met, in words, with what of the base latency width pruning cannot remove
-    (from filter_prune's profile of the base): the time outside conv/linear layers (pooling, reshapes,
-    element-wise ops, per-op dispatch), the time of groups held whole, and what the per-layer cap leaves of
-    every prunable layer. `ceiling` is the speedup if all of that stayed and everything else went: a target above
-    it needs truncation or another runtime, not more steps."""
+    (from filter_prune's profiles): the time outside conv/linear layers that pruning did not shrink (pooling,
+    reshapes, per-op dispatch: the smaller of the base's and the last step's), the time of groups held whole,
+    and what the per-layer cap leaves of every prunable layer. `ceiling` is the speedup if all of that stayed and
+    everything else went: a target above it needs truncation or another runtime, not more steps.
+
+    The ceiling is an upper bound, so that "at most" is true: a layer at its cap keeps (1-r) of its outputs and
+    at most (1-r) of its inputs, so at most (1-r)^2 of its work, and its time falls no further than its work
+    (fixed per-kernel costs only slow the fall). Charged (1-r) instead, a short-recovery demo run was told its
+    10.97x target was beyond "at most about 8.84x" while validate measured 10.40x and a MACs-targeted run of the
+    same model 16x. Element-wise ops over pruned tensors shrink with width too, hence the last profile's share.
+    A ceiling below the speed validate measured is contradicted by the run itself and is not claimed."""
     lat = state.get("latency") or {}
     base, layers = lat.get("base_ms"), lat.get("layers_before") or {}
     held = {layer for h in state.get("held_whole", []) for layer in h.get("layers", [])}
     out: dict[str, Any] = {}
     if base:
         fixed = lat.get("other_ms_before", 0.0)
+        if lat.get("other_ms_after") is not None:
+            fixed = min(fixed, lat["other_ms_after"])
         held_ms = sum(ms for layer, ms in layers.items() if layer in held)
-        capped = sum(ms for layer, ms in layers.items() if layer not in held) * (1.0 - fp.max_layer_pruning_ratio)
+        keep = 1.0 - fp.max_layer_pruning_ratio
+        capped = sum(ms for layer, ms in layers.items() if layer not in held) * keep * keep
         floor = fixed + held_ms + capped
         out = {"fixed_ms": round(fixed, 4), "fixed_share": round(fixed / base, 4), "held_ms": round(held_ms, 4),
                "capped_ms": round(capped, 4), "ceiling": round(base / floor, 3) if floor > 0 else None}
@@ -339,9 +349,10 @@ def shortfall(stop: str, state: dict[str, Any], fp: Any, latency: dict[str, Any]
                f"(the loop's timing was shorter; see the spread)")
     else:
         why = stop
-    if ceiling is not None and ceiling < fp.target_speedup:
+    if ceiling is not None and latency["speedup"] <= ceiling < fp.target_speedup:
         why += (f"; and the target is beyond what width pruning can reach on this runtime: "
-                f"{out['fixed_share']:.0%} of the base latency is outside conv/linear layers, so at most about "
+                f"{out['fixed_share']:.0%} of the base latency is outside conv/linear layers and did not shrink "
+                f"with width, so at most about "
                 f"{ceiling:.2f}x with every layer at its cap (add layer truncation, a larger input or batch, or "
                 f"another runtime)")
     return {"reason": why, **out}
