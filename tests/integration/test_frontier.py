@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from core.rundir import RunDir
 from pipeline.cli import run
+from pipeline.frontier import _row as frontier_row
 from pipeline.frontier import select
 from stages.filter_prune import FilterPruneConfig
 from tests.conftest import tiny_config, write_config
@@ -45,6 +47,24 @@ def test_the_selection_rule_picks_the_fastest_point_within_the_drop_else_the_mos
     assert chosen["label"] == "2x" and "no point keeps top-1 within" in why
     assert select(rows, "most_accurate", 1.5)[0]["label"] == "2x"
     assert select(rows, "largest_target", 1.5)[0]["label"] == "4x"  # the largest validated one
+
+
+def test_a_point_past_its_target_by_a_kept_truncation_says_so(tmp_path: Path):
+    main, branch = RunDir(tmp_path / "run"), RunDir(tmp_path / "run" / "frontier" / "2x")
+    branch.root.mkdir(parents=True)
+    (branch.root / "model.onnx").write_bytes(b"x")
+    why = "the speedup target is reached (3.10x); layer1.1 took the model past the speedup target (3.10x) and " \
+          "was kept: it cost no top-1"
+    branch.write_manifest({"stages": {"layer_truncate": {"status": "done", "metrics": {"stop_reason": why}}}})
+    summary = {"latency_ms": {"speedup": 3.0, "compressed": 1.0, "base": 3.0},
+               "compressed": {"top1": 95.0, "top5": 99.0, "gflops": 0.1, "params_m": 1.0},
+               "base": {"top1": 96.0, "gflops": 0.3}, "gates": {"passed": True}}
+    point = {"point": 2.0, "label": "2x", "reached": True, "metrics": {}}
+    row = frontier_row(point, summary, branch, main, True)
+    assert row["reason"] == f"layer_truncate kept a block beyond the target: {why}"
+    branch.write_manifest({"stages": {"layer_truncate": {"status": "done", "metrics": {
+        "stop_reason": "removed max_layers=2 blocks"}}}})
+    assert "timing spread" in frontier_row(point, summary, branch, main, True)["reason"]
 
 
 @pytest.fixture(scope="module")

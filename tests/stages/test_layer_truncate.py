@@ -18,6 +18,7 @@ from core.rundir import RunDir
 from pipeline.config import Config
 from stages._blocks import find_candidates, measure_blocks
 from stages._flows import calibration_pass
+from stages._latency import Profile
 from tests.conftest import tiny_config
 
 
@@ -53,7 +54,7 @@ def make_net() -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(1, 4, 1), zero, flip, nn.AdaptiveAvgPool2d(1), nn.Flatten(), head)
 
 
-def make_ctx(net: nn.Sequential, tmp_path, **cfg) -> Context:
+def make_ctx(net: nn.Sequential, tmp_path, fp: dict | None = None, **cfg) -> Context:
     with torch.no_grad():
         net[0].weight.fill_(1.0)
         net[0].bias.zero_()
@@ -63,7 +64,8 @@ def make_ctx(net: nn.Sequential, tmp_path, **cfg) -> Context:
     ds = TensorDataset(x, y)
     config = Config.model_validate(tiny_config(
         model={"num_classes": 2, "input_size": [8, 8]}, data={"batch_size": 32, "eval_batch_size": 64},
-        layer_truncate={"min_flops_share": 0.0, **cfg}, recovery={"distill_weight": 0.0}))
+        layer_truncate={"min_flops_share": 0.0, **cfg}, recovery={"distill_weight": 0.0}, **({"filter_prune": fp}
+                                                                                          if fp else {})))
     ctx = Context(config, RunDir(tmp_path), tmp_path, torch.device("cpu"), logging.getLogger("test"),
                   Tracker(Console(), "layer_truncate", False), {"stages": {}})
     ctx._splits = Splits(ds, ds, ds)
@@ -105,3 +107,57 @@ def test_identity_in_disguise_goes_first_and_essential_block_rolls_back(monkeypa
     assert final.keys() == before_flip_removal.keys()
     assert all(torch.equal(final[k], before_flip_removal[k]) for k in final), "rollback must be bit-identical"
     assert result.metrics["stop_reason"] == "no candidate left (the rest are essential)"
+
+
+
+class FakeMeter:
+    """Reads the models after each removal at the next of `readings` (speedups over the base)."""
+
+    def __init__(self, readings: list[float]) -> None:
+        self.readings, self.seconds, self.hits, self.misses = list(readings), 0.0, 0, 0
+
+    def measure(self, model, base):
+        s = self.readings.pop(0)
+        return Profile(1.0 / s, {}, 0.0), (s, s * 0.95, s * 1.05)
+
+
+def _under_target(monkeypatch, tmp_path, readings: list[float], **cfg):
+    """The stage under a 2x target, starting at 1.5x, the removals read at `readings`."""
+    net = make_net().eval()
+    ctx = make_ctx(net, tmp_path, {"target_speedup": 2.0, "target_flops_reduction": None}, recovery_steps=2,
+                   recovery_lr=1e-3, **cfg)
+    monkeypatch.setattr(lt, "teacher_and_reference", lambda model, ctx: (None, {}))
+    monkeypatch.setattr(lt, "LatencyMeter", lambda *a: None)
+    monkeypatch.setattr(lt.LatencyCurrency, "measured", classmethod(
+        lambda cls, ctx, model, meter, folder: cls(ctx.config.filter_prune, FakeMeter(readings),
+                                                   folder / "base.onnx", Profile(0.5, {"1.f.0": 0.1, "2": 0.1}, 0.3),
+                                                   1.5)))
+    return lt.LayerTruncate().run(net, ctx)
+
+
+def test_a_removal_past_the_speedup_target_that_costs_no_top1_is_kept(monkeypatch, tmp_path):
+    # block 1 adds nothing: without it the model is as accurate as before and faster than asked, so it dominates
+    # the model the target asked for
+    result = _under_target(monkeypatch, tmp_path, [3.0], max_layers=2, max_accuracy_drop=5.0)
+    (first,) = result.state["decisions"]
+    assert first["block"] == "1" and first["accepted"] and first["overshoots"] and first["beyond_target"]
+    assert result.state["removed_blocks"] == ["1"] and isinstance(result.model[1], nn.Identity)
+    assert "1 took the model past the speedup target (3.00x) and was kept" in result.metrics["stop_reason"]
+
+
+def test_a_removal_past_the_speedup_target_that_costs_top1_is_rolled_back(monkeypatch, tmp_path):
+    # block 1 goes short of the target; block 2's removal inverts every prediction: within the accuracy budget
+    # (100 points) but less accurate than the model it would replace, so the overshoot is not kept
+    result = _under_target(monkeypatch, tmp_path, [1.8, 3.0], max_layers=2, max_accuracy_drop=100.0)
+    first, second = result.state["decisions"]
+    assert first["accepted"] and not first.get("overshoots")
+    assert second["block"] == "2" and second["overshoots"] and not second["accepted"]
+    assert "beyond_target" not in second and second["top1_after"] < first["top1_after"]
+    assert result.state["removed_blocks"] == ["1"] and isinstance(result.model[2], Residual)
+    assert "past the speedup target" not in result.metrics["stop_reason"]
+
+
+def test_dominance_needs_both_top1_and_top5():
+    assert lt.dominates({"top1": 90.0, "top5": 99.0}, {"top1": 90.0, "top5": 99.5})
+    assert not lt.dominates({"top1": 90.0, "top5": 99.0}, {"top1": 91.0, "top5": 98.0})
+    assert not lt.dominates({"top1": 90.0, "top5": 99.0}, {"top1": 89.9, "top5": 99.0})
