@@ -344,20 +344,34 @@ class Drift:
 
     @property
     def factor(self) -> float:
-        pairs = [(h["predicted_ms"], h["measured_ms"]) for h in self.history if h["predicted_ms"] > 0]
-        if not pairs:
+        """The kept steps' measured savings, signed and summed, over their predictions. Each kept timed step's
+        saving is measured from the last kept timed reading, so the sum is the base's latency minus the last
+        reading: one reading's noise, however many steps. Summed after clipping each step's saving at zero (as
+        it was), alternating noise counted every fast reading's gain and none of the slow one's loss: on the
+        short-recovery demo (readings 4.34x, 2.87x, 3.69x, 2.91x, 4.33x in successive steps) that read twice the
+        savings the steps made, halved every budget, and the loop ran out of its 20 steps at 5.5x for 13.6x."""
+        rows = [h for h in self.history if h["predicted_ms"] > 0 and not h.get("retaken")]
+        if not rows:
             return 1.0
-        prior = sum(p for p, _ in pairs) / len(pairs)
-        ratio = (sum(m for _, m in pairs) + prior) / (sum(p for p, _ in pairs) + prior)
-        return float(min(max(ratio, 0.1), 10.0))
+        predicted = sum(h["predicted_ms"] for h in rows)
+        prior = predicted / len(rows)
+        measured = max(sum(h["measured_raw_ms"] for h in rows), 0.0)
+        return float(min(max((measured + prior) / (predicted + prior), 0.1), 10.0))
 
     def add(self, predicted: float, measured: float, step: int) -> None:
         """A step's predicted and measured saving. Removing units does not make a model slower by more than timing
-        noise, so a negative measured saving counts as none (the raw reading is kept): on a sub-millisecond model a
-        first step read as 0.91x once drove the factor to its floor of 0.1, a tenfold next budget."""
+        noise, so a model read slower than the base counts as having saved nothing (`factor`): on a
+        sub-millisecond model a first step read as 0.91x once drove the factor to its floor of 0.1, a tenfold next
+        budget. `measured_ms` is the step's own saving clipped at zero, for the record."""
         saved = max(measured, 0.0)
         self.history.append({"step": step, "predicted_ms": predicted, "measured_ms": saved, "measured_raw_ms": measured,
                              "error": (saved - predicted) / predicted if predicted else 0.0})
+
+    def retaken(self) -> None:
+        """The last step added is undone and taken again from the same model: its saving is not the kept
+        trajectory's (the retake's budget already used its own ratio), so the sum leaves it out."""
+        if self.history:
+            self.history[-1]["retaken"] = True
 
 
 def unit_costs(profile: Profile, members: dict[str, tuple[int, int]], scale: dict[str, float] | None = None,

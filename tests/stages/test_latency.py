@@ -459,6 +459,34 @@ def test_a_step_read_as_slower_than_before_counts_as_saving_nothing():
     assert slower.history[0]["measured_raw_ms"] == -0.04
 
 
+def test_alternating_timing_noise_does_not_inflate_the_drift():
+    """A model that saves what was predicted, read with noise that alternates (a fast reading, then a slow one,
+    then a clean one): the savings measured step to step are +0.07, -0.08, +0.12, -0.08, ... ms for 0.02 ms
+    predicted each. Their sum is the base minus the last reading, so the factor is 1; clipped step by step they
+    read 2.7x."""
+    d = Drift()
+    noise = [0.05, -0.05] * 5 + [0.0]
+    previous = 0.0
+    for step, n in enumerate(noise, 1):
+        d.add(0.02, 0.02 + n - previous, step)
+        previous = n
+    assert d.factor == pytest.approx(1.0)
+    assert max(h["measured_ms"] for h in d.history) == pytest.approx(0.12)  # each step's own saving, recorded
+    assert min(h["measured_ms"] for h in d.history) == 0.0
+
+
+def test_a_retaken_attempt_is_not_part_of_the_kept_trajectory():
+    """An attempt undone and retaken from the same model measured its saving from the same reading as the retake:
+    counted twice, one overshooting attempt would shrink every later budget."""
+    d = Drift()
+    d.add(0.05, 0.05, 1)
+    d.add(0.05, 0.5, 2)  # saved ten times its budget: retaken
+    d.retaken()
+    d.add(0.05, 0.05, 2)
+    assert d.factor == pytest.approx(1.0)
+    assert d.history[1]["retaken"] and len(d.history) == 3
+
+
 def test_a_contended_measurement_is_retaken_then_neither_cached_nor_reused(tmp_path: Path, monkeypatch):
     """Others holding the timing cores (simulated): the measurement is taken again, and when it never comes out
     clean it is returned with its caveat and not cached, so that no later run reads it as a figure."""
