@@ -121,8 +121,8 @@ class FakeMeter:
         return Profile(1.0 / s, {}, 0.0), (s, s * 0.95, s * 1.05)
 
 
-def _under_target(monkeypatch, tmp_path, readings: list[float], **cfg):
-    """The stage under a 2x target, starting at 1.5x, the removals read at `readings`."""
+def _under_target(monkeypatch, tmp_path, readings: list[float], start: float = 1.5, **cfg):
+    """The stage under a 2x target, starting at `start`x, the removals read at `readings`."""
     net = make_net().eval()
     ctx = make_ctx(net, tmp_path, {"target_speedup": 2.0, "target_flops_reduction": None}, recovery_steps=2,
                    recovery_lr=1e-3, **cfg)
@@ -131,18 +131,40 @@ def _under_target(monkeypatch, tmp_path, readings: list[float], **cfg):
     monkeypatch.setattr(lt.LatencyCurrency, "measured", classmethod(
         lambda cls, ctx, model, meter, folder: cls(ctx.config.filter_prune, FakeMeter(readings),
                                                    folder / "base.onnx", Profile(0.5, {"1.f.0": 0.1, "2": 0.1}, 0.3),
-                                                   1.5)))
+                                                   start)))
     return lt.LayerTruncate().run(net, ctx)
 
 
 def test_a_removal_past_the_speedup_target_that_costs_no_top1_is_kept(monkeypatch, tmp_path):
     # block 1 adds nothing: without it the model is as accurate as before and faster than asked, so it dominates
     # the model the target asked for
-    result = _under_target(monkeypatch, tmp_path, [3.0], max_layers=2, max_accuracy_drop=5.0)
-    (first,) = result.state["decisions"]
+    result = _under_target(monkeypatch, tmp_path, [3.0, 3.5], max_layers=2, max_accuracy_drop=5.0)
+    first, second = result.state["decisions"]
     assert first["block"] == "1" and first["accepted"] and first["overshoots"] and first["beyond_target"]
+    assert second["block"] == "2" and not second["accepted"]  # past the target, and it inverts every prediction
     assert result.state["removed_blocks"] == ["1"] and isinstance(result.model[1], nn.Identity)
     assert "1 took the model past the speedup target (3.00x) and was kept" in result.metrics["stop_reason"]
+
+
+def test_with_the_target_reached_a_block_still_goes_when_it_costs_no_top1(monkeypatch, tmp_path):
+    # width pruning reached the target (2.1x for 2x): a MACs target's truncation would still remove blocks, and
+    # one whose removal leaves the model no less accurate dominates the model the target asked for
+    result = _under_target(monkeypatch, tmp_path, [2.6, 3.0], start=2.1, max_layers=2, max_accuracy_drop=100.0)
+    first, second = result.state["decisions"]
+    assert first["block"] == "1" and first["accepted"] and first["beyond_target"]
+    assert second["block"] == "2" and not second["accepted"] and "beyond_target" not in second
+    assert result.state["removed_blocks"] == ["1"]
+    stop = result.metrics["stop_reason"]
+    assert stop.startswith("the speedup target is reached (2.10x)") and "1 took the model past" in stop
+
+
+def test_with_the_target_reached_and_no_block_as_accurate_nothing_goes(monkeypatch, tmp_path):
+    monkeypatch.setattr(lt, "dominates", lambda before, after: False)  # every removal costs top-1 here
+    result = _under_target(monkeypatch, tmp_path, [2.6, 3.0], start=2.1, max_layers=2, max_accuracy_drop=100.0)
+    assert [d["accepted"] for d in result.state["decisions"]] == [False, False]
+    assert result.state["removed_blocks"] == [] and isinstance(result.model[1], Residual)
+    assert result.metrics["stop_reason"] == ("the speedup target is reached (2.10x); no block removal past it was "
+                                             "as accurate (no candidate left (the rest are essential))")
 
 
 def test_a_removal_past_the_speedup_target_that_costs_top1_is_rolled_back(monkeypatch, tmp_path):
@@ -157,7 +179,7 @@ def test_a_removal_past_the_speedup_target_that_costs_top1_is_rolled_back(monkey
     assert "past the speedup target" not in result.metrics["stop_reason"]
 
 
-def test_dominance_needs_both_top1_and_top5():
+def test_dominance_is_no_top1_lost():
     assert lt.dominates({"top1": 90.0, "top5": 99.0}, {"top1": 90.0, "top5": 99.5})
-    assert not lt.dominates({"top1": 90.0, "top5": 99.0}, {"top1": 91.0, "top5": 98.0})
-    assert not lt.dominates({"top1": 90.0, "top5": 99.0}, {"top1": 89.9, "top5": 99.0})
+    assert lt.dominates({"top1": 90.0, "top5": 99.6}, {"top1": 91.0, "top5": 99.5})
+    assert not lt.dominates({"top1": 90.0, "top5": 99.0}, {"top1": 89.9, "top5": 99.9})
