@@ -401,7 +401,6 @@ class SpeedupGoal:
         if not (self._beyond(measured.low) or too_big):
             return keep
         ratio = measured.measured_ms / removal.predicted_ms
-        self.drift.retaken()
         retake = dataclasses.replace(plan, budget_ms=plan.wanted_ms / ratio, attempt=plan.attempt + 1,
                                      why=f"saved {measured.measured_ms:.3g} ms of {plan.wanted_ms:.3g} ms wanted "
                                          f"({measured.speedup:.2f}x)")

@@ -475,18 +475,6 @@ def test_alternating_timing_noise_does_not_inflate_the_drift():
     assert min(h["measured_ms"] for h in d.history) == 0.0
 
 
-def test_a_retaken_attempt_is_not_part_of_the_kept_trajectory():
-    """An attempt undone and retaken from the same model measured its saving from the same reading as the retake:
-    counted twice, one overshooting attempt would shrink every later budget."""
-    d = Drift()
-    d.add(0.05, 0.05, 1)
-    d.add(0.05, 0.5, 2)  # saved ten times its budget: retaken
-    d.retaken()
-    d.add(0.05, 0.05, 2)
-    assert d.factor == pytest.approx(1.0)
-    assert d.history[1]["retaken"] and len(d.history) == 3
-
-
 def test_a_contended_measurement_is_retaken_then_neither_cached_nor_reused(tmp_path: Path, monkeypatch):
     """Others holding the timing cores (simulated): the measurement is taken again, and when it never comes out
     clean it is returned with its caveat and not cached, so that no later run reads it as a figure."""
