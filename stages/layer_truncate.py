@@ -141,8 +141,8 @@ class LayerTruncate:
         def decision(d: dict[str, Any]) -> str:
             if d["accepted"]:
                 return "removed, beyond the target but no less accurate" if d.get("beyond_target") else "removed"
-            if d.get("overshoots"):
-                return "rolled back (overshoots the target)"
+            if d.get("past_target"):
+                return "rolled back (past the target and less accurate than the model it would replace)"
             if d.get("breaks_forward"):
                 return f"kept: the model does not run without it ({d['breaks_forward']})"
             return "rolled back (essential)"
@@ -226,6 +226,7 @@ class LayerTruncate:
             g_after, p_after = count_macs(model, spec)
             latency = clock.observe(model, best) if clock else {}
             if latency.get("overshoots") or reached is not None:
+                latency["past_target"] = True
                 if accepted and dominates(current, after):
                     latency["beyond_target"] = True  # kept: faster than asked and no less accurate
                 else:
@@ -255,17 +256,17 @@ class LayerTruncate:
                                           latency.get("beyond_target") else "")
                              if accepted else "ROLLED BACK, " + ("past the speedup target and less accurate than "
                                                                  "the model it would replace"
-                                                                 if latency.get("overshoots") or reached else
+                                                                 if latency.get("past_target") else
                                                                  "marked essential (top-1 budget)"))
                           + f" [{len(removed)}/{cfg.max_layers} removed]")
         gflops, params = count_macs(model, spec)
-        ctx.log.info(f"layer_truncate stopped: {stop}")
         beyond = [d["block"] for d in decisions if d["accepted"] and d.get("beyond_target")]
         if reached is not None and not beyond:
             stop = f"{reached}; no block removal past it was as accurate ({stop})"
         elif beyond:
             stop = (f"{reached or stop}; {', '.join(beyond)} took the model past the speedup target "
                     f"({clock.speedup:.2f}x) and {'were' if len(beyond) > 1 else 'was'} kept: no top-1 lost")
+        ctx.log.info(f"layer_truncate stopped: {stop}")
         metrics = {"removed_blocks": removed, "decisions": len(decisions), "candidates": len(candidates or []),
                    "stop_reason": stop, "gflops_before": gflops0, "gflops": gflops, "params_m": params,
                    "flops_reduction": 1.0 - gflops / gflops0, "top1_start": start["top1"], **current}

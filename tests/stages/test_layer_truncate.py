@@ -175,6 +175,7 @@ def test_a_removal_past_the_speedup_target_that_costs_top1_is_rolled_back(monkey
     assert first["accepted"] and not first.get("overshoots")
     assert second["block"] == "2" and second["overshoots"] and not second["accepted"]
     assert "beyond_target" not in second and second["top1_after"] < first["top1_after"]
+    assert second["past_target"] and not first.get("past_target")
     assert result.state["removed_blocks"] == ["1"] and isinstance(result.model[2], Residual)
     assert "past the speedup target" not in result.metrics["stop_reason"]
 
