@@ -106,10 +106,10 @@ def _row(point: dict[str, Any], summary: dict[str, Any] | None, branch: RunDir, 
     off = abs(achieved / point["point"] - 1.0) > WITHIN
     if not point["reached"]:
         row["reason"] = point["metrics"].get("stop_reason", "not reached")
-    elif off and speedup and achieved > point["point"] and "past the speedup target" in (
-            trunc := branch.read_manifest()["stages"].get("layer_truncate", {}).get("metrics", {}).get(
-                "stop_reason", "")):
-        row["reason"] = f"layer_truncate kept a block beyond the target: {trunc}"
+    elif off and speedup and achieved > point["point"] and (
+            trunc := branch.read_manifest()["stages"].get("layer_truncate", {}).get("metrics", {})).get(
+                "beyond_target"):
+        row["reason"] = f"layer_truncate kept a block beyond the target: {trunc['stop_reason']}"
     elif off:
         target = (summary.get("targets") or {}).get("speedup" if speedup else "flops_reduction", {})
         row["reason"] = (target.get("short_because", {}).get("reason") or

@@ -268,8 +268,9 @@ class LayerTruncate:
                     f"({clock.speedup:.2f}x) and {'were' if len(beyond) > 1 else 'was'} kept: no top-1 lost")
         ctx.log.info(f"layer_truncate stopped: {stop}")
         metrics = {"removed_blocks": removed, "decisions": len(decisions), "candidates": len(candidates or []),
-                   "stop_reason": stop, "gflops_before": gflops0, "gflops": gflops, "params_m": params,
-                   "flops_reduction": 1.0 - gflops / gflops0, "top1_start": start["top1"], **current}
+                   "stop_reason": stop, "beyond_target": beyond, "gflops_before": gflops0, "gflops": gflops,
+                   "params_m": params, "flops_reduction": 1.0 - gflops / gflops0, "top1_start": start["top1"],
+                   **current}
         if clock is not None:  # what timing the blocks cost, as filter_prune reports it
             metrics.update({"latency_seconds": round(clock.meter.seconds, 2), "latency_cache_hits": clock.meter.hits,
                             "latency_cache_misses": clock.meter.misses})

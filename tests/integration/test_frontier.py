@@ -55,7 +55,8 @@ def test_a_point_past_its_target_by_a_kept_truncation_says_so(tmp_path: Path):
     (branch.root / "model.onnx").write_bytes(b"x")
     why = "the speedup target is reached (3.10x); layer1.1 took the model past the speedup target (3.10x) and " \
           "was kept: it cost no top-1"
-    branch.write_manifest({"stages": {"layer_truncate": {"status": "done", "metrics": {"stop_reason": why}}}})
+    branch.write_manifest({"stages": {"layer_truncate": {"status": "done", "metrics": {"stop_reason": why,
+                                                                                "beyond_target": ["layer1.1"]}}}})
     summary = {"latency_ms": {"speedup": 3.0, "compressed": 1.0, "base": 3.0},
                "compressed": {"top1": 95.0, "top5": 99.0, "gflops": 0.1, "params_m": 1.0},
                "base": {"top1": 96.0, "gflops": 0.3}, "gates": {"passed": True}}
@@ -63,7 +64,7 @@ def test_a_point_past_its_target_by_a_kept_truncation_says_so(tmp_path: Path):
     row = frontier_row(point, summary, branch, main, True)
     assert row["reason"] == f"layer_truncate kept a block beyond the target: {why}"
     branch.write_manifest({"stages": {"layer_truncate": {"status": "done", "metrics": {
-        "stop_reason": "removed max_layers=2 blocks"}}}})
+        "stop_reason": "removed max_layers=2 blocks", "beyond_target": []}}}})
     assert "timing spread" in frontier_row(point, summary, branch, main, True)["reason"]
 
 

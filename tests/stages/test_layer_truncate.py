@@ -144,6 +144,7 @@ def test_a_removal_past_the_speedup_target_that_costs_no_top1_is_kept(monkeypatc
     assert second["block"] == "2" and not second["accepted"]  # past the target, and it inverts every prediction
     assert result.state["removed_blocks"] == ["1"] and isinstance(result.model[1], nn.Identity)
     assert "1 took the model past the speedup target (3.00x) and was kept" in result.metrics["stop_reason"]
+    assert result.metrics["beyond_target"] == ["1"]  # what the frontier row reads, not the prose
 
 
 def test_with_the_target_reached_a_block_still_goes_when_it_costs_no_top1(monkeypatch, tmp_path):
@@ -178,6 +179,7 @@ def test_a_removal_past_the_speedup_target_that_costs_top1_is_rolled_back(monkey
     assert second["past_target"] and not first.get("past_target")
     assert result.state["removed_blocks"] == ["1"] and isinstance(result.model[2], Residual)
     assert "past the speedup target" not in result.metrics["stop_reason"]
+    assert result.metrics["beyond_target"] == []  # a rolled-back removal is not one kept beyond the target
 
 
 def test_dominance_is_no_top1_lost():
