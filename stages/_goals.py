@@ -25,16 +25,7 @@ from typing import Any, Protocol
 from torch import nn
 
 from core.models import count_macs
-from stages._latency import (
-    CONTENDED_RETRIES,
-    FIRM_TIMING,
-    STEP_TIMING,
-    Drift,
-    Estimate,
-    LatencyMeter,
-    LayerFit,
-    Profile,
-)
+from stages._latency import CONTENDED_RETRIES, FIRM_TIMING, STEP_TIMING, Drift, LatencyMeter, LayerFit, Profile
 
 
 def step_fraction(p0: float, alpha: float, t: int, steps: int) -> float:
@@ -83,8 +74,7 @@ class Removal:
 class Measurement:
     """Where a step landed: MACs always; for the speedup goal the speedup over the base model with its spread, and
     whether it was timed (an untimed step is taken to land where the corrected latency model says). A timing after
-    untimed steps measures them too (`*_since`, `steps_since`). `estimate` is the loop's estimate after this step
-    (every reading so far, see Estimate): what the goal steers and stops by."""
+    untimed steps measures them too (`*_since`, `steps_since`)."""
 
     gflops: float
     timed: bool = False
@@ -99,7 +89,6 @@ class Measurement:
     measured_since_ms: float | None = None
     steps_since: int = 1
     contended: str | None = None
-    estimate: Estimate | None = None
 
     def latency_fields(self) -> dict[str, Any]:
         """The measurement as the decision log's row carries it (nothing for a MACs goal)."""
@@ -109,9 +98,6 @@ class Measurement:
                "speedup": self.speedup, "speedup_low": self.low, "speedup_high": self.high, "timed": self.timed}
         if self.contended:
             row["contended"] = self.contended
-        if self.estimate is not None:
-            row.update(estimate=self.estimate.speedup, estimate_low=self.estimate.low,
-                       estimate_high=self.estimate.high)
         if self.timed and self.steps_since > 1:  # this timing measured the untimed steps before it too
             row.update(predicted_since_ms=self.predicted_since_ms, measured_since_ms=self.measured_since_ms,
                        steps_since=self.steps_since)
@@ -283,8 +269,7 @@ class SpeedupGoal:
         self.base, self.base_path, self.gflops0 = base, base_path, gflops0
         self.retimed: list[dict[str, Any]] = []  # timings taken again before the stage could stop on them
         self.profile: Profile = base
-        self.speedup, self.low, self.high = 1.0, 1.0, 1.0  # the estimate's (self.state)
-        self.state = Estimate()
+        self.speedup, self.low, self.high = 1.0, 1.0, 1.0
         self.drift = Drift()
         self.fit = LayerFit()
         self.layers_before = dict(base.layers)
@@ -353,12 +338,8 @@ class SpeedupGoal:
         a timed one is not timed (UNTIMED_FAR): it is taken to land where the corrected latency model says."""
         gflops = count_macs(model, self.spec)[0]
         predicted = removal.predicted_ms
-        landing = self._landing(removal) if predicted else None
-        prior = self.state.stepped(self.base.total_ms / landing[0] if landing else None)
         if predicted and self._may_go_untimed(plan, predicted):
-            total, after = landing
-            return Measurement(gflops, False, Profile(total, after, self.profile.other_ms), prior.speedup,
-                               prior.speedup, prior.speedup, total, predicted, estimate=prior)
+            return self._estimate(gflops, removal)
         profile, (speedup, low, high) = self.meter.measure(
             model, self.base_path, STEP_TIMING, lambda s, lo: self._confirm(s, lo, plan.attempt))
         doubt = self._doubt(gflops, profile, speedup)
@@ -368,7 +349,7 @@ class SpeedupGoal:
         now = self.base.total_ms / speedup
         return Measurement(gflops, True, profile, speedup, low, high, now, predicted, self.current_ms - now,
                            self.anchor.predicted_ms + (predicted or 0.0), self.anchor.ms - now,
-                           self.anchor.steps + 1, profile.contended, prior.read(speedup, low, high))
+                           self.anchor.steps + 1, profile.contended)
 
     def _doubt(self, gflops: float, profile: Profile, speedup: float) -> str | None:
         """Why a timing that reaches the target (the stage may stop on it) must be taken again: it was taken on a
@@ -390,14 +371,16 @@ class SpeedupGoal:
             return False
         return self.current_ms - predicted_ms * self.drift.factor >= UNTIMED_FAR * self.target_ms
 
-    def _landing(self, removal: Removal) -> tuple[float, dict[str, float]]:
-        """Where the corrected latency model says a step lands (an untimed step is taken to land there; a timed
-        one's reading is weighed against it): each layer loses its prediction corrected by LayerFit and the drift
-        so far (the profile the next step's costs come from); the estimated latency loses their sum."""
+    def _estimate(self, gflops: float, removal: Removal) -> Measurement:
+        """Where an untimed step is taken to land: each layer loses its prediction corrected by LayerFit and the
+        drift so far (the profile the next step's costs come from); the end-to-end latency loses their sum."""
         factors, drift, layers = self.fit.factors(self.profile), self.drift.factor, removal.predicted_layers
         after = {layer: max(ms - layers.get(layer, 0.0) * factors.get(layer, 1.0) * drift, 0.0)
                  for layer, ms in self.profile.layers.items()}
-        return max(self.current_ms - (sum(self.profile.layers.values()) - sum(after.values())), 1e-9), after
+        total = max(self.current_ms - (sum(self.profile.layers.values()) - sum(after.values())), 1e-9)
+        speedup = self.base.total_ms / total
+        return Measurement(gflops, False, Profile(total, after, self.profile.other_ms), speedup, speedup, speedup,
+                           total, removal.predicted_ms)
 
     def judge(self, plan: Plan, removal: Removal, measured: Measurement) -> Decision:
         """Learn from a timed step (the drift and the per-layer fit, against the saving measured since the last
@@ -408,38 +391,34 @@ class SpeedupGoal:
             self.drift.add(measured.predicted_since_ms, measured.measured_since_ms, plan.step + 1)
             self.fit.add(self.anchor.profile, measured.profile, _summed(self.anchor.layers, removal.predicted_layers))
         keep = Decision(plan, removal, measured)
-        est = measured.estimate or measured  # what the goal steers by: the estimate (a bare reading without one)
-        saved = self.current_ms - self.base.total_ms / est.speedup
-        if plan.attempt >= RETRIES or not measured.timed or not removal.predicted_ms or saved <= 0:
+        if plan.attempt >= RETRIES or not measured.timed or not removal.predicted_ms or measured.measured_ms <= 0:
             return keep
-        # only what the estimate can tell from the readings' noise: its spread's low end beyond the target, or an
-        # excess wider than that spread (a timing that merely wobbles is not a step to undo)
-        excess = saved - plan.wanted_ms
-        too_big = (saved > 2.0 * plan.wanted_ms and excess > 0.05 * self.current_ms
-                   and excess > self.spread_ms(est.low, est.high))
-        if not (self._beyond(est.low) or too_big):
+        # only what the measurement can tell from its own noise: the spread's low end beyond the target, or an
+        # excess wider than the spread (a timing that merely wobbles is not a step to undo)
+        excess = measured.measured_ms - plan.wanted_ms
+        too_big = (measured.measured_ms > 2.0 * plan.wanted_ms and excess > 0.05 * self.current_ms
+                   and excess > self.spread_ms(measured.low, measured.high))
+        if not (self._beyond(measured.low) or too_big):
             return keep
-        ratio = saved / removal.predicted_ms
+        ratio = measured.measured_ms / removal.predicted_ms
         retake = dataclasses.replace(plan, budget_ms=plan.wanted_ms / ratio, attempt=plan.attempt + 1,
-                                     why=f"saved {saved:.3g} ms of {plan.wanted_ms:.3g} ms wanted "
-                                         f"({measured.speedup:.2f}x read, {est.speedup:.2f}x estimated)")
+                                     why=f"saved {measured.measured_ms:.3g} ms of {plan.wanted_ms:.3g} ms wanted "
+                                         f"({measured.speedup:.2f}x)")
         return dataclasses.replace(keep, retake=retake)
 
     def accept(self, decision: Decision) -> None:
         m = decision.measured
-        self._before.append((self.profile, self.anchor, self.state, self.speedup, self.low, self.high, self.last))
-        self.profile, self.last = m.profile, m
-        self.state = m.estimate or Estimate(math.log(m.speedup))
-        self.speedup, self.low, self.high = self.state.speedup, self.state.low, self.state.high
-        if m.timed:  # the drift learns from readings: the anchor is the last one, as read
-            self.anchor = Anchor(self.base.total_ms / m.speedup, self.profile)
+        self._before.append((self.profile, self.anchor, self.speedup, self.low, self.high, self.last))
+        self.profile, self.speedup, self.low, self.high, self.last = m.profile, m.speedup, m.low, m.high, m
+        if m.timed:
+            self.anchor = Anchor(self.current_ms, self.profile)
         else:
             a = self.anchor
             self.anchor = Anchor(a.ms, a.profile, a.predicted_ms + m.predicted_ms,
                                  _summed(a.layers, decision.removal.predicted_layers), a.steps + 1)
 
     def undo(self) -> None:
-        self.profile, self.anchor, self.state, self.speedup, self.low, self.high, self.last = self._before.pop()
+        self.profile, self.anchor, self.speedup, self.low, self.high, self.last = self._before.pop()
 
     def progress(self) -> float:
         return (1.0 - 1.0 / self.speedup) / (1.0 - 1.0 / self.target_speedup)
@@ -468,7 +447,7 @@ class SpeedupGoal:
                 "cache_hits": self.meter.hits,
                 "cache_misses": self.meter.misses, "contended_timings": self.meter.contended,
                 "retaken_busy": self.meter.retaken, "retimed": self.retimed, "drift": self.drift.factor,
-                "layer_fit": round(self.fit.overall(), 3), "reading_noise": round(math.sqrt(self.state.reading_var), 4)}
+                "layer_fit": round(self.fit.overall(), 3)}
 
 
 def goal_for(ctx, model: nn.Module, meter: LatencyMeter | None) -> Goal:

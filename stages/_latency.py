@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import os
 import tempfile
 import time
@@ -370,76 +369,6 @@ class Drift:
         saved = max(measured, 0.0)
         self.history.append({"step": step, "predicted_ms": predicted, "measured_ms": saved, "measured_raw_ms": measured,
                              "error": (saved - predicted) / predicted if predicted else 0.0})
-
-
-# What the loop takes one reading of a model's speedup to be good to, before the readings of this trajectory have
-# said otherwise (a prior, in log speedup: 0.1 is about 10%). Within one timing the interleaved blocks agree far more
-# closely than successive timings of the same file do: on the 2-core benchmark machine one sub-0.1 ms file read
-# 13.8x-26.5x in successive sessions (docs/latency.md), each with a narrow spread of its own.
-READING_NOISE = 0.1
-# ... and what it takes a step's predicted change of latency (corrected by Drift and LayerFit) to be good to, as a
-# share of that change: a step predicted to save 10% of the latency saves 5-15%.
-PREDICTION_NOISE = 0.5
-# The prior noise counts as this many readings when the trajectory's own readings estimate their noise.
-NOISE_PRIOR_READINGS = 2
-# The speedup's spread the estimate reports (and stops on): this many of its standard deviations either side, the
-# 10th to 90th percentile, as a timing's spread across blocks is.
-SPREAD_Z = 1.2816
-
-
-@dataclass(frozen=True)
-class Estimate:
-    """The loop's estimate of the current model's speedup, from every reading of the trajectory, not the last one
-    alone: a Kalman filter on the log speedup. A step moves it by the step's corrected prediction (its uncertainty
-    growing by PREDICTION_NOISE of the change); a reading pulls it towards what was read, as far as the reading's
-    noise against the estimate's own allows. The reading noise is learned from the readings' innovations (a reading
-    minus the estimate it updates, less what the estimate was unsure of), starting from READING_NOISE.
-
-    On a sub-millisecond model one reading can be 30% off, and the loop that stopped on its last reading stopped on
-    a lucky one (a run stopped at "10.78x" that validate measured at 6.69x), or took a slow one as a step that
-    saved nothing and doubled the next budget. The base is the reference of every reading: speedup 1, exactly."""
-
-    log: float = 0.0
-    var: float = 0.0
-    noise: tuple[float, ...] = ()  # each reading's innovation excess (innovation^2 - var before it), for `reading_var`
-
-    @property
-    def speedup(self) -> float:
-        return math.exp(self.log)
-
-    @property
-    def low(self) -> float:
-        return math.exp(self.log - SPREAD_Z * math.sqrt(self.var))
-
-    @property
-    def high(self) -> float:
-        return math.exp(self.log + SPREAD_Z * math.sqrt(self.var))
-
-    @property
-    def reading_var(self) -> float:
-        """The variance of one reading (log speedup): the prior's, averaged with what the readings showed."""
-        prior = NOISE_PRIOR_READINGS * READING_NOISE ** 2
-        return (prior + sum(max(n, 0.0) for n in self.noise)) / (NOISE_PRIOR_READINGS + len(self.noise))
-
-    def stepped(self, predicted_speedup: float | None) -> Estimate:
-        """After a step predicted to land at `predicted_speedup`; None (no prediction) leaves the estimate with
-        no information, so that the next reading stands as read."""
-        if predicted_speedup is None or predicted_speedup <= 0:
-            return Estimate(self.log, math.inf, self.noise)
-        moved = math.log(predicted_speedup)
-        return Estimate(moved, self.var + (PREDICTION_NOISE * (moved - self.log)) ** 2, self.noise)
-
-    def read(self, speedup: float, low: float, high: float) -> Estimate:
-        """After a reading (median and spread of one timing)."""
-        z = math.log(max(speedup, 1e-12))
-        own = (math.log(max(high, 1e-12) / max(low, 1e-12)) / (2 * SPREAD_Z)) ** 2 if low > 0 and high > 0 else 0.0
-        r = max(self.reading_var, own)
-        if not math.isfinite(self.var):
-            return Estimate(z, r, self.noise)
-        innovation = z - self.log
-        gain = self.var / (self.var + r) if self.var + r > 0 else 1.0
-        return Estimate(self.log + gain * innovation, (1.0 - gain) * self.var,
-                        self.noise + (innovation ** 2 - self.var,))
 
 
 def unit_costs(profile: Profile, members: dict[str, tuple[int, int]], scale: dict[str, float] | None = None,

@@ -199,16 +199,10 @@ class FilterPrune:
         def timed(s: dict[str, Any], text: str, untimed: str = " (predicted)") -> str:
             return text + ("" if s.get("timed", True) else untimed)
 
-        def estimate(s: dict[str, Any]) -> str:
-            if "estimate" not in s:
-                return "-"
-            return f"{s['estimate']:.2f}x ({s['estimate_low']:.2f}-{s['estimate_high']:.2f})"
-
-        t = Table(["step", "predicted saving (ms)", "measured saving (ms)", "latency (ms)", "speedup", "spread",
-                   "estimate (spread)"],
+        t = Table(["step", "predicted saving (ms)", "measured saving (ms)", "latency (ms)", "speedup", "spread"],
                   [[str(i + 1), f4(s["predicted_ms"]), measured(s), timed(s, f4(s["latency_ms"])),
                     timed(s, f"{s['speedup']:.2f}x"),
-                    f"{s['speedup_low']:.2f}-{s['speedup_high']:.2f}" if s.get("timed", True) else "-", estimate(s)]
+                    f"{s['speedup_low']:.2f}-{s['speedup_high']:.2f}" if s.get("timed", True) else "-"]
                    for i, s in enumerate(steps)])
         untimed = sum(not s.get("timed", True) for s in steps)
         return [ReportSection("Latency model", [
@@ -216,9 +210,7 @@ class FilterPrune:
             f"{lat['base_ms']:.4g} ms, target {lat['target_ms']:.4g} ms, reached {lat['speedup']:.2f}x in the stage "
             f"(validated figure above). Each step's budget is spent by a knapsack over the groups' predicted "
             f"savings (per-layer times from ONNX Runtime's profiler), then the model is timed against the base and "
-            f"the misprediction corrects the next budget (drift {lat['drift']:.2f}). The loop steers and stops by "
-            f"its estimate from every reading so far, each weighed against the step's prediction (one reading is "
-            f"good to about {100 * lat.get('reading_noise', 0.1):.0f}% here)"
+            f"the misprediction corrects the next budget (drift {lat['drift']:.2f})"
             + (f"; {untimed} step(s) far from the target were not timed, the timing after each measured it with the "
                f"step before" if untimed else "") + f". Measuring took {lat['measure_seconds']:.1f} s "
             f"({lat['cache_hits']} measurements from the cache, {lat['cache_misses']} new)."], [t],

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ from torch import nn
 
 from export.onnx_names import node_owners
 from pipeline.config import Config
-from stages._latency import Drift, Estimate, LatencyMeter, LayerFit, Profile, best_alignment, unit_costs
+from stages._latency import Drift, LatencyMeter, LayerFit, Profile, best_alignment, unit_costs
 from stages._pruning import GroupRecord, plan_latency_step
 from tests.conftest import pruner_for, tiny_config
 
@@ -228,7 +227,6 @@ def _speedup_goal(speedup: float = 1.0, low: float = 1.0, high: float = 1.0, met
     cfg = Config.model_validate({**tiny_config(), "filter_prune": {"target_speedup": 2.0, **fp}})
     goal = SpeedupGoal(cfg.filter_prune, cfg.model, meter, Profile(10.0, {"a": 5.0, "b": 5.0}, 0.0), None, 1.0)
     goal.speedup, goal.low, goal.high = speedup, low, high
-    goal.state = Estimate(math.log(speedup))
     return goal
 
 
@@ -577,52 +575,3 @@ def test_latency_weight_chooses_what_the_knapsack_weighs_a_units_score_by(weight
         assert set(seen[0]) == {"0", "2"} and seen[0]["0"] != seen[0]["2"]
     else:
         assert seen[0] is None
-
-
-def test_the_estimate_weighs_a_reading_against_the_steps_prediction():
-    """A reading far from where a small step was predicted to land moves the estimate part of the way; after a
-    large predicted change (the prediction itself uncertain) the reading counts for more; with no prediction it
-    stands as read."""
-    small = Estimate().stepped(1.1).read(2.0, 1.98, 2.02)  # predicted 1.1x, read 2.0x
-    assert 1.1 < small.speedup < 1.5, "one reading does not carry the estimate"
-    large = Estimate().stepped(4.0).read(6.0, 5.9, 6.1)  # predicted 4x (a large, uncertain step), read 6x
-    assert (math.log(large.speedup) - math.log(4.0)) / math.log(1.5) > 0.5, "the reading outweighs the guess"
-    assert Estimate().stepped(None).read(3.0, 2.9, 3.1).speedup == pytest.approx(3.0)
-    assert small.low < small.speedup < small.high
-
-
-def test_noisy_readings_around_a_steady_course_narrow_the_estimate_and_no_lucky_one_stops_it():
-    """Readings scattered by 30% either side of a trajectory the predictions follow: the estimate stays closer to
-    the truth than the readings do, its spread narrows below one reading's noise, and the reading that would have
-    reached a 2x target by luck (2.4x read at a true 1.6x) does not put the estimate there."""
-    truth = [1.1, 1.2, 1.3, 1.4, 1.5, 1.6]
-    luck = [1.3, 0.75, 1.3, 0.75, 1.0, 1.5]  # the readings' error, as a factor
-    est, errors = Estimate(), []
-    for true, factor in zip(truth, luck, strict=True):
-        est = est.stepped(true).read(true * factor, true * factor * 0.99, true * factor * 1.01)
-        errors.append(abs(math.log(est.speedup / true)))
-    assert max(errors) < max(abs(math.log(f)) for f in luck) / 2
-    assert est.speedup < 2.0 * 0.97, "the lucky last reading (2.4x) does not reach a 2x target"
-    assert math.sqrt(est.reading_var) > 0.2, "the readings' own scatter is learned (0.1 assumed at first)"
-    quiet = Estimate()
-    for true in truth:
-        quiet = quiet.stepped(true).read(true, true * 0.99, true * 1.01)
-    assert math.sqrt(quiet.reading_var) < 0.1, "readings that agree with the course are trusted more"
-    assert quiet.speedup == pytest.approx(1.6)
-
-
-def test_the_goal_stops_on_its_estimate_not_on_one_lucky_reading():
-    """A timed step read far beyond its prediction, at the target, does not stop the loop when the estimate from
-    every reading is short of it; the record carries the reading and the estimate."""
-    from stages._goals import Plan, Removal
-
-    meter = _ScriptedMeter(10.0, [(8.0, {"a": 4.0, "b": 4.0}), (4.8, {"a": 2.4, "b": 2.4})])
-    goal = _speedup_goal(meter=meter, steps=10)  # base 10 ms, target 2x
-    for t, predicted in enumerate([2.0, 0.8]):  # the second step is predicted to reach 1.39x and reads 2.08x
-        plan, removal = Plan(t, budget_ms=predicted), Removal(4, predicted, {"a": predicted / 2, "b": predicted / 2})
-        decision = goal.judge(plan, removal, goal.measure(nn.Conv2d(1, 4, 1), plan, removal))
-        goal.accept(decision)
-    row = decision.measured.latency_fields()
-    assert row["speedup"] == pytest.approx(10.0 / 4.8) and row["speedup"] >= 2.0
-    assert 10.0 / 7.2 < row["estimate"] < 2.0 * 0.97 and not goal.reached()
-    assert goal.record([decision.measured])["speedup"] == pytest.approx(row["estimate"])
