@@ -19,6 +19,7 @@ from pipeline.config import Config
 from stages._blocks import find_candidates, measure_blocks
 from stages._flows import calibration_pass
 from stages._latency import Profile
+from stages._recovery import Outcome
 from tests.conftest import tiny_config
 
 
@@ -180,6 +181,31 @@ def test_a_removal_past_the_speedup_target_that_costs_top1_is_rolled_back(monkey
     assert result.state["removed_blocks"] == ["1"] and isinstance(result.model[2], Residual)
     assert "past the speedup target" not in result.metrics["stop_reason"]
     assert result.metrics["beyond_target"] == []  # a rolled-back removal is not one kept beyond the target
+
+
+def test_a_past_target_removal_is_not_credited_with_its_recovery(monkeypatch, tmp_path):
+    # every recovery adds 20 points, block or not (a model width pruning left undertrained); removing block 1 costs
+    # one point against the same model recovered alike, so it is less accurate than the model it would replace,
+    # though more accurate than that model before the recovery
+    def fake_recover(model, ctx, budget, teacher, reference, description, seed, **kw):
+        model.recovered = getattr(model, "recovered", 0) + 1
+        return model, Outcome()
+
+    def fake_evaluate(model, ctx):
+        top1 = 50.0 + 20.0 * getattr(model, "recovered", 0) - 1.0 * isinstance(model[1], nn.Identity) \
+            - 30.0 * isinstance(model[2], nn.Identity)
+        return {"top1": top1, "top5": 100.0}
+
+    monkeypatch.setattr(lt, "recover", fake_recover)
+    monkeypatch.setattr(lt, "evaluate", fake_evaluate)
+    result = _under_target(monkeypatch, tmp_path, [3.0, 3.5], max_layers=2, max_accuracy_drop=100.0)
+    first, second = result.state["decisions"]
+    assert first["block"] == "1" and first["past_target"] and not first["accepted"]
+    assert first["top1_after"] == 69.0 and first["top1_without"] == 70.0 and "beyond_target" not in first
+    # the block stays, with the recovery its comparison gave the model: the next decision starts from 70
+    assert second["top1_before"] == 70.0 and not second["accepted"]
+    assert result.state["removed_blocks"] == [] and isinstance(result.model[1], Residual)
+    assert result.model.recovered == 2 and result.metrics["top1"] == 90.0
 
 
 def test_dominance_is_no_top1_lost():
