@@ -319,25 +319,34 @@ def _arm_verdict(dataset: str, lv: float, arm: str, mine: list[dict[str, Any]]) 
 
 
 def _ahead(default: dict[str, Any], arm: dict[str, Any], name: str) -> str:
-    a, b = arm["timed"], default["timed"]
-    if a["speedup_low"] > b["speedup_high"] and arm["top1"] >= default["top1"]:
-        return f"{name} ahead on both"
-    if b["speedup_low"] > a["speedup_high"] and default["top1"] >= arm["top1"]:
-        return "the default ahead on both"
+    return _apart(arm["timed"], arm["top1"], default["timed"], default["top1"], name, "the default")
+
+
+def _apart(a: dict[str, float], a_top1: float, b: dict[str, float], b_top1: float, a_name: str, b_name: str) -> str:
+    """Two models not at matched speed: one is ahead on both axes when it is faster by more than both spreads
+    allow and at least as accurate; where the spreads overlap (medians too far apart to call the speed matched,
+    too close for the timing to order them), the more accurate one is ahead at a speed the timing cannot tell
+    apart. Only a faster one that is less accurate makes a trade-off."""
+    if a["speedup_low"] <= b["speedup_high"] and b["speedup_low"] <= a["speedup_high"]:
+        if a_top1 == b_top1:
+            return "as accurate, speeds not told apart (spreads overlap)"
+        return f"{a_name if a_top1 > b_top1 else b_name} more accurate, speeds not told apart (spreads overlap)"
+    if a["speedup_low"] > b["speedup_high"] and a_top1 >= b_top1:
+        return f"{a_name} ahead on both"
+    if b["speedup_low"] > a["speedup_high"] and b_top1 >= a_top1:
+        return f"{b_name} ahead on both"
     return "a trade-off"
 
 
 def dominance(row: dict[str, Any]) -> str:
-    """Where the two did not meet in speed: whether one is ahead on both axes (faster by more than both spreads
-    allow and at least as accurate), or each on one."""
+    """Where the two did not meet in speed: whether one is ahead on both axes (`_apart`), or each on one."""
     t, o = row["tp"], row["ours"]
     if not o.get("timed"):
         return "ours not validated"
     a, b = o["timed"], t["timed"]
     if a.get("contended") or b.get("contended"):  # one session: both say the same
         return "timed on a busy machine"
-    if a["speedup_low"] > b["speedup_high"] and o["top1"] >= t["top1"]:
-        return "ours ahead on both (faster, as accurate or more)"
-    if b["speedup_low"] > a["speedup_high"] and t["top1"] >= o["top1"]:
-        return "recipe ahead on both (faster, as accurate or more)"
-    return "a trade-off (one faster, the other more accurate)"
+    verdict = _apart(a, o["top1"], b, t["top1"], "ours", "recipe")
+    if verdict.endswith("ahead on both"):
+        return verdict + " (faster, as accurate or more)"
+    return "a trade-off (one faster, the other more accurate)" if verdict == "a trade-off" else verdict

@@ -122,6 +122,14 @@ def test_matched_speed_compares_only_matched_seeds_and_calls_ties_by_the_seed_no
     assert ms.dominance(row(0, 0.9, 97.0, 96.0, their=9.0)).startswith("a trade-off")
     assert ms.dominance(row(0, 0.9, 97.0, 97.5, 9.0, their=5.0)).startswith("a trade-off")
     assert ms.dominance(row(0, 0.9, 97.5, 97.0, 9.0, their=5.0)).startswith("recipe ahead on both")
+    # medians 10% apart but spreads that overlap: the timing cannot order them, and the more accurate one is ahead
+    # (faster by median and 3.6 points more accurate was called a trade-off)
+    near = row(0, 0.96, 89.7, 93.3, 20.24, their=22.28)
+    near["tp"]["timed"] |= {"speedup_low": 19.0, "speedup_high": 21.6}
+    near["ours"]["timed"] |= {"speedup_low": 20.05, "speedup_high": 25.31}
+    assert not near["matched"] and ms.dominance(near) == "ours more accurate, speeds not told apart (spreads overlap)"
+    near["ours"]["top1"] = 88.0
+    assert ms.dominance(near) == "recipe more accurate, speeds not told apart (spreads overlap)"
     one = ms.markdown({"rows": [row(0, 0.7, 97.0, 98.0, 3.0)]}, tmp_path / "one.png")
     assert "(1 of 1 seeds matched)" in one and "(one seed: a figure, not a verdict)" in one
     # an extra arm (other settings asked for the same speed) is judged against the default, not the recipe
