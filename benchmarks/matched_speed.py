@@ -19,6 +19,7 @@ scored by `validate` on the held-out split.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import statistics
@@ -35,6 +36,7 @@ RECIPE = ["filter_prune.criterion=taylor", "filter_prune.ranking=global", "filte
 LEVELS = (0.7, 0.9)
 BLOCKS, BLOCK_SECONDS = 15, 0.3
 MATCH = 0.10  # two speedups this close (relative) are the same speed
+ADJUST_TRIES = 2  # the recipe's MACs target adjusted to our speed at most this often
 
 
 def _pipeline(run: Path, sets: list[str], extra: list[str] = ()) -> dict[str, Any]:
@@ -77,6 +79,21 @@ def retime(base: Path, models: dict[str, Path], threads: int | None, spinning: b
     # a figure taken while other processes held the cores says so beside every speedup it produced
     return {k: {key: round(v, 4) for key, v in speedup(lat, "base", k).items() if key != "blocks"}
             | {"ms": round(lat[k]["median_ms"], 4), "contended": load["contended"]} for k in models}
+
+
+def next_level(tried: list[tuple[float, float]], want: float) -> float | None:
+    """The recipe's next MACs target for the speedup `want`, from its (MACs target, speedup) runs so far: MACs left
+    taken to scale as speedup^-1 from one run, and as the power law through the last two from two or more (a
+    fixed per-op cost makes the speed grow slower than the MACs shrink). None where the next target would be the
+    last one (the recipe's round_to floor: no faster model to ask for)."""
+    (m0, s0), k = tried[-1], 1.0
+    if len(tried) > 1:
+        (ma, sa), (mb, sb) = tried[-2], tried[-1]
+        if 0 < ma < 1 and 0 < mb < 1 and ma != mb and sa > 0 and sb > 0:
+            slope = math.log(sb / sa) / math.log((1.0 - ma) / (1.0 - mb))
+            k = slope if math.isfinite(slope) and slope > 0.2 else k
+    level = min(0.99, max(0.05, 1.0 - (1.0 - m0) * (s0 / want) ** (1.0 / k)))
+    return None if abs(level - m0) < 0.002 else level
 
 
 def _overlap(a: dict[str, float], b: dict[str, float]) -> bool:
@@ -134,17 +151,26 @@ def one(out: Path, dataset: str, seed: int, levels: tuple[float, ...] = LEVELS,
     models |= {f"ours-{lv}": Path(ours[lv]["onnx"]) for lv in levels if ours[lv]["onnx"]}
     models |= {f"{name}-{lv}": Path(v[lv]["onnx"]) for name, v in variants.items() for lv in levels if v[lv]["onnx"]}
     timed = retime(keep / "base.onnx", models, threads)
-    adjusted = {}
-    for lv in levels:  # the other way: the recipe asked for our speed where the two did not meet
-        mine = timed.get(f"ours-{lv}")
-        if mine is None or _overlap(mine, timed[f"tp-{lv}"]):
-            continue
-        ratio = timed[f"tp-{lv}"]["speedup"] / mine["speedup"]
-        level = min(0.99, max(0.05, 1.0 - (1.0 - lv) * ratio))  # MACs left scale with the speed asked
-        adjusted[lv] = _recipe(run, sets, level, keep / f"tp-adjusted-{lv}.onnx")
-    if adjusted:
-        models |= {f"tp-adjusted-{lv}": Path(a["onnx"]) for lv, a in adjusted.items()}
+    adjusted: dict[float, dict[str, Any]] = {}  # level -> the recipe's run asked for our speed (the last tried)
+    tried = {lv: [(lv, timed[f"tp-{lv}"]["speedup"])] for lv in levels}  # (MACs target, speedup) of the recipe
+    for _ in range(ADJUST_TRIES):  # the other way: the recipe asked for our speed where the two did not meet
+        asked = {}
+        for lv in levels:
+            mine = timed.get(f"ours-{lv}")
+            last = timed.get(f"tp-adjusted-{lv}", timed[f"tp-{lv}"])
+            if mine is None or _overlap(mine, timed[f"tp-{lv}"]) or _overlap(mine, last):
+                continue
+            level = next_level(tried[lv], mine["speedup"])
+            if level is not None:
+                asked[lv] = level
+        if not asked:
+            break
+        for lv, level in asked.items():
+            adjusted[lv] = _recipe(run, sets, level, keep / f"tp-adjusted-{lv}.onnx")
+            models[f"tp-adjusted-{lv}"] = Path(adjusted[lv]["onnx"])
         timed = retime(keep / "base.onnx", models, threads)
+        for lv, level in asked.items():
+            tried[lv].append((level, timed[f"tp-adjusted-{lv}"]["speedup"]))
     rows = []
     for lv in levels:
         mine = timed.get(f"ours-{lv}")

@@ -159,3 +159,15 @@ def test_torch_pruning_alone_reports_where_it_stops_and_the_matrix_states_the_in
     text = markdown({"rows": [row, {**row, "inspect_s": 3.0}], "failures": {}})
     assert "median 10.0% of the pipeline run's time" in text and f"-{ok['cut']:.1%}" in text
     assert "finished on 2 of 2" in text
+
+
+def test_the_recipe_is_asked_again_along_the_speed_it_showed():
+    from benchmarks.matched_speed import next_level
+
+    # one run: MACs left scale as 1/speedup
+    assert abs(next_level([(0.9, 10.0)], 20.0) - 0.95) < 1e-9
+    # two runs: the power law through them (speed grew as (MACs left)^-0.5 here, so 1.5x the speed again needs
+    # 1/2.25 of the MACs left)
+    assert abs(next_level([(0.9, 10.0), (0.975, 20.0)], 30.0) - (1 - 0.025 / 2.25)) < 1e-6
+    # a target that would not move (the recipe's floor, or our speed already asked): nothing more to try
+    assert next_level([(0.96, 20.0)], 20.01) is None
