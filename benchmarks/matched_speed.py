@@ -11,9 +11,10 @@ speedups come from the same minutes of the same machine. The speed IDAP++ is ask
 speed (spinning threads, the recipe's models alone). Two models are
 at matched speed when their median speedups are within 10% of each other and their spreads (10th-90th percentile
 across blocks) overlap; where they are not, the recipe is run once more with its MACs target scaled by the speed
-ratio (asking it for our speed) and re-timed with the rest, and a row that still does not meet says whether one
-method is ahead on both axes (faster beyond both spreads and at least as accurate). Top-1 is the ONNX model's,
-scored by `validate` on the held-out split.
+ratio (asking it for our speed) and re-timed with the rest, and, where that does not meet either, once more along
+the power law through its last two runs (`next_level`). A row that still does not meet says whether one method is
+ahead on both axes (faster beyond both spreads and at least as accurate), more accurate at speeds the spreads do
+not order, or neither (a trade-off). Top-1 is the ONNX model's, scored by `validate` on the held-out split.
 """
 
 from __future__ import annotations
