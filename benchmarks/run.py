@@ -105,7 +105,7 @@ def main() -> None:
                         "3 seeds, about 60 minutes; --quick: demo, 2 seeds); rewrites that section")
     parser.add_argument("--matched-speed-hard", action="store_true", help="only matched speed where compression "
                         "bites (the demo with 4 recovery steps and no fine-tuning, the recipe at -90%% and -96%% MACs, "
-                        "IDAP++ with both latency_weight settings asked for its speed, 3 seeds, about 25 minutes); "
+                        "IDAP++ with both steering settings asked for its speed, 3 seeds, about 30 minutes); "
                         "rewrites that section")
     parser.add_argument("--fingerprint", action="store_true", help="only the data-fingerprint cost (10,000 small "
                         "images: first and second run, a fresh copy, 40 added; about a minute); rewrites that section")

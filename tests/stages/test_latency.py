@@ -258,7 +258,7 @@ def test_a_saving_within_the_timing_noise_is_not_retaken_and_steps_are_not_small
     noise), and the next step asks for at least what a measurement can resolve."""
     from stages._goals import Plan
 
-    goal = _speedup_goal()
+    goal = _speedup_goal(steering="readings")
     plan = Plan(0, budget_ms=0.2, wanted_ms=0.2)
     # 10 ms base: 1.09x measured (0.8 ms saved of 0.2 wanted), but the spread 1.0-1.2x spans 1.7 ms
     assert _judged(goal, plan, 0.2, 0.8, 1.087, 1.0, 1.2).retake is None
@@ -268,6 +268,50 @@ def test_a_saving_within_the_timing_noise_is_not_retaken_and_steps_are_not_small
     assert step.wanted_ms == pytest.approx(10.0 * (1 / 1.0 - 1 / 1.2))
     goal.low, goal.high = 1.08, 1.095
     assert goal.plan(0).wanted_ms == pytest.approx((1 - 0.95 ** 2) * 10.0 / 1.087), "a tight spread: the schedule"
+
+
+def test_planned_steps_prune_the_same_units_whatever_the_readings():
+    """Under `steering: planned` a step's budget and its units' costs come from the latency model alone (the base's
+    profile less what earlier steps were predicted to save): two runs whose timings read differently plan the same
+    steps until the target bounds one, and then aim at the target as each run's readings say."""
+    from stages._goals import Measurement, Removal
+
+    runs = [_speedup_goal(steps=10), _speedup_goal(steps=10)]  # base 10 ms, target 2x: 5 ms
+    plans: list[list] = [[], []]
+    for t in range(3):
+        for i, goal in enumerate(runs):
+            plan = goal.plan(t)
+            plans[i].append(plan)
+            saved = (0.7, 1.6)[i] * plan.budget_ms  # the readings: one run's steps save less than predicted, one more
+            now = goal.current_ms - saved
+            removal = Removal(4, plan.budget_ms, {"a": plan.budget_ms})
+            measured = Measurement(1.0, True, Profile(now, {"a": 5.0 - saved, "b": 5.0}, 0.0), 10.0 / now,
+                                   10.0 / now * 0.99, 10.0 / now * 1.01, now, plan.budget_ms, saved,
+                                   plan.budget_ms, saved)
+            goal.accept(goal.judge(plan, removal, measured))
+    for a, b in zip(*plans, strict=True):
+        assert a.budget_ms == pytest.approx(b.budget_ms) and a.profile == b.profile and a.scale is None
+    assert runs[0].planned.layers == pytest.approx(runs[1].planned.layers)
+    assert runs[0].planned.total_ms == pytest.approx(10.0 - sum(p.budget_ms for p in plans[0]))
+    # near the target the readings say how much is left: 0.3 ms above it, and this run's steps saved 1.6x their
+    # prediction so far (against one pseudo-step at 1)
+    goal = runs[1]
+    goal.speedup = 10.0 / 5.3
+    last = goal.plan(3)
+    assert last.budget_ms == pytest.approx(0.3 / goal.drift.factor) and last.wanted_ms == pytest.approx(0.3)
+    assert last.budget_ms < runs[0].plan(3).budget_ms
+
+
+def test_planned_steps_are_not_retaken_for_saving_more_than_asked_short_of_the_target():
+    """A planned step far from the target that saves more than its budget is kept (its size is the schedule's, not a
+    reading's); one that overshoots the target is still retaken smaller."""
+    from stages._goals import Plan
+
+    goal = _speedup_goal()  # steering: planned (the default)
+    assert goal.cfg.steering == "planned"
+    plan = Plan(0, budget_ms=0.2, wanted_ms=0.2)
+    assert _judged(goal, plan, 0.2, 0.8, 1.087, 1.08, 1.095).retake is None
+    assert _judged(goal, plan, 0.2, 7.5, 4.0, 3.9, 4.1).retake is not None, "beyond the target"
 
 
 class _ScriptedMeter:
