@@ -184,10 +184,11 @@ def run_frontier(config: Config, run_dir: RunDir, console: Console, start: str |
                 write_report(branch.root, pconf)
             rows.append(_row(point, summary, branch, run_dir, speedup))
         missing = [p for p in config.filter_prune.frontier if p not in {pt["point"] for pt in points}]
-        for p in missing:  # past the first point the trajectory did not reach: nothing of their own to ship
+        for p in missing:  # a MACs target past the first point not reached: nothing of its own to ship
             rows.append({"requested": p, "validated": False, "reached_in_pruning": False,
                          "reason": f"not reached: {entry['metrics'].get('stop_reason', 'the trajectory stopped')} "
-                                   f"(the first point not reached holds where it stopped)"})
+                                   f"(the first point not reached holds where it stopped; truncation does not aim "
+                                   f"at a MACs target, so the points after it would be the same model)"})
         rows.sort(key=lambda r: r["requested"])
         if until is not None and until != PIPELINE[-1]:
             _record(run_dir, manifest, rows, None, None)

@@ -282,8 +282,13 @@ class FilterPrune:
             passed()  # the last step may have reached points
         if goal.reached():
             stop = goal.reached_because()
-        elif cfg.frontier:  # the first point not reached gets where the trajectory stopped, with why
-            points.append(self._point(ctx, model, pruner, goal, log, heads0, stop, reached=False))
+        elif cfg.frontier:  # the first point not reached gets where the trajectory stopped, with why; under a
+            # speedup target so does every later one, since truncation then aims at each point's own target (a
+            # MACs-targeted truncation does not aim at one: later points would be the same model)
+            while True:
+                points.append(self._point(ctx, model, pruner, goal, log, heads0, stop, reached=False))
+                if goal.name != "speedup" or not goal.advance():
+                    break
         result = self._result(ctx, model, pruner, goal, log, stop, heads0)
         if cfg.frontier:
             result.state["points"] = points

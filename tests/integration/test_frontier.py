@@ -156,3 +156,19 @@ def test_export_of_a_frontier_run_reads_back_the_shipped_point(frontier_run: Pat
     assert exported == shapes(copy / "frontier" / first / "model.onnx")
     last = [r["label"] for r in manifest["frontier"]["points"] if r.get("label")][-1]
     assert exported != shapes(copy / "frontier" / last / "model.onnx")
+
+
+def test_every_speedup_point_past_where_the_trajectory_stopped_is_finished_from_there(tmp_path: Path):
+    """Under a speedup target each point's truncation aims at its own target, so every point the trajectory did not
+    reach is finished from where it stopped (not only the first), each with the loop's reason."""
+    cfg = tiny_config(filter_prune={"target_speedup": [30.0, 40.0], "target_flops_reduction": None, "steps": 2},
+                      layer_truncate={"enabled": False}, finetune={"enabled": False},
+                      validate={"threads": 1, "gates": {"max_top1_drop": 100.0}})
+    assert run(["pipeline", str(write_config(tmp_path / "c.yaml", cfg)), "--run-dir", str(tmp_path / "run")]) == 0
+    rows = json.loads((tmp_path / "run" / "summary.json").read_text())["frontier"]["points"]
+    assert [r["requested"] for r in rows] == [30.0, 40.0]
+    for r in rows:
+        assert r["validated"] and not r["reached_in_pruning"], r
+        assert r["reason"].startswith("not reached") and "filter_prune.steps" in r["reason"], r
+        own = json.loads((tmp_path / "run" / "frontier" / r["label"] / "summary.json").read_text())
+        assert own["targets"]["speedup"]["requested"] == r["requested"]
