@@ -68,7 +68,7 @@ def inspect_model(config: Config, onnx: bool = True) -> Inspection:
     from stages._blocks import find_candidates, measure_blocks
     from stages._graph import build_graph, in_attention
     from stages._pruning import classifier_layers, producers_of
-    from stages._structure import Held, every_attention, fill_shares, groups_of_found, module_macs, prove, spread_copy
+    from stages._structure import Held, every_attention, fill_shares, groups_of_found, module_macs, prove, remove_spread
 
     spec = config.model
     seconds: dict[str, float] = {}
@@ -145,11 +145,12 @@ def inspect_model(config: Config, onnx: bool = True) -> Inspection:
         # pruned: either way the run ends by exporting it, and a model that cannot be exported must fail here,
         # not after training
         t0 = time.perf_counter()
-        trial = spread_copy(model, example, [g["root"] for g in groups], build_graph, groups_of) if groups else \
-            model
+        if groups:  # in place, through the graph traced above: nothing after this needs the full-width model, and
+            # a copy traced again cost a deep copy and a trace per inspect
+            remove_spread(model, graph, [g["root"] for g in groups], groups_of)
         what = "the pruned model" if groups else "the model"
         try:
-            result.onnx = _onnx_check(trial, example, config)
+            result.onnx = _onnx_check(model, example, config)
         except Exception as exc:  # noqa: BLE001
             raise _fail("export", f"{what} does not export to ONNX ({first_line(exc)})",
                         "Try export.exporter: dynamo, or another export.opset; the model's forward must use "

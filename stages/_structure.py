@@ -339,11 +339,11 @@ def spread_copy(model: nn.Module, example: torch.Tensor, roots: list[str], build
     dg = build_graph(trial, example)
     if groups_of is None:
         groups_of = groups_by_root(trial, dg, roots)
-    _remove_spread(trial, dg, roots, groups_of)
+    remove_spread(trial, dg, roots, groups_of)
     return trial
 
 
-def _remove_spread(trial: nn.Module, dg, roots: list[str], groups_of: dict[str, int]) -> None:
+def remove_spread(trial: nn.Module, dg, roots: list[str], groups_of: dict[str, int]) -> None:
     """Remove a few spread units (one head) of each named group of `trial`, in place, through `dg` (its graph)."""
     modules = dict(trial.named_modules())
     heads = {layout(m).root: m for m in attention_modules(trial).values()}
@@ -422,7 +422,7 @@ def _trial(model: nn.Module, example: torch.Tensor, roots: list[str], build_grap
     try:
         if bench is not None and bench.sound:
             try:
-                _remove_spread(bench.model, bench.dg, roots, groups_of or {})
+                remove_spread(bench.model, bench.dg, roots, groups_of or {})
                 with torch.no_grad():
                     out = _logits(bench.model(example))
             finally:
