@@ -302,6 +302,20 @@ def test_planned_steps_prune_the_same_units_whatever_the_readings():
     assert last.budget_ms < runs[0].plan(3).budget_ms
 
 
+def test_a_planned_step_behind_the_schedule_takes_an_even_share_of_what_is_left():
+    """A model whose latency falls more slowly than the account says is behind: with 2 of 10 steps left and 4.9 ms
+    still above the target (drift 1), a step asks for at least half of it, more than the schedule's share."""
+    from stages._goals import step_fraction
+
+    goal = _speedup_goal(steps=10)  # base 10 ms, target 2x: 5 ms
+    goal.speedup = 10.0 / 9.9
+    p = step_fraction(goal.cfg.p0, goal.cfg.alpha, 8, 10)
+    assert (1 - (1 - p) ** 2) * 10.0 < 2.45
+    assert goal.plan(8).budget_ms == pytest.approx(2.45)
+    assert goal.plan(9).budget_ms == pytest.approx(4.9), "the last step: all that is left"
+    assert goal.plan(0).budget_ms == pytest.approx((1 - 0.95 ** 2) * 10.0), "early on the schedule is larger"
+
+
 def test_planned_steps_are_not_retaken_for_saving_more_than_asked_short_of_the_target():
     """A planned step far from the target that saves more than its budget is kept (its size is the schedule's, not a
     reading's); one that overshoots the target is still retaken smaller."""
