@@ -106,10 +106,11 @@ class FilterPruneConfig(Section):
     steering: Literal["planned", "readings"] = Field("planned", description="under target_speedup, what sets each "
                                                      "step's latency budget and its units' costs: the latency "
                                                      "model alone (planned: the base's profile less what earlier "
-                                                     "steps were predicted to save, so a run prunes the same units "
-                                                     "whatever its timings read; the readings decide how much is "
-                                                     "left to the target and when to stop), or the model corrected "
-                                                     "by every reading (readings); docs/latency.md")
+                                                     "steps were predicted to save: while the schedule's step is the "
+                                                     "larger, a run prunes the same units whatever its timings "
+                                                     "read; the readings decide how much is left to the target and "
+                                                     "when to stop), or the model corrected by every reading "
+                                                     "(readings); docs/latency.md")
     max_layer_pruning_ratio: float = Field(0.9, gt=0.0, lt=1.0, description="cap per layer vs original width")
     max_accuracy_drop: float = Field(5.0, ge=0.0, le=100.0, description="top-1 points below the stage start")
     recovery_steps: int = Field(30, ge=0, description="training steps per recovery round after each step")
