@@ -248,6 +248,11 @@ STEP_CAP = 3.0
 STEP_MACS = 1.5
 
 
+def _caps(p: float) -> dict[str, float]:
+    """A budgeted step's bounds for the schedule's share p: per layer (STEP_CAP) and over the model (STEP_MACS)."""
+    return {"cap": min(STEP_CAP * p, 0.95), "macs_cap": min(STEP_MACS * (1.0 - (1.0 - p) ** 2), 0.95)}
+
+
 def _less(profile: Profile, removal: Removal) -> Profile:
     """The latency model's account after a removal: each layer less what it was predicted to save, and the total
     less their sum (what no layer holds, `other_ms`, stays)."""
@@ -339,8 +344,7 @@ class SpeedupGoal:
         # the last step aims at the target itself; every step's budget is corrected by the model's drift so far
         wanted = max(min(scheduled, remaining), 0.0)
         return Plan(step, budget_ms=wanted / self.drift.factor, wanted_ms=wanted, profile=self.profile,
-                    scale=self.fit.factors(self.profile), cap=min(STEP_CAP * p, 0.95),
-                    macs_cap=min(STEP_MACS * (1.0 - (1.0 - p) ** 2), 0.95))
+                    scale=self.fit.factors(self.profile), **_caps(p))
 
     def _planned(self, step: int) -> Plan:
         """The step as the latency model alone plans it: the schedule's share of the latency the model predicts
@@ -359,10 +363,9 @@ class SpeedupGoal:
         # never less than an even share of what is left over the steps left, so that a model whose latency falls
         # more slowly than the account says still reaches the target in its steps (the demo at 2 threads: 3.4x of
         # 4x after 20 schedule-sized steps); on the short-recovery demo the schedule is the larger until the end
-        scheduled = max((1.0 - (1.0 - p) ** 2) * self.planned.total_ms, needed / max(self.cfg.steps - step, 1))
-        budget = min(scheduled, needed)
-        return Plan(step, budget_ms=budget, wanted_ms=budget * self.drift.factor, profile=self.planned,
-                    cap=min(STEP_CAP * p, 0.95), macs_cap=min(STEP_MACS * (1.0 - (1.0 - p) ** 2), 0.95))
+        size = max((1.0 - (1.0 - p) ** 2) * self.planned.total_ms, needed / max(self.cfg.steps - step, 1))
+        budget = min(size, needed)
+        return Plan(step, budget_ms=budget, wanted_ms=budget * self.drift.factor, profile=self.planned, **_caps(p))
 
     def measure(self, model: nn.Module, plan: Plan, removal: Removal) -> Measurement:
         """Time the model as a step left it (latency does not depend on the weights: before recovery), briefly: a
@@ -419,8 +422,9 @@ class SpeedupGoal:
     def judge(self, plan: Plan, removal: Removal, measured: Measurement) -> Decision:
         """Learn from a timed step (the drift and the per-layer fit, against the saving measured since the last
         timed model and what every step since was predicted to save), then keep it, or retake it with a corrected
-        budget when it saved far more than it asked for: beyond the target's tolerance, or twice the step's budget
-        and 5% of the latency. The retake's budget is scaled by this attempt's own misprediction."""
+        budget when it saved far more than it asked for: beyond the target's tolerance, or (`steering: readings`
+        only: a planned step's size is the schedule's, not a reading's) twice the step's budget and 5% of the
+        latency. The retake's budget is scaled by this attempt's own misprediction."""
         if measured.timed and removal.predicted_ms:
             self.drift.add(measured.predicted_since_ms, measured.measured_since_ms, plan.step + 1)
             self.fit.add(self.anchor.profile, measured.profile, _summed(self.anchor.layers, removal.predicted_layers))
