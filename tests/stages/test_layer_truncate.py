@@ -198,11 +198,13 @@ def test_a_past_target_removal_is_not_credited_with_its_recovery(monkeypatch, tm
 
     monkeypatch.setattr(lt, "recover", fake_recover)
     monkeypatch.setattr(lt, "evaluate", fake_evaluate)
-    result = _under_target(monkeypatch, tmp_path, [3.0, 3.5], max_layers=2, max_accuracy_drop=100.0)
+    result = _under_target(monkeypatch, tmp_path, [3.0, 3.5], max_layers=2, max_accuracy_drop=100.0,
+                           past_target_tries=1)
     first, second = result.state["decisions"]
     assert first["block"] == "1" and first["past_target"] and not first["accepted"]
     assert first["top1_after"] == 69.0 and first["top1_without"] == 70.0 and "beyond_target" not in first
-    # the block stays, with the recovery its comparison gave the model: the next decision starts from 70
+    # the block stays, with the recovery its comparison gave the model: the next decision starts from 70 (and a
+    # refusal that left the model better does not count against layer_truncate.past_target_tries=1)
     assert second["top1_before"] == 70.0 and not second["accepted"]
     assert result.state["removed_blocks"] == [] and isinstance(result.model[1], Residual)
     assert result.model.recovered == 2 and result.metrics["top1"] == 90.0
@@ -212,3 +214,48 @@ def test_dominance_is_no_top1_lost():
     assert lt.dominates({"top1": 90.0, "top5": 99.0}, {"top1": 90.0, "top5": 99.5})
     assert lt.dominates({"top1": 90.0, "top5": 99.6}, {"top1": 91.0, "top5": 99.5})
     assert not lt.dominates({"top1": 90.0, "top5": 99.0}, {"top1": 89.9, "top5": 99.9})
+
+
+def _harmful_recoveries(monkeypatch) -> list[int]:
+    """Every recovery costs half a point and removing block 1 (2) one (thirty): every removal comes back less
+    accurate than the model before it, and no control is adopted. Returns the seeds the recoveries were given."""
+    seeds: list[int] = []
+
+    def fake_recover(model, ctx, budget, teacher, reference, description, seed, **kw):
+        seeds.append(seed)
+        model.recovered = getattr(model, "recovered", 0) + 1
+        return model, Outcome()
+
+    def fake_evaluate(model, ctx):
+        top1 = 50.0 - 0.5 * getattr(model, "recovered", 0) - 1.0 * isinstance(model[1], nn.Identity) \
+            - 30.0 * isinstance(model[2], nn.Identity)
+        return {"top1": top1, "top5": 100.0}
+
+    monkeypatch.setattr(lt, "recover", fake_recover)
+    monkeypatch.setattr(lt, "evaluate", fake_evaluate)
+    return seeds
+
+
+def test_removals_tried_from_the_same_model_share_one_control(monkeypatch, tmp_path):
+    # both removals are tried from the same model (the first is rolled back, its control no better): one control,
+    # made once, and both removals recovered with its seed, so each is compared with the same model recovered alike
+    seeds = _harmful_recoveries(monkeypatch)
+    result = _under_target(monkeypatch, tmp_path, [2.6, 3.0], start=2.1, max_layers=2, max_accuracy_drop=100.0)
+    first, second = result.state["decisions"]
+    assert not first["accepted"] and not second["accepted"]
+    assert first["top1_without"] == second["top1_without"] == 49.5
+    assert len(seeds) == 3 and len(set(seeds)) == 1  # two removals and one control, all on one seed
+    assert result.metrics["top1"] == 50.0 and result.state["removed_blocks"] == []
+
+
+def test_past_target_tries_bound_the_removals_tried_past_the_target(monkeypatch, tmp_path):
+    seeds = _harmful_recoveries(monkeypatch)
+    result = _under_target(monkeypatch, tmp_path, [2.6, 3.0], start=2.1, max_layers=2, max_accuracy_drop=100.0,
+                           past_target_tries=1)
+    assert [d["block"] for d in result.state["decisions"]] == ["1"] and len(seeds) == 2
+    stop = result.metrics["stop_reason"]
+    assert stop.startswith("the speedup target is reached (2.10x); no block removal past it was as accurate")
+    assert "1 removal(s) past the speedup target were less accurate" in stop and "1 candidate(s) not tried" in stop
+    assert "left it as it was" in stop
+    nothing = _under_target(monkeypatch, tmp_path / "0", [2.6], start=2.1, max_layers=2, past_target_tries=0)
+    assert nothing.state["decisions"] == [] and "past_target_tries is 0" in nothing.metrics["stop_reason"]
