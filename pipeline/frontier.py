@@ -149,6 +149,11 @@ def run_frontier(config: Config, run_dir: RunDir, console: Console, start: str |
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserInputError("a frontier run (a list target) runs in one process, not under torchrun; run it with "
                              "`compress pipeline`, or give filter_prune one target")
+    if run_dir.read_manifest()["stages"].get("filter_prune", {}).get("frontier_point"):
+        # one point's own folder (frontier/<point>/), run with its config.json: that config keeps the frontier (the
+        # trajectory the point came from), but the folder holds one point; run as a frontier it found no points,
+        # finished nothing and failed on "no frontier point was validated". Re-running it finishes that point.
+        return run_pipeline(config, run_dir, console, start, until, fresh, again)
     run_dir.lock()
     try:
         main_until = until if until in UPSTREAM else "filter_prune"

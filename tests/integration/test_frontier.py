@@ -134,6 +134,30 @@ def test_running_the_same_frontier_again_reuses_every_stage(frontier_run: Path, 
         assert log.count("reused (") == 8, log
 
 
+def test_one_point_re_run_from_its_own_folder_finishes_that_point(frontier_run: Path, tmp_path: Path):
+    """A point's folder with its config.json (which keeps the frontier it came from) re-runs that point: it used to
+    run as a frontier of no points and fail on "no frontier point was validated"."""
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(frontier_run, copy)
+    label = json.loads((copy / "summary.json").read_text())["frontier"]["points"][0]["label"]
+    point = copy / "frontier" / label
+    before = json.loads((point / "summary.json").read_text())["run"]["finished"]
+    assert run(["pipeline", str(point / "config.json"), "--run-dir", str(point), "--from", "finetune"]) == 0
+    after = json.loads((point / "summary.json").read_text())
+    assert after["run"]["finished"] != before and after["run"]["current"]
+    assert not (point / "frontier").exists()
+    log = (point / "log.txt").read_text().split("deployment target")[-1]
+    assert "[3] filter_prune: reused" in log and "[5] finetune: reused" not in log, log
+    # the frontier's own command then takes that point as it is now (nothing re-run) into its table
+    assert run(["pipeline", str(frontier_run.parent / "frontier.yaml"), "--run-dir", str(copy)]) == 0
+    log = (point / "log.txt").read_text().split("deployment target")[-1]
+    assert log.count("reused (") == 8, log
+    row = json.loads((copy / "summary.json").read_text())["frontier"]["points"][0]
+    assert row["label"] == label and row["top1"] == after["compressed"]["top1"]
+
+
 def test_export_of_a_frontier_run_reads_back_the_shipped_point(frontier_run: Path, tmp_path: Path):
     """`compress export RUN_DIR` re-exports the model the run shipped, not the trajectory's last: on a copy whose
     record ships the first point (the least pruned, so unlike the trajectory's end)."""
