@@ -21,7 +21,7 @@ from stages._structure import (
     channel_groups,
     head_count_attr,
     inside_attention,
-    split_dim,
+    splits_channels,
     time_limit,
     unrecognised_attention,
 )
@@ -66,12 +66,69 @@ def _true_splits(graph) -> None:
             setattr(node.module, _UNMAPPED, True)
             continue
         found = owners.get(getattr(node, "grad_fn", None))
-        # only a split along the channels (dimension 1, the one Torch-Pruning maps): another dimension's sizes
-        # would be read as channel counts where a concatenation's widths are inferred
-        if found is not None and split_dim(node) == 1:
+        # only a split Torch-Pruning maps as channels: another dimension's sizes would be read as channel counts
+        # where a concatenation's widths are inferred
+        if found is not None and splits_channels(node):
             sizes = list(found[1])
             node.module.split_sizes = sizes
             node.module.offsets = [sum(sizes[:k]) for k in range(len(sizes) + 1)]
+
+
+def _map_concat(graph, node) -> bool:
+    """Map a concatenation along the channels with the part widths its tracing forward saw (`build_graph`'s
+    cat_sizes, kept true by `prune_group` as parts lose channels), each part's offset where it sits among all
+    the parts (a part that carries no gradient takes its width too). Torch-Pruning infers the widths from the
+    graph, which fails through slices (DPN's concatenation of a sum, a slice and a layer's output: 80, 416, 80
+    for 64, 96, 16). False, leaving the concatenation to Torch-Pruning, when it was not recorded, is along
+    another dimension, or one node feeds two parts (no one-to-one map)."""
+    from torch_pruning import ops
+    from torch_pruning.dependency.index_mapping import _ConcatIndexMapping
+
+    if node.type != ops.OPTYPE.CONCAT:
+        return False
+    found = getattr(graph, "cat_sizes", {}).get(getattr(node, "grad_fn", None))
+    if found is None:
+        return False
+    dim, sizes, fns = found
+    if not (dim == 1 or dim < 0) or len(sizes) != len(fns):
+        return False
+    places = []
+    for inp in node.inputs:
+        at = [i for i, fn in enumerate(fns) if fn is not None and fn is getattr(inp, "grad_fn", None)]
+        if len(at) != 1:
+            return False
+        places.append(at[0])
+    offsets = [sum(sizes[:k]) for k in range(len(sizes) + 1)]
+    node.module.concat_sizes = list(sizes)
+    node.module.offsets = offsets
+    if not node.enable_index_mapping:
+        return True
+    for inp, at in zip(node.inputs, places, strict=True):
+        span = offsets[at: at + 2]
+        for dep in node.dependencies:
+            if dep.target is inp:
+                dep.index_mapping[1] = _ConcatIndexMapping(offset=span, reverse=True)
+        for dep in inp.dependencies:
+            if dep.target is node:
+                dep.index_mapping[1] = _ConcatIndexMapping(offset=span, reverse=False)
+    return True
+
+
+def _concat_then_split(graph) -> None:
+    """Where a split's part feeds a concatenation directly, the edge from the concatenation back to the split
+    carries both maps, and Torch-Pruning applies the split's first: the concatenation's indices were shifted by
+    the part's offset in the split, then filtered and shifted by its offset in the concatenation. The two
+    offsets agree while the widths before that part are equal in both (so every first step came out right); once
+    one of them changed, a concatenation's channel went to another channel of the split (Res2Net's last part,
+    after the convolutions' outputs before it were pruned). On that edge the concatenation's map goes first."""
+    for node in graph.module2node.values():
+        if type(node.module).__name__ != "_ConcatOp":
+            continue
+        for dep in node.dependencies:
+            if type(dep.target.module).__name__ == "_SplitOp" and all(m is not None for m in dep.index_mapping):
+                first, second = dep.index_mapping
+                if getattr(first, "reverse", False) and type(first).__name__ == "_SplitIndexMapping":
+                    dep.index_mapping = [second, first]
 
 
 def _order_split_outputs(node) -> bool:
@@ -109,6 +166,10 @@ def _guarded_index_maps(limit: int = 0):
             if _is_channel_shuffle(node) or getattr(node.module, _UNMAPPED, False):
                 setattr(node.module, _UNMAPPED, True)
                 return
+            if _folds_for_matmul(node):
+                return  # the channels stay the last dimension: index for index, no map
+            if _map_concat(graph, node):
+                return  # the parts' widths as the tracing forward saw them
             try:
                 original(graph, node)
             except (ZeroDivisionError, TypeError, IndexError, ValueError, RuntimeError, AttributeError):
@@ -150,6 +211,7 @@ def _guarded_index_maps(limit: int = 0):
         _true_splits(graph)
         try:
             whole_pass(graph)
+            _concat_then_split(graph)
         finally:
             memo.clear()
 
@@ -193,6 +255,28 @@ def _index_maps_once():
 
 def _kind(node) -> str:
     return type(getattr(node, "grad_fn", None)).__name__
+
+
+def _folds_for_matmul(node) -> bool:
+    """A reshape that folds the leading dimensions of a channels-last tensor into one for a matrix multiply (a
+    Linear layer on a B x H x W x C input: view to (B*H*W) x C, then mm): its last dimension, the channels, is the
+    multiply's. Torch-Pruning takes every reshape of a 4-d tensor for a flatten of B x C x H x W and maps channel
+    c to c // k, which coupled unrelated channels of MambaOut's gated blocks."""
+    from torch_pruning import ops
+
+    if node.type != ops.OPTYPE.RESHAPE:
+        return False
+    fn = getattr(node, "grad_fn", None)
+    sizes = getattr(fn, "_saved_self_sym_sizes", None) or getattr(fn, "_saved_self_sizes", None)
+    if not sizes or len(sizes) < 3 or not node.outputs:
+        return False
+    for out in node.outputs:
+        mm = getattr(out, "grad_fn", None)
+        folded = getattr(mm, "_saved_mat1_sym_sizes", None) if _kind(out) == "AddmmBackward0" else \
+            getattr(mm, "_saved_self_sym_sizes", None) if _kind(out) == "MmBackward0" else None
+        if not folded or len(folded) != 2 or int(folded[1]) != int(sizes[-1]):
+            return False
+    return True
 
 
 def _is_channel_shuffle(node) -> bool:
@@ -355,13 +439,15 @@ def _held_reason(group, layers: list[str], attention: dict[str, nn.Module]) -> t
                                      "mapping Torch-Pruning cannot derive (a channel shuffle, a window partition, "
                                      "a roll)")
     elif (groups := channel_groups(group)) is None:
-        kind, reason = "grouped conv", ("it feeds a grouped convolution (groups > 1, not depthwise) through a "
-                                        "concatenation or slice, or grouped convolutions whose group counts do "
-                                        "not nest: no removal leaves every group the same width")
-    elif len(group[0].idxs) // groups < 2:
+        kind, reason = "grouped conv", ("it feeds a grouped convolution (groups > 1, not depthwise) or a split "
+                                        "into equal parts through a concatenation or slice, or ones whose group "
+                                        "or part counts do not nest: no removal leaves every group the same "
+                                        "width")
+    elif groups > 1 and len(group[0].idxs) // groups < 2:
         kind, reason = "grouped conv", (f"its {len(group[0].idxs)} channels feed a grouped convolution with "
-                                        f"{groups} groups, one channel each: only whole groups could go, and "
-                                        f"removing whole groups is not supported")
+                                        f"{groups} groups (or a split into {groups} equal parts), one channel "
+                                        f"each: only whole groups could go, and removing whole groups is not "
+                                        f"supported")
     else:
         return None
     return kind, in_attention(layers, attention, reason)
@@ -381,14 +467,23 @@ def in_attention(layers: list[str], attention: dict[str, nn.Module], reason: str
 
 
 class _SplitOwners(torch.overrides.TorchFunctionMode):
-    """Records, during the tracing forward, which module's forward made each split into sizes: the split's
+    """Records, during the tracing forward, which module's forward made each split into sizes and each slice (a
+    slice's bounds may be a stored width, DPN's `x[:, :self.num_1x1_c]`): the split's
     autograd node (Torch-Pruning's graph node for the split holds the same object) -> (module, sizes). A module
     that splits by sizes it stores (a tuple of integers summing to a pruned width) must have them follow the
-    pruning (`prune_group` in stages._structure does it)."""
+    pruning (`prune_group` in stages._structure does it). Each concatenation is recorded too: its autograd node
+    -> (dimension, the sizes of its parts along it, each part's autograd node), the widths Torch-Pruning infers
+    from the graph instead (and got wrong where a part is a slice: DPN's dual paths)."""
 
-    def __init__(self, owners: dict[Any, tuple[nn.Module, tuple[int, ...]]]) -> None:
+    _CATS = (torch.cat, torch.concat, torch.concatenate)
+
+    def __init__(self, owners: dict[Any, tuple[nn.Module, tuple[int, ...]]],
+                 cats: dict[Any, tuple[int, tuple[int, ...], tuple[Any, ...]]] | None = None,
+                 slices: dict[Any, nn.Module] | None = None) -> None:
         super().__init__()
         self.owners, self.stack = owners, []
+        self.cats = cats if cats is not None else {}
+        self.slices = slices if slices is not None else {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -398,6 +493,17 @@ class _SplitOwners(torch.overrides.TorchFunctionMode):
             if fn is not None and "Split" in type(fn).__name__ and fn not in self.owners:
                 dim = next((a for a in [*args[2:3], (kwargs or {}).get("dim")] if isinstance(a, int)), 0)
                 self.owners[fn] = (self.stack[-1], tuple(int(t.shape[dim]) for t in out))
+        elif func in self._CATS and isinstance(out, torch.Tensor) and type(out.grad_fn).__name__ == "CatBackward0":
+            parts = args[0] if args else (kwargs or {}).get("tensors")
+            dim = next((a for a in [*args[1:2], (kwargs or {}).get("dim")] if isinstance(a, int)), 0)
+            if isinstance(parts, tuple | list) and all(isinstance(t, torch.Tensor) for t in parts):
+                self.cats[out.grad_fn] = (dim, tuple(int(t.shape[dim]) for t in parts),
+                                          tuple(t.grad_fn for t in parts))
+        elif self.stack and func is torch.Tensor.__getitem__ and isinstance(out, torch.Tensor):
+            fn = out.grad_fn  # x[:, a:b]: one slice node per sliced dimension, the last one the output's
+            while type(fn).__name__ == "SliceBackward0" and fn not in self.slices:
+                self.slices[fn] = self.stack[-1]
+                fn = fn.next_functions[0][0] if fn.next_functions else None
         return out
 
     @contextmanager
@@ -428,11 +534,13 @@ def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
     graph = _Graph()
     graph.output_layers = []
     graph.split_owners = {}
+    graph.cat_sizes = {}
+    graph.slice_owners = {}
 
     def forward(m: nn.Module, x: torch.Tensor):
         # Torch-Pruning switches the model to eval mode before calling this
         with tracing_mode(m), _recording_output_layers(m, graph.output_layers) as returned, \
-                _SplitOwners(graph.split_owners).active():
+                _SplitOwners(graph.split_owners, graph.cat_sizes, graph.slice_owners).active():
             out = m(x)
             returned += [out] if isinstance(out, torch.Tensor) else [t for t in out if isinstance(t, torch.Tensor)]
         return out

@@ -111,24 +111,29 @@ def is_grouped(mod: nn.Module) -> bool:
 
 
 def channel_groups(group) -> int | None:
-    """How many channel groups a group's units come in: 1 when no member is a grouped convolution; G when every
-    grouped member sees the group's channels as they are (no concatenation or slice between: its width on the
-    pruned side is the root's, index for index) and every group count divides the largest, G; then removing
-    position j of every one of G equal slices of the root's channels removes the same positions in each
-    convolution group, whichever of the nested counts a member has. None when the channels cannot shrink alike."""
+    """How many channel groups a group's units come in: 1 when no member is a grouped convolution or a split into
+    equal parts by one size (`torch.split(x, width, 1)`, `chunk`: the forward splits by one size again, so every
+    part must keep the same width); G when every such member sees the group's channels as they are (no
+    concatenation or slice between: its width on the pruned side is the root's, index for index) and every
+    group or part count divides the largest, G; then removing position j of every one of G equal slices of the
+    root's channels removes the same positions in each convolution group and each part, whichever of the nested
+    counts a member has. None when the channels cannot shrink alike."""
     import torch_pruning as tp
 
     root = list(group[0].idxs)
     counts = set()
     for i, (dep, idxs) in enumerate(group):
         mod = dep.target.module
-        if not is_grouped(mod):
+        if is_grouped(mod):
+            out = dep.handler == tp.prune_conv_out_channels
+            width, count = (mod.out_channels if out else mod.in_channels), mod.groups
+        elif type(mod).__name__ == "_SplitOp" and (parts := split_parts(dep.target)) is not None:
+            width, count = parts
+        else:
             continue
-        out = dep.handler == tp.prune_conv_out_channels
-        width = mod.out_channels if out else mod.in_channels
         if width != len(root) or list(idxs) != list(group[i].root_idxs) or sorted(idxs) != list(range(width)):
             return None
-        counts.add(mod.groups)
+        counts.add(count)
     if not counts:
         return 1
     largest = max(counts)
@@ -229,43 +234,152 @@ def _follow_outputs(extras: list[tuple[nn.Module, int, list[int], list[str]]]) -
 
 
 def split_dim(node) -> int | None:
-    """The dimension a split node of Torch-Pruning's graph split along, as its autograd record says (None when it
-    does not say; a negative dimension is recorded unsigned and reads as None)."""
+    """The dimension a split node of Torch-Pruning's graph split along, as its autograd record says: negative when
+    the forward counted it from the end (autograd records it unsigned); None when the record does not say."""
     dim = getattr(getattr(node, "grad_fn", None), "_saved_dim", None)
-    return dim if isinstance(dim, int) and 0 <= dim < 64 else None
+    if not isinstance(dim, int):
+        return None
+    if dim >= 2**63:
+        dim -= 2**64
+    return dim if -64 < dim < 64 else None
 
 
-def _split_sizes_after(dg, group) -> list[tuple[nn.Module, tuple[int, ...], tuple[int, ...]]]:
-    """For each split by sizes the group's channels pass: the module whose forward splits, the sizes before and
-    after the removal (each part loses the removed channels that fall in it)."""
-    owners = getattr(dg, "split_owners", {})
-    out = []
+def splits_channels(node) -> bool:
+    """Whether Torch-Pruning maps a split's indices as channel indices: a split along dimension 1, or along one
+    counted from the end (-1 on a channels-last tensor: the features a Linear layer reads). Its part sizes must
+    then follow the pruning; where the dimension is not the channels after all, the proof finds the break."""
+    dim = split_dim(node)
+    return dim is not None and (dim == 1 or dim < 0)
+
+
+def split_parts(node) -> tuple[int, int] | None:
+    """The width a split by one size (`torch.split(x, n, dim)`, `chunk`) cut along the channels and into how many
+    equal parts, which pruning must keep equal (the forward splits by one size again); None for any other split."""
+    fn = getattr(node, "grad_fn", None)
+    if fn is None or type(fn).__name__ != "SplitBackward0" or not splits_channels(node):
+        return None
+    sizes, part = getattr(fn, "_saved_self_sym_sizes", None), getattr(fn, "_saved_split_size", None)
+    dim = split_dim(node)
+    if not sizes or not isinstance(part, int) or part <= 0:
+        return None
+    width = int(sizes[dim])
+    return (width, width // part) if width % part == 0 and width // part > 1 else None
+
+
+def _removed_at(group, kind: str) -> dict[Any, tuple[Any, set[int]]]:
+    """For each op of Torch-Pruning's kind `kind` ("_SplitOp", "_ConcatOp") the group's channels pass: its
+    autograd node -> (its graph node, the indices the group removes there, over every dependency that reaches
+    it). For both kinds they are indices of the full, unsplit or concatenated, tensor."""
+    out: dict[Any, tuple[Any, set[int]]] = {}
     for dep, idxs in group:
-        op = dep.target.module
-        if type(op).__name__ != "_SplitOp":
-            continue
-        node = dg.module2node.get(op)
-        owner = owners.get(getattr(node, "grad_fn", None))
-        if owner is None or split_dim(node) != 1:
-            continue  # only a split along the channels: the group's indices there are channel indices
-        mod, sizes = owner
-        removed = sorted({int(i) for i in idxs})
-        bounds = [sum(sizes[:k]) for k in range(len(sizes) + 1)]
-        after = tuple(size - sum(bounds[k] <= i < bounds[k + 1] for i in removed) for k, size in enumerate(sizes))
-        if after != sizes and (mod, sizes, after) not in out:
-            out.append((mod, sizes, after))
+        if type(dep.target.module).__name__ == kind:
+            key = getattr(dep.target, "grad_fn", None)
+            out.setdefault(key, (dep.target, set()))[1].update(int(i) for i in idxs)
     return out
 
 
-def _follow_split_sizes(splits: list[tuple[nn.Module, tuple[int, ...], tuple[int, ...]]]) -> None:
-    """Set each splitting module's stored sizes (a tuple or list of integers equal to the sizes it split by) to
-    the sizes after the removal. Sizes the forward computes from other attributes are left to the proof."""
-    for mod, before, after in splits:
-        for key, value in list(vars(mod).items()):
-            if key.startswith("_") or not isinstance(value, tuple | list) or len(value) != len(before):
+def _parts_after(sizes: tuple[int, ...], removed: set[int]) -> tuple[int, ...]:
+    """Each part's width once the removed indices (of the whole tensor) that fall in it are gone."""
+    bounds = [sum(sizes[:k]) for k in range(len(sizes) + 1)]
+    return tuple(size - sum(bounds[k] <= i < bounds[k + 1] for i in removed) for k, size in enumerate(sizes))
+
+
+def _split_sizes_after(dg, group) -> list[tuple[Any, nn.Module, tuple[int, ...], tuple[int, ...], bool]]:
+    """For each split by sizes the group's channels pass: its autograd node (the graph's key for it), the module
+    whose forward splits, the sizes before and after the removal (each part loses the removed channels that fall
+    in it), and whether it split by one size."""
+    owners = getattr(dg, "split_owners", {})
+    out = []
+    for key, (node, removed) in _removed_at(group, "_SplitOp").items():
+        owner = owners.get(key)
+        if owner is None or not splits_channels(node):
+            continue  # only a split along the channels: the group's indices there are channel indices
+        mod, sizes = owner
+        after = _parts_after(sizes, removed)
+        if after != sizes:
+            out.append((key, mod, sizes, after, split_parts(node) is not None))
+    return out
+
+
+def _concat_sizes_after(dg, group) -> list[tuple[Any, tuple[int, tuple[int, ...], tuple[Any, ...]]]]:
+    """For each recorded concatenation the group's channels pass: its autograd node and its record with the part
+    widths after the removal (see stages._graph._map_concat, which maps through them)."""
+    cats = getattr(dg, "cat_sizes", {})
+    out = []
+    for key, (_, removed) in _removed_at(group, "_ConcatOp").items():
+        if key in cats:
+            dim, sizes, fns = cats[key]
+            out.append((key, (dim, _parts_after(sizes, removed), fns)))
+    return out
+
+
+def _follow_split_sizes(dg, splits: list[tuple[Any, nn.Module, tuple[int, ...], tuple[int, ...], bool]]) -> None:
+    """Set each splitting module's stored sizes to the sizes after the removal: a tuple or list of integers equal
+    to the sizes it split by, or, for a split by one size into parts that stay equal (`channel_groups` removes the
+    same positions from every part), an integer equal to the part size. Sizes the forward computes from other
+    attributes are left to the proof. The graph's record of the split follows too, so that a later group of the
+    same step maps its channels through the parts as they now are."""
+    for key, mod, before, after, one in splits:
+        dg.split_owners[key] = (mod, after)
+        equal = one and len(set(before)) == 1 and len(set(after)) == 1
+        for name, value in list(vars(mod).items()):
+            if name.startswith("_") or isinstance(value, bool):
                 continue
-            if all(isinstance(v, int) and not isinstance(v, bool) for v in value) and tuple(value) == before:
-                setattr(mod, key, type(value)(after))
+            if equal and isinstance(value, int) and value == before[0]:
+                setattr(mod, name, after[0])
+            elif (isinstance(value, tuple | list) and len(value) == len(before) and tuple(value) == before
+                  and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+                setattr(mod, name, type(value)(after))
+
+
+_UNBOUNDED = 2**62  # a slice's end past every width (x[:, a:] is recorded with end 2**63 - 1)
+
+
+def _slice_moves(dg, group) -> list[tuple[Any, int, int, int, int]]:
+    """(slice op, start, end, new start, new end) for every slice along the channels whose input tensor loses
+    channels in the group, reached by the group or not (DPN's `x[:, self.num_1x1_c:]` beside `x[:, :self.num_1x1_c]`
+    whose channels the group removes): each bound moves down by the removed channels before it."""
+    removed: dict[Any, set[int]] = {}
+    for dep, idxs in group:
+        if dg.is_out_channel_pruning_fn(dep.handler):
+            removed.setdefault(dep.target, set()).update(int(i) for i in idxs)
+    moves = []
+    for op, node in dg.module2node.items():
+        if type(op).__name__ != "_SliceOp" or op.dim != 1 or op.step != 1 or not node.inputs:
+            continue
+        gone = removed.get(node.inputs[0])
+        if not gone or op.start < 0 or op.end < 0:
+            continue
+        start = op.start - sum(i < op.start for i in gone)
+        end = op.end - sum(i < op.end for i in gone) if op.end < _UNBOUNDED else op.end
+        if (start, end) != (op.start, op.end):
+            moves.append((op, op.start, op.end, start, end))
+    return moves
+
+
+def _follow_slices(dg, moves: list[tuple[Any, int, int, int, int]]) -> None:
+    """Set each moved slice's bounds in the graph (Torch-Pruning's own update reads the removed indices in the
+    slice's output frame as its input's), and each integer attribute of the module whose forward sliced that
+    equals a bound that moved to where the bound moved (none where one module's bound of one value moved to two
+    places: the proof finds that). Bounds the forward computes from other attributes are left to the proof."""
+    owners = getattr(dg, "slice_owners", {})
+    changes: dict[int, tuple[nn.Module, dict[int, int], set[int]]] = {}
+    for op, start, end, new_start, new_end in moves:
+        op.start, op.end = new_start, new_end
+        mod = owners.get(op.grad_fn)
+        if mod is None:
+            continue
+        _, moved, clash = changes.setdefault(id(mod), (mod, {}, set()))
+        for old, new in ((start, new_start), (end, new_end)):
+            if old != new and 0 < old < _UNBOUNDED:
+                if moved.get(old, new) != new:
+                    clash.add(old)
+                moved[old] = new
+    for mod, moved, clash in changes.values():
+        for key, value in list(vars(mod).items()):
+            if (not key.startswith("_") and isinstance(value, int) and not isinstance(value, bool)
+                    and value in moved and value not in clash):
+                setattr(mod, key, moved[value])
 
 
 def prune_group(dg, module: nn.Module, handler, idxs: list[int], model: nn.Module,
@@ -281,9 +395,14 @@ def prune_group(dg, module: nn.Module, handler, idxs: list[int], model: nn.Modul
              if isinstance(dep.target.module, nn.Parameter) and id(dep.target.module) in owners]
     extras = _per_output_tensors(dg, group)
     splits = _split_sizes_after(dg, group)
+    cats = _concat_sizes_after(dg, group)
+    slices = _slice_moves(dg, group)
     group.prune()
+    if cats:
+        dg.cat_sizes.update(cats)
+    _follow_slices(dg, slices)
     _follow_outputs(extras)
-    _follow_split_sizes(splits)
+    _follow_split_sizes(dg, splits)
     sync_derived_attributes(loose)
     if before is not None:
         sync_attributes(attention, before)
@@ -308,8 +427,10 @@ def _logits(out: Any) -> torch.Tensor:
 def groups_by_root(model: nn.Module, dg, roots: list[str]) -> dict[str, int]:
     """Each root's channel groups (see channel_groups; 1 where none) in `model` as `dg` was built on it, before any
     removal: a grouped convolution that loses output positions can become depthwise, and the graph's handlers (and
-    a count taken then) would not know. Empty when the model has no grouped convolution."""
-    if not any(is_grouped(m) for m in model.modules()):
+    a count taken then) would not know. Empty when the model has no grouped convolution and no split into equal
+    parts."""
+    if not any(is_grouped(m) for m in model.modules()) and not any(
+            type(op).__name__ == "_SplitOp" and split_parts(node) for op, node in dg.module2node.items()):
         return {}
     modules = dict(model.named_modules())
     found = []
@@ -323,7 +444,9 @@ def groups_by_root(model: nn.Module, dg, roots: list[str]) -> dict[str, int]:
 
 def groups_of_found(model: nn.Module, found: list[tuple[str, nn.Module, Any, Any]]) -> dict[str, int]:
     """groups_by_root from the full-width groups a graph's `groups` already derived (no graph work)."""
-    if not any(is_grouped(m) for m in model.modules()):
+    if not any(is_grouped(m) for m in model.modules()) and not any(
+            type(dep.target.module).__name__ == "_SplitOp" and split_parts(dep.target)
+            for _, _, _, group in found for dep, _ in group):
         return {}
     heads = {layout(m).root for m in attention_modules(model).values()}
     return {name: channel_groups(group) or 1 for name, module, _, group in found
@@ -386,7 +509,8 @@ def _structure_print(modules: list[nn.Module]) -> list[Any]:
 class _Bench:
     """One working copy of the model and one graph traced on it, for all the trials of a proof: each trial removes
     its units from the copy in place and is then undone (every module's attributes, including the graph's own
-    split and concatenation records, and the data of every parameter and buffer put back). A fresh deep copy and
+    split and concatenation records and the split sizes it traced, and the data of every parameter and buffer
+    put back). A fresh deep copy and
     trace per trial cost two thirds of the proof. After each undo the copy's structure is compared with the
     first; on any difference (something an undo does not reach) the bench is given up and the remaining trials
     take fresh copies."""
@@ -400,6 +524,8 @@ class _Bench:
         mods += [m for m in self.dg.module2node if isinstance(m, nn.Module) and id(m) not in seen]
         self.modules = mods
         self.saved = [_module_state(m) for m in mods]
+        self.owners = dict(getattr(self.dg, "split_owners", {}))
+        self.cats = dict(getattr(self.dg, "cat_sizes", {}))
         self.print = _structure_print(mods)
         self.sound = True
 
@@ -412,6 +538,11 @@ class _Bench:
                 if t.data is not data:
                     t.data = data
                 t.grad = None
+        for records, saved in ((getattr(self.dg, "split_owners", None), self.owners),
+                               (getattr(self.dg, "cat_sizes", None), self.cats)):
+            if records is not None:
+                records.clear()
+                records.update(saved)
         self.sound = _structure_print(self.modules) == self.print
 
 
@@ -603,7 +734,7 @@ def _prove(model: nn.Module, example: torch.Tensor, roots: list[str], build_grap
         bench = _Bench(model, example, build_graph)
     except Exception:  # noqa: BLE001 - the trials take fresh copies, and the first says what fails
         bench = None
-    if groups_of is None and any(is_grouped(m) for m in model.modules()):  # once for every trial below
+    if groups_of is None:  # once for every trial below (empty at once where nothing is grouped or split equally)
         groups_of = groups_by_root(bench.model, bench.dg, roots) if bench is not None else \
             groups_by_root(model, build_graph(model, example), roots)
 

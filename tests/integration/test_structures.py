@@ -383,9 +383,9 @@ def test_an_equal_split_maps_each_part_to_its_own_place_in_the_concatenation():
 
 
 class _Parts(nn.Module):
-    """One convolution's channels split into equal parts by a stored width (`torch.split(x, self.width, 1)`), each
-    part through its own convolution, concatenated again: removing some of conv1's channels makes the parts
-    unequal, which the stored width cannot follow."""
+    """One convolution's channels split into equal parts by a stored width (`torch.split(x, self.width, 1)`, as
+    Res2Net does), each part through its own convolution, concatenated again: the parts must stay equal, and the
+    stored width must follow them."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -395,10 +395,164 @@ class _Parts(nn.Module):
         self.convs = nn.ModuleList(nn.Conv2d(8, 8, 3, padding=1) for _ in range(4))
         self.head = nn.Linear(32, 4)
 
+    def parts(self, x):
+        return torch.split(x, self.width, 1)
+
     def forward(self, x):
-        parts = torch.split(torch.relu(self.conv1(torch.relu(self.stem(x)))), self.width, 1)
+        parts = self.parts(torch.relu(self.conv1(torch.relu(self.stem(x)))))
         x = torch.cat([torch.relu(conv(p)) for conv, p in zip(self.convs, parts, strict=True)], 1)
         return self.head(x.mean((2, 3)))
+
+
+class _LiteralParts(_Parts):
+    """The same, split by a width written in the forward: no attribute can follow it, so removing any of conv1's
+    channels breaks the model."""
+
+    def parts(self, x):
+        return torch.split(x, 8, 1)
+
+
+def test_equal_parts_by_a_stored_width_lose_the_same_positions_and_the_width_follows():
+    """A split into equal parts by one size keeps them equal only if each part loses as many channels: conv1's
+    units are positions removed from every part at once, the stored width is set to the new part size, and the
+    pruned model computes what the unpruned one does with those channels zeroed."""
+    from stages._graph import build_graph
+    from stages._structure import channel_groups, grouped_channels, prune_group
+
+    torch.manual_seed(0)
+    model = _Parts().eval()
+    ref = _Parts().eval()
+    ref.load_state_dict(model.state_dict())
+    x = torch.randn(1, 1, 6, 6)
+    dg = build_graph(model, x)
+    handler = dg.get_pruner_of_module(model.conv1).prune_out_channels
+    assert channel_groups(dg.get_pruning_group(model.conv1, handler, list(range(32)))) == 4
+    gone = grouped_channels([0, 5], 32, 4)
+    with torch.no_grad():
+        ref.conv1.weight[gone] = 0
+        ref.conv1.bias[gone] = 0
+        expected = ref(x)
+    assert prune_group(dg, model.conv1, handler, gone, model)
+    assert model.width == 6 and [c.in_channels for c in model.convs] == [6, 6, 6, 6]
+    with torch.no_grad():
+        assert torch.allclose(model(x), expected, atol=1e-5)
+
+
+def test_equal_parts_are_pruned_by_the_loop_and_never_held():
+    """Through the pruning loop: the proof finds nothing that breaks, conv1 shrinks by whole positions of every
+    part, and the model runs; the same model splitting by a literal width is held with the reason."""
+    from stages._goals import Plan
+
+    for make, held_roots in ((_Parts, []), (_LiteralParts, ["conv1"])):
+        torch.manual_seed(0)
+        model = make().eval()
+        pruner = pruner_for("l2", (8, 8), round_to=1)
+        for step in range(2):
+            pruner.apply(model, Plan(step, share=0.3))
+        with torch.no_grad():
+            assert model(torch.randn(2, 1, 8, 8)).shape == (2, 4)
+        held = {h.root: h for h in pruner.held.values()}
+        assert sorted(held) == held_roots, {r: h.reason for r, h in held.items()}
+        if make is _Parts:
+            assert model.conv1.out_channels < 32 and model.conv1.out_channels == 4 * model.width
+        else:
+            assert model.conv1.out_channels == 32 and held["conv1"].kind == "breaks forward"
+
+
+class _DualPath(nn.Module):
+    """Two dual-path blocks (DPN's): a layer's output cut at a stored width into a residual part, added to the
+    same part of the block's input (cut the same way), and a dense part, concatenated after the input's dense
+    part. Torch-Pruning inferred the concatenations' part widths through the slices wrongly and the stored width
+    did not follow: every group was held."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num = 16
+        self.stem = nn.Conv2d(1, 24, 3, padding=1)  # 16 residual + 8 dense
+        self.c1 = nn.Conv2d(24, 20, 1)  # 16 residual + 4 dense
+        self.c2 = nn.Conv2d(28, 20, 1)
+        self.head = nn.Linear(32, 4)
+
+    def block(self, x, conv):
+        y = conv(torch.relu(x))
+        return torch.cat([x[:, :self.num] + y[:, :self.num], x[:, self.num:], y[:, self.num:]], dim=1)
+
+    def forward(self, x):
+        return self.head(self.block(self.block(self.stem(x), self.c1), self.c2).mean((2, 3)))
+
+
+def test_slices_at_a_stored_width_and_the_concatenations_after_them_follow_the_pruned_channels():
+    """Removing two residual channels and one dense channel of c1: the residual channels go along the whole
+    residual path (stem, c1, c2, head), the dense one where the concatenations put it (c2's input 26, and the head's
+    input 26 again one block later), the stored width moves to 14, and the pruned model computes what the unpruned
+    one does with those channels zeroed."""
+    from stages._graph import build_graph
+    from stages._structure import prune_group
+
+    torch.manual_seed(0)
+    model = _DualPath().eval()
+    ref = _DualPath().eval()
+    ref.load_state_dict(model.state_dict())
+    x = torch.randn(1, 1, 6, 6)
+    with torch.no_grad():
+        for conv, rows in ((ref.stem, [1, 5]), (ref.c1, [1, 5, 18]), (ref.c2, [1, 5])):
+            conv.weight[rows] = 0
+            conv.bias[rows] = 0
+        expected = ref(x)
+    dg = build_graph(model, x)
+    assert prune_group(dg, model.c1, dg.get_pruner_of_module(model.c1).prune_out_channels, [1, 5, 18], model)
+    assert model.num == 14 and model.stem.out_channels == 22 and model.c1.out_channels == 17
+    assert model.c2.in_channels == 25 and model.c2.out_channels == 18 and model.head.in_features == 29
+    with torch.no_grad():
+        assert torch.allclose(model(x), expected, atol=1e-5)
+
+
+class _ChannelsLastGate(nn.Module):
+    """A gated block on a channels-last tensor: one Linear's features split by stored sizes along the last
+    dimension into a gate, an identity part and a part through a depthwise convolution (channels first and back),
+    the gate multiplying the other two concatenated (MambaOut's gated convolution block, written here)."""
+
+    def __init__(self, dim: int = 8, hidden: int = 16, conv: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, dim, 3, padding=1)
+        self.fc1 = nn.Linear(dim, 2 * hidden)
+        self.split_indices = (hidden, hidden - conv, conv)
+        self.conv = nn.Conv2d(conv, conv, 3, padding=1, groups=conv)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.head = nn.Linear(dim, 4)
+
+    def forward(self, x):
+        x = self.stem(x).permute(0, 2, 3, 1)
+        g, i, c = torch.split(self.fc1(x), self.split_indices, dim=-1)
+        c = self.conv(c.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        x = x + self.fc2(nn.functional.gelu(g) * torch.cat((i, c), dim=-1))
+        return self.head(x.mean((1, 2)))
+
+
+def test_a_channels_last_split_by_stored_sizes_follows_the_pruned_features():
+    """A split along the last dimension of a channels-last tensor is the one Torch-Pruning maps as channels: its
+    stored sizes follow the features each part loses, a gate channel goes with the channel it multiplies, and
+    the pruned model computes what the unpruned one does with those gate channels zeroed (GELU(0) = 0)."""
+    from stages._graph import build_graph
+    from stages._structure import prune_group
+
+    torch.manual_seed(0)
+    model = _ChannelsLastGate().eval()
+    ref = _ChannelsLastGate().eval()
+    ref.load_state_dict(model.state_dict())
+    x = torch.randn(1, 1, 6, 6)
+    gone = [1, 9, 14]  # gate channels; they take 17 (identity part) and 25, 30 (convolution part) with them
+    with torch.no_grad():
+        ref.fc1.weight[gone] = 0
+        ref.fc1.bias[gone] = 0
+        expected = ref(x)
+    dg = build_graph(model, x)
+    assert prune_group(dg, model.fc1, dg.get_pruner_of_module(model.fc1).prune_out_channels, gone, model)
+    assert model.fc1.out_features == 26 and model.split_indices == (13, 7, 6)
+    assert model.conv.in_channels == model.conv.out_channels == model.conv.groups == 6
+    assert model.fc2.in_features == 13
+    with torch.no_grad():
+        assert torch.allclose(model(x), expected, atol=1e-5)
 
 
 def test_a_step_that_breaks_the_model_after_the_proof_passed_holds_the_group_that_breaks_it(monkeypatch):
@@ -415,7 +569,7 @@ def test_a_step_that_breaks_the_model_after_the_proof_passed_holds_the_group_tha
     saw_no_break.last_cached = False
     monkeypatch.setattr(pruner_mod, "prove", saw_no_break)
     torch.manual_seed(0)
-    model = _Parts().eval()
+    model = _LiteralParts().eval()
     pruner = pruner_for("l2", (8, 8), round_to=1)
     removal = pruner.apply(model, Plan(0, share=0.3))
     with torch.no_grad():

@@ -136,14 +136,19 @@ def _partial_residual_net(blocks: int) -> nn.Module:
     return _PartialResidualNet(blocks).eval()
 
 
-def test_a_coupling_whose_index_sets_multiply_is_held_at_once_not_after_its_time_budget():
-    """Chained partial-channel residuals make Torch-Pruning's derivation come back to the same layers with ever
+def test_a_coupling_whose_index_sets_multiply_is_held_at_once_not_after_its_time_budget(monkeypatch):
+    """Chained partial-channel residuals made Torch-Pruning's derivation come back to the same layers with ever
     more index sets (ReXNet: 140 s, every such group held only when its 20 s budget ran out). A layer that comes
     back more than REVISITS times holds the group at once, as `graph`, saying why; shallower chains, whose
-    derivation ends, stay prunable, and a group derived with the lookup is the one the scan gives."""
+    derivation ends, stay prunable, and a group derived with the lookup is the one the scan gives. What made
+    this chain multiply was Torch-Pruning's inferred widths of its concatenations (wrong through slices); with
+    the widths the forward saw it derives at once (next test), so the guard is shown with the inferred ones."""
     from torch_pruning.dependency.group import Group
 
+    import stages._graph as graph_mod
     from stages._graph import REVISITS, _indexed_groups
+
+    monkeypatch.setattr(graph_mod, "_map_concat", lambda graph, node: False)
 
     deep = _partial_residual_net(8)
     dg = build_graph(deep, torch.zeros(1, 3, 8, 8))
@@ -164,6 +169,32 @@ def test_a_coupling_whose_index_sets_multiply_is_held_at_once_not_after_its_time
     with _indexed_groups(revisits=1):
         with pytest.raises(Exception, match="came back"):
             super(type(dg), dg).get_pruning_group(root, pruner.prune_out_channels, list(range(root.out_channels)))
+
+
+def test_concatenations_of_slices_map_with_the_widths_the_forward_saw():
+    """The same deep chain with the concatenations' part widths recorded from the tracing forward: no group
+    comes back, none is held, the proof finds nothing that breaks, and three pruning steps leave a model that
+    runs with every block's stored split point (`out[:, 0:self.cin]`) moved to where its channels now are."""
+    from stages._goals import Plan
+    from stages._structure import _prove
+    from tests.conftest import pruner_for
+
+    torch.manual_seed(0)
+    deep = _partial_residual_net(8)
+    deep.stem = nn.Conv2d(1, 16, 3, padding=1)  # the pruner's bare context feeds one channel
+    x = torch.randn(1, 1, 8, 8)
+    dg = build_graph(deep, x)
+    found, held = dg.groups(deep, [deep.fc], {})
+    assert not held and len(found) == 9
+    assert _prove(deep, x, [f[0] for f in found], build_graph, 600.0, None) == {}
+    pruner = pruner_for("l2", (8, 8), round_to=1)
+    for step in range(3):
+        pruner.apply(deep, Plan(step, share=0.3))
+    assert not pruner.held, {h.root: h.reason for h in pruner.held.values()}
+    with torch.no_grad():
+        assert deep(torch.randn(2, 1, 8, 8)).shape == (2, 4)
+    assert [block.cin for block in deep.blocks] != [16 + 4 * i for i in range(8)], "split points moved"
+    assert all(block.cin == block.conv[0].in_channels for block in deep.blocks), "each split point followed"
 
 
 def test_auxiliary_classifier_is_an_output_layer():

@@ -11,7 +11,15 @@ from torch import nn
 import stages._structure as S
 from stages._graph import build_graph
 from stages._pruning import classifier_layers
-from tests.integration.test_structures import _GainConv, _Grouped, _Parts, _StoredSplit
+from tests.integration.test_structures import (
+    _ChannelsLastGate,
+    _DualPath,
+    _GainConv,
+    _Grouped,
+    _LiteralParts,
+    _Parts,
+    _StoredSplit,
+)
 from tests.stages.test_proof_cache import Stored
 
 
@@ -33,7 +41,7 @@ class _Scaled(nn.Module):
 
 
 def _res2net() -> nn.Module:
-    """timm's Res2Net blocks (splits into equal parts by a stored width, a pool on the last part), two stages."""
+    """timm's Res2Net blocks (splits into equal parts by a stored width, a pool on the last part), four stages."""
     from timm.models.res2net import Bottle2neck
     from timm.models.resnet import ResNet
 
@@ -42,7 +50,10 @@ def _res2net() -> nn.Module:
 
 
 MODELS = {"stored reshape width": (Stored, (3, 8, 8)), "stored split sizes": (_StoredSplit, (1, 6, 6)),
-          "equal parts by a stored width": (_Parts, (1, 8, 8)), "layer scale": (_Scaled, (3, 8, 8)),
+          "equal parts by a stored width": (_Parts, (1, 8, 8)),
+          "equal parts by a literal width": (_LiteralParts, (1, 8, 8)),
+          "channels-last split by stored sizes": (_ChannelsLastGate, (1, 6, 6)), "layer scale": (_Scaled, (3, 8, 8)),
+          "dual paths (slices at a stored width)": (_DualPath, (1, 6, 6)),
           "per-channel gain": (lambda: nn.Sequential(_GainConv(1, 16, 3), nn.ReLU(), _GainConv(16, 8, 1),
                                                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)),
                                (1, 8, 8)),
@@ -50,7 +61,7 @@ MODELS = {"stored reshape width": (Stored, (3, 8, 8)), "stored split sizes": (_S
           "grouped convolutions (their counts from the bench's own graph)": (_Grouped, (1, 8, 8))}
 
 
-BREAKS = {"stored reshape width", "equal parts by a stored width", "Res2Net blocks"}
+BREAKS = {"stored reshape width", "equal parts by a literal width"}
 
 
 def _roots(model: nn.Module, x: torch.Tensor) -> list[str]:
