@@ -343,10 +343,11 @@ def _slice_moves(dg, group) -> list[tuple[Any, int, int, int, int]]:
     for dep, idxs in group:
         if dg.is_out_channel_pruning_fn(dep.handler):
             removed.setdefault(dep.target, set()).update(int(i) for i in idxs)
+    if not hasattr(dg, "channel_slices"):  # once per graph: every group of a step scans them
+        dg.channel_slices = [(op, node) for op, node in dg.module2node.items()
+                             if type(op).__name__ == "_SliceOp" and op.dim == 1 and op.step == 1 and node.inputs]
     moves = []
-    for op, node in dg.module2node.items():
-        if type(op).__name__ != "_SliceOp" or op.dim != 1 or op.step != 1 or not node.inputs:
-            continue
+    for op, node in dg.channel_slices:
         gone = removed.get(node.inputs[0])
         if not gone or op.start < 0 or op.end < 0:
             continue
@@ -509,8 +510,8 @@ def _structure_print(modules: list[nn.Module]) -> list[Any]:
 class _Bench:
     """One working copy of the model and one graph traced on it, for all the trials of a proof: each trial removes
     its units from the copy in place and is then undone (every module's attributes, including the graph's own
-    split and concatenation records and the split sizes it traced, and the data of every parameter and buffer
-    put back). A fresh deep copy and
+    split and concatenation records and the split sizes it traced, the graph's nodes of loose parameters, and
+    the data of every parameter and buffer put back). A fresh deep copy and
     trace per trial cost two thirds of the proof. After each undo the copy's structure is compared with the
     first; on any difference (something an undo does not reach) the bench is given up and the remaining trials
     take fresh copies."""
@@ -526,6 +527,11 @@ class _Bench:
         self.saved = [_module_state(m) for m in mods]
         self.owners = dict(getattr(self.dg, "split_owners", {}))
         self.cats = dict(getattr(self.dg, "cat_sizes", {}))
+        # pruning a loose parameter (a layer scale) replaces it with a new one in the graph too: its node, and
+        # the graph's maps from module to node and from parameter to name, point to the pruned one after
+        self.nodes = dict(self.dg.module2node)
+        self.node_modules = [(node, node.module) for node in self.dg.module2node.values()]
+        self.param_names = dict(getattr(self.dg, "_param_to_name", {}))
         self.print = _structure_print(mods)
         self.sound = True
 
@@ -538,8 +544,12 @@ class _Bench:
                 if t.data is not data:
                     t.data = data
                 t.grad = None
+        for node, module in self.node_modules:
+            node.module = module
         for records, saved in ((getattr(self.dg, "split_owners", None), self.owners),
-                               (getattr(self.dg, "cat_sizes", None), self.cats)):
+                               (getattr(self.dg, "cat_sizes", None), self.cats),
+                               (self.dg.module2node, self.nodes),
+                               (getattr(self.dg, "_param_to_name", None), self.param_names)):
             if records is not None:
                 records.clear()
                 records.update(saved)

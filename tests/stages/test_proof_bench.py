@@ -123,3 +123,23 @@ def test_an_undo_that_misses_something_hands_the_rest_to_fresh_copies(monkeypatc
     monkeypatch.setattr(S, "spread_copy", lambda *a, **k: fresh_copies.append(1) or real(*a, **k))
     assert set(S._prove(model, x, ["conv1", "conv2"], build_graph, 600.0, None)) == {"conv1"}
     assert fresh_copies, "after the failed undo, the trials took fresh copies"
+
+
+def test_an_undo_puts_back_the_graphs_node_of_a_pruned_loose_parameter():
+    """Torch-Pruning replaces a pruned loose parameter (a layer scale) with a new one in its graph too: node,
+    module-to-node map and parameter names. Undone only in the model, the next trial pruned the stale, already
+    pruned parameter again (EdgeNeXt's layer scales went 48 -> 36 in one trial and 48 -> 26 in the next, and the
+    proof's verdicts depended on the order of its trials)."""
+    torch.manual_seed(0)
+    model = _Scaled().eval()
+    x = torch.randn(1, 3, 8, 8)
+    bench = S._Bench(model, x, build_graph)
+    shapes = []
+    for _ in range(2):
+        S.remove_spread(bench.model, bench.dg, ["conv"], {})
+        shapes.append((tuple(bench.model.scale.shape), bench.model.shape, bench.model.conv.out_channels))
+        bench.undo()
+        param = bench.model.scale
+        assert param.shape == (16,) and bench.dg.module2node[param].module is param
+        assert bench.dg._param_to_name[param] == "scale"
+    assert shapes[0] == shapes[1] and shapes[0][0][0] < 16
