@@ -295,6 +295,13 @@ def test_a_layers_own_per_channel_tensors_follow_its_output_channels():
         assert net(x).shape == (1, 4)
 
 
+def _twins(make) -> tuple[nn.Module, nn.Module]:
+    """A model in eval mode and a reference with the same weights, whose removed channels a test zeroes."""
+    model, ref = make().eval(), make().eval()
+    ref.load_state_dict(model.state_dict())
+    return model, ref
+
+
 class _StoredSplit(nn.Module):
     """Splits its channels by sizes it stores, runs a depthwise convolution on three of the parts and
     concatenates them back (the parts' consumers are created in an order other than the parts')."""
@@ -321,10 +328,8 @@ def test_split_sizes_a_module_stores_follow_the_channels_each_part_loses():
     from stages._structure import prune_group
 
     torch.manual_seed(0)
-    model = _StoredSplit().eval()
+    model, ref = _twins(_StoredSplit)
     x = torch.randn(1, 1, 6, 6)
-    ref = _StoredSplit().eval()
-    ref.load_state_dict(model.state_dict())
     gone = [0, 5, 13, 14, 18, 23]  # parts 0, 0, 1, 1, 2, 3
     with torch.no_grad():  # the removed channels carry nothing to the head: their producer and biases zeroed
         ref.a.weight[gone] = 0
@@ -363,9 +368,7 @@ def test_an_equal_split_maps_each_part_to_its_own_place_in_the_concatenation():
     from stages._structure import prune_group
 
     torch.manual_seed(0)
-    model = _EqualSplit().eval()
-    ref = _EqualSplit().eval()
-    ref.load_state_dict(model.state_dict())
+    model, ref = _twins(_EqualSplit)
     x = torch.randn(1, 1, 5, 5)
     with torch.no_grad():
         ref.c[2].weight[[0, 4]] = 0
@@ -420,9 +423,7 @@ def test_equal_parts_by_a_stored_width_lose_the_same_positions_and_the_width_fol
     from stages._structure import channel_groups, grouped_channels, prune_group
 
     torch.manual_seed(0)
-    model = _Parts().eval()
-    ref = _Parts().eval()
-    ref.load_state_dict(model.state_dict())
+    model, ref = _twins(_Parts)
     x = torch.randn(1, 1, 6, 6)
     dg = build_graph(model, x)
     handler = dg.get_pruner_of_module(model.conv1).prune_out_channels
@@ -490,9 +491,7 @@ def test_slices_at_a_stored_width_and_the_concatenations_after_them_follow_the_p
     from stages._structure import prune_group
 
     torch.manual_seed(0)
-    model = _DualPath().eval()
-    ref = _DualPath().eval()
-    ref.load_state_dict(model.state_dict())
+    model, ref = _twins(_DualPath)
     x = torch.randn(1, 1, 6, 6)
     with torch.no_grad():
         for conv, rows in ((ref.stem, [1, 5]), (ref.c1, [1, 5, 18]), (ref.c2, [1, 5])):
@@ -537,9 +536,7 @@ def test_a_channels_last_split_by_stored_sizes_follows_the_pruned_features():
     from stages._structure import prune_group
 
     torch.manual_seed(0)
-    model = _ChannelsLastGate().eval()
-    ref = _ChannelsLastGate().eval()
-    ref.load_state_dict(model.state_dict())
+    model, ref = _twins(_ChannelsLastGate)
     x = torch.randn(1, 1, 6, 6)
     gone = [1, 9, 14]  # gate channels; they take 17 (identity part) and 25, 30 (convolution part) with them
     with torch.no_grad():
