@@ -18,6 +18,7 @@ from stages._structure import (
     GROUP_SECONDS,
     GroupTimeout,
     Held,
+    along_channels,
     channel_groups,
     head_count_attr,
     inside_attention,
@@ -90,7 +91,7 @@ def _map_concat(graph, node) -> bool:
     if found is None:
         return False
     dim, sizes, fns = found
-    if not (dim == 1 or dim < 0) or len(sizes) != len(fns):
+    if not along_channels(dim) or len(sizes) != len(fns):
         return False
     places = []
     for inp in node.inputs:

@@ -244,12 +244,17 @@ def split_dim(node) -> int | None:
     return dim if -64 < dim < 64 else None
 
 
-def splits_channels(node) -> bool:
-    """Whether Torch-Pruning maps a split's indices as channel indices: a split along dimension 1, or along one
-    counted from the end (-1 on a channels-last tensor: the features a Linear layer reads). Its part sizes must
-    then follow the pruning; where the dimension is not the channels after all, the proof finds the break."""
-    dim = split_dim(node)
+def along_channels(dim: int | None) -> bool:
+    """Whether Torch-Pruning maps indices through a split or concatenation along `dim` as channel indices:
+    dimension 1, or one counted from the end (-1 on a channels-last tensor: the features a Linear layer reads).
+    Where the dimension is not the channels after all, the proof finds the break."""
     return dim is not None and (dim == 1 or dim < 0)
+
+
+def splits_channels(node) -> bool:
+    """Whether a split node's indices are channel indices (`along_channels`): its part sizes must then follow
+    the pruning."""
+    return along_channels(split_dim(node))
 
 
 def split_parts(node) -> tuple[int, int] | None:
