@@ -93,8 +93,11 @@ def print_inspection(result, out: Console) -> None:
     """The pre-flight check as tables a user reads before committing hours."""
     held_share = sum(h["macs_share"] for h in result.held)
     heads = sum(1 for g in result.groups if g["kind"] == "heads")
+    joint = [g for g in result.groups if g["kind"] == "heads+channels"]
+    tied = (f", {len(joint)} of residual channels with the heads of {sum(g['attentions'] for g in joint)} attentions "
+            "they are tied to") if joint else ""
     out.print(f"{result.model}, input {result.input}: {result.gflops:.4g} GMACs, {result.params_m:.4g} M params. "
-              f"{len(result.groups)} prunable groups ({heads} of attention heads); {len(result.held)} held whole "
+              f"{len(result.groups)} prunable groups ({heads} of attention heads{tied}); {len(result.held)} held whole "
               f"({held_share:.1%} of the MACs); {len(result.candidates)} blocks truncation could remove.",
               markup=False, highlight=False)
     if result.held:
@@ -108,7 +111,8 @@ def print_inspection(result, out: Console) -> None:
     for col in ("root layer", "unit", "width", "coupled layers"):
         table.add_column(col)
     for g in sorted(result.groups, key=lambda g: -g["width"])[:12]:
-        table.add_row(g["root"], "head" if g["kind"] == "heads" else "channel", str(g["width"]), str(g["layers"]))
+        unit = {"heads": "head", "heads+channels": "head + its channels"}.get(g["kind"], "channel")
+        table.add_row(g["root"], unit, str(g["width"]), str(g["layers"]))
     out.print(table)
     if result.candidates:
         out.print("truncation candidates: " + ", ".join(f"{c['block']} ({c['macs_share']:.1%})"

@@ -108,13 +108,19 @@ def inspect_model(config: Config, onnx: bool = True) -> Inspection:
     broken = prove(model, example, [f[0] for f in found], build_graph, groups_of=groups_of)
     proof_cached = prove.last_cached
     attention = every_attention(model)
+    broken_alone = broken.held()  # a coupling's roots prune jointly: one group, listed under its residual root
+    tied = {h for heads in broken.coupled.values() for h in heads}
     groups = []
     for name, module, _, group in found:
         layers = producers_of(graph, group, model)
-        if name in broken:
+        if name in broken_alone:
             held.append(Held(name, in_attention(layers, attention, f"removing some of its units breaks the model "
                                                                    f"({broken[name]})"), "breaks forward", layers))
-        else:
+        elif name in broken.coupled:
+            heads = broken.coupled[name]
+            groups.append({"root": name, "width": _heads_of(model, heads[0]), "layers": len(layers),
+                           "kind": "heads+channels", "attentions": len(heads)})
+        elif name not in tied:
             pruner = graph.get_pruner_of_module(module)
             groups.append({"root": name, "width": pruner.get_out_channels(module), "layers": len(layers),
                            "kind": "heads" if module in _head_roots(model) else "channels"})
@@ -147,7 +153,7 @@ def inspect_model(config: Config, onnx: bool = True) -> Inspection:
         t0 = time.perf_counter()
         if groups:  # in place, through the graph traced above: nothing after this needs the full-width model, and
             # a copy traced again cost a deep copy and a trace per inspect
-            remove_spread(model, graph, [g["root"] for g in groups], groups_of)
+            remove_spread(model, graph, [g["root"] for g in groups], groups_of, broken.coupled)
         what = "the pruned model" if groups else "the model"
         try:
             result.onnx = _onnx_check(model, example, config)
@@ -171,3 +177,13 @@ def _head_roots(model: nn.Module) -> list[nn.Module]:
     return [layout(m).root for m in attention_modules(model).values()]
 
 
+
+
+def _heads_of(model: nn.Module, root: str) -> int:
+    """The head count of the attention whose head group is rooted at `root`."""
+    from stages._attention import attention_modules, layout
+
+    for attention in attention_modules(model).values():
+        if layout(attention).root is model.get_submodule(root):
+            return getattr(attention, layout(attention).heads_attr)
+    raise KeyError(root)

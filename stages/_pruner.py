@@ -69,6 +69,7 @@ class Pruner:
         self.originals: dict[str, int] = {}
         self.held: dict[str, Held] = {}
         self.proved = False
+        self.coupled: dict[str, list[str]] = {}  # residual root -> head roots, pruned as one (`Proof.coupled`)
         self.proof_cached = False
         self.keep, self.graph_builds, self.score_seconds, self.proof_seconds = 1.0, 0, 0.0, 0.0
         self.round_to = round_to if round_to is not None else ctx.config.filter_prune.round_to
@@ -87,12 +88,14 @@ class Pruner:
             self.proof_seconds = time.perf_counter() - t0
             self.proof_cached = prove.last_cached
             attention = every_attention(model)
+            held = broken.held()  # a coupling's roots are pruned jointly (`score_groups`), not held
             for name, _, _, group in found:
-                if name in broken:
+                if name in held:
                     layers = producers_of(graph, group, model)
-                    reason = f"removing some of its units breaks the model ({broken[name]})"
+                    reason = f"removing some of its units breaks the model ({held[name]})"
                     self.held[name] = Held(name, in_attention(layers, attention, reason), "breaks forward", layers)
-            found = [f for f in found if f[0] not in broken]
+            found = [f for f in found if f[0] not in held]
+            self.coupled = broken.coupled
             self.proved = True
         return found
 
@@ -113,7 +116,7 @@ class Pruner:
         graph = build_graph(model, self.example)
         self.graph_builds += 1
         unscored: list[tuple[str, str]] = []
-        records = score_groups(self.prunable(model, graph), model, criterion, unscored)
+        records = score_groups(self.prunable(model, graph), model, criterion, unscored, self.coupled)
         for name, why in unscored:
             self.held.setdefault(name, Held(name, why, "criterion", [name]))
         self.score_seconds += time.perf_counter() - t0

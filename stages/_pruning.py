@@ -11,7 +11,17 @@ from torch import nn
 
 from stages._attention import attention_modules, layout, members, qkv_indices
 from stages._criteria import Criterion
-from stages._structure import channel_groups, grouped_channels, prune_group
+from stages._structure import channel_groups, grouped_channels, prune_group, remove_joint
+
+
+@dataclass
+class Joint:
+    """The parts of a joint record (`GroupRecord.joint`): a residual width whose channels can only go with one
+    head of every attention it feeds (`_structure.find_couplings`). Unit k is the k-th weakest block of head_dim
+    residual channels together with the k-th weakest head of each attention, so the record's scores rise with k."""
+
+    channels: list[int]  # the residual's channels, weakest first
+    attentions: list[tuple[str, nn.Module, list[int]]]  # (path, attention, its heads weakest first)
 
 
 @dataclass
@@ -35,21 +45,41 @@ class GroupRecord:
     # layer -> (its width on the side this group prunes, features one unit removes there): what a unit costs
     members: dict[str, tuple[int, int]] = field(default_factory=dict)
     groups: int = 1
+    joint: Joint | None = None
 
     def align(self, round_to: int) -> int:
         """Width alignment of this record's chunks, in units: round_to channels, one whole head, or the positions
         that keep `groups` slices' channels a multiple of round_to."""
         if self.attention is not None:
             return 1
-        return round_to // math.gcd(round_to, self.groups)
+        return round_to // math.gcd(round_to, self.unit if self.joint is not None else self.groups)
 
     def features(self, units: list[int]) -> list[int]:
         """The root's output features (channels) that removing `units` removes."""
         if self.attention is not None:
             return qkv_indices(self.attention, units)
+        if self.joint is not None:
+            d = self.unit
+            return sorted(c for u in units for c in self.joint.channels[u * d:(u + 1) * d])
         if self.groups > 1:
             return grouped_channels(units, self.width * self.groups, self.groups)
         return sorted(units)
+
+    def heads(self, units: list[int]) -> list[tuple[str, nn.Module, list[int]]]:
+        """A joint record's attentions with the heads that removing `units` removes from each."""
+        return [(path, att, sorted(order[u] for u in units)) for path, att, order in self.joint.attentions]
+
+    def remove(self, dg, module: nn.Module, units: list[int], model: nn.Module,
+               attentions: list[nn.Module | None] | None = None) -> bool:
+        """Remove `units` from `model` through `dg`, the root being `module` (of `model`, which may be a copy of
+        the model the record was scored on; then `attentions` are the record's attention(s) in that copy)."""
+        if self.joint is None:
+            attention = self.attention if attentions is None else attentions[0]
+            return prune_group(dg, module, self.handler, self.features(units), model, attention)
+        parts = self.heads(units)
+        atts = attentions if attentions is not None else [att for _, att, _ in parts]
+        return remove_joint(dg, module, self.handler, self.features(units),
+                            [(att, heads) for att, (_, _, heads) in zip(atts, parts, strict=True)], model)
 
 
 def classifier_layers(model: nn.Module, num_classes: int, outputs: list[nn.Module] = ()) -> list[nn.Module]:
@@ -68,14 +98,27 @@ def classifier_layers(model: nn.Module, num_classes: int, outputs: list[nn.Modul
 
 
 def score_groups(found: list[tuple[str, nn.Module, Any, Any]], model: nn.Module, criterion: Criterion,
-                 unscored: list[tuple[str, str]] | None = None) -> list[GroupRecord]:
-    """Score the prunable groups (`_Graph.groups`) with the criterion: channels per unit, attention per head.
+                 unscored: list[tuple[str, str]] | None = None,
+                 coupled: dict[str, list[str]] | None = None) -> list[GroupRecord]:
+    """Score the prunable groups (`_Graph.groups`) with the criterion: channels per unit, attention per head, and
+    each coupling (`coupled`: residual root -> the head roots it shrinks with) as one joint record.
     Groups the criterion cannot score consistently go to `unscored` as (root, why)."""
     unscored = unscored if unscored is not None else []
+    coupled = coupled or {}
     heads = {layout(m).root: (n, m) for n, m in attention_modules(model).items()}
     names = {m: n for n, m in model.named_modules()}
+    by_name = {f[0]: f for f in found}
+    joint_roots = {r for root, hs in coupled.items() for r in (root, *hs)}
     records = []
     for name, root, handler, group in found:
+        if name in joint_roots:
+            if name in coupled and all(h in by_name for h in coupled[name]):
+                rec = _joint_record(by_name[name], [by_name[h] for h in coupled[name]], heads, names, criterion)
+                if isinstance(rec, str):
+                    unscored.append((name, rec))
+                else:
+                    records.append(rec)
+            continue
         if root in heads:
             att_name, attention = heads[root]
             scores = criterion.heads(att_name, attention, group)
@@ -98,6 +141,54 @@ def score_groups(found: list[tuple[str, nn.Module, Any, Any]], model: nn.Module,
         records.append(GroupRecord(name, root, handler, len(scores), scores, members=_members(group, names, groups),
                                    unit=groups, groups=groups))
     return records
+
+
+def _normalised(scores: torch.Tensor) -> torch.Tensor:
+    scores = torch.nan_to_num(scores.detach().float().cpu(), nan=0.0)
+    return scores / scores.mean().clamp(min=1e-12)
+
+
+def _joint_record(residual: tuple, attentions: list[tuple], heads: dict, names: dict,
+                  criterion: Criterion) -> GroupRecord | str:
+    """One record for a residual group and the attention head groups it shrinks with (or why it cannot be
+    scored). Unit k: the k-th weakest block of head_dim residual channels (by their mean score) and the k-th
+    weakest head of each attention; its score is the mean of the block's and the heads' scores (each normalised
+    to mean 1), so weak channels and weak heads go first, together, and scores rise with k. The members are
+    the residual's and the attentions' layers, one unit removing head_dim channels of the one and a head of the
+    others (a layer in both counts both shares)."""
+    name, root, handler, group = residual
+    channel = criterion(group)
+    if channel is None or len(channel) != len(group[0].idxs):
+        return "the criterion cannot score the residual channels its attention heads are tied to"
+    channel = _normalised(channel)
+    parts, head_scores, tied = [], [], []
+    d = 1
+    for _, head_root, _, head_group in attentions:
+        att_name, attention = heads[head_root]
+        lay = layout(attention)
+        scores = criterion.heads(att_name, attention, head_group)
+        if scores is None:
+            return f"the criterion cannot score the heads of {att_name}, which shrink with these channels"
+        d = lay.head_dim
+        if len(scores) * d != len(channel):
+            return f"{att_name} has {len(scores)} heads of {d}, not the {len(channel)} channels it is tied to"
+        scores = _normalised(scores)
+        order = torch.argsort(scores, stable=True).tolist()
+        parts.append((att_name, attention, order))
+        head_scores.append(scores[order])
+        tied.append(members(lay, att_name))
+    joined = _members(group, names, d)  # a unit is d residual channels
+    for layer, (w2, f2) in ((k, v) for m in tied for k, v in m.items()):
+        if layer in joined:  # both sides of one layer shrink: the shares add (first order)
+            w1, f1 = joined[layer]
+            joined[layer] = (w1 * w2, f1 * w2 + f2 * w1)
+        else:
+            joined[layer] = (w2, f2)
+    channels = torch.argsort(channel, stable=True).tolist()
+    blocks = channel[channels].view(-1, d).mean(1)
+    scores = 0.5 * blocks + 0.5 * torch.stack(head_scores).mean(0)
+    return GroupRecord(name, root, handler, len(scores), scores, unit=d, members=joined,
+                       joint=Joint(channels, parts))
 
 
 def _members(group, names: dict[nn.Module, str], groups: int = 1) -> dict[str, tuple[int, int]]:
@@ -202,7 +293,7 @@ def apply_plan(dg, records: list[GroupRecord], plan: dict[str, list[int]], model
         idxs = plan.get(rec.name)
         if not idxs:
             continue
-        if prune_group(dg, rec.module, rec.handler, rec.features(idxs), model, rec.attention):
+        if rec.remove(dg, rec.module, idxs, model):
             removed += len(idxs) * rec.unit
     return removed
 

@@ -472,11 +472,21 @@ def spread_copy(model: nn.Module, example: torch.Tensor, roots: list[str], build
     return trial
 
 
-def remove_spread(trial: nn.Module, dg, roots: list[str], groups_of: dict[str, int]) -> None:
-    """Remove a few spread units (one head) of each named group of `trial`, in place, through `dg` (its graph)."""
+def remove_spread(trial: nn.Module, dg, roots: list[str], groups_of: dict[str, int],
+                  coupled: dict[str, list[str]] | None = None) -> None:
+    """Remove a few spread units (one head) of each named group of `trial`, in place, through `dg` (its graph).
+    A root in `coupled` loses one joint unit with the head roots it names (`remove_joint_unit`); those head roots
+    are not removed from alone."""
     modules = dict(trial.named_modules())
     heads = {layout(m).root: m for m in attention_modules(trial).values()}
+    coupled = coupled or {}
+    with_residual = {h for hs in coupled.values() for h in hs}
     for name in roots:
+        if name in with_residual:
+            continue
+        if name in coupled:
+            remove_joint_unit(trial, dg, name, coupled[name])
+            continue
         mod = modules[name]
         pruner = dg.get_pruner_of_module(mod)
         if mod in heads:
@@ -488,6 +498,112 @@ def remove_spread(trial: nn.Module, dg, roots: list[str], groups_of: dict[str, i
             units = grouped_channels(spread_units(width // groups), width, groups) if groups > 1 else \
                 spread_units(width)
             prune_group(dg, mod, pruner.prune_out_channels, units, trial)
+
+
+# ------------------------------------------------------------------------------ widths that shrink only together
+#
+# An attention can tie its heads to the residual width it is fed: MetaFormer's reshapes its heads' output to
+# (B, N, C) with C read from its input, so removing heads alone, or residual channels alone, breaks the forward,
+# and the proof holds both. They can still shrink together: head_dim channels of the residual and one head of
+# every attention it feeds (all of them have heads x head_dim == the residual's width). Such a joint unit is
+# proved on a copy like any other (one removed must still run), and the groups are then pruned as one record
+# (`_pruning.GroupRecord.joint`): scored, planned and applied together, never one without the others.
+
+
+def joint_channels(width: int, head_dim: int) -> list[int]:
+    """One joint unit's residual channels for a trial: head_dim channels spread over the width."""
+    step = width / head_dim
+    return sorted({int(i * step) for i in range(head_dim)})
+
+
+def remove_joint(dg, module: nn.Module, handler, channels: list[int],
+                 attentions: list[tuple[nn.Module, list[int]]], model: nn.Module) -> bool:
+    """Remove `channels` of the residual group rooted at `module` and, through the same graph, the given heads of
+    each attention it feeds. False (nothing removed) when the residual group cannot lose those channels."""
+    if not prune_group(dg, module, handler, channels, model):
+        return False
+    for attention, heads in attentions:
+        root = layout(attention).root
+        if not prune_group(dg, root, dg.get_pruner_of_module(root).prune_out_channels,
+                           qkv_indices(attention, heads), model, attention):
+            raise RuntimeError(f"{type(attention).__name__}: removing heads {heads} of its "
+                               f"{getattr(attention, layout(attention).heads_attr)} was refused after the "
+                               "residual channels they are tied to were removed")
+    return True
+
+
+def remove_joint_unit(model: nn.Module, dg, root: str, head_roots: list[str]) -> None:
+    """Remove one joint unit (head_dim spread channels of the residual group at `root`, the middle head of each
+    attention whose head group is rooted at one of `head_roots`) from `model`, in place, through `dg`."""
+    names = {m: n for n, m in model.named_modules()}
+    by_root = {names.get(layout(a).root): a for a in attention_modules(model).values()}
+    attentions = [by_root[h] for h in head_roots]
+    mod = model.get_submodule(root)
+    pruner = dg.get_pruner_of_module(mod)
+    d = layout(attentions[0]).head_dim
+    remove_joint(dg, mod, pruner.prune_out_channels, joint_channels(pruner.get_out_channels(mod), d),
+                 [(a, [getattr(a, layout(a).heads_attr) // 2]) for a in attentions], model)
+
+
+def _fed_heads(model: nn.Module, dg, root: str, heads: dict[str, nn.Module]) -> list[str] | None:
+    """The head roots (of `heads`: root path -> attention) whose attentions read the residual group at `root`,
+    when one joint unit can be defined for them: one head dim d, each with more than one head, and
+    heads x d equal to the residual's width. None otherwise."""
+    mod = model.get_submodule(root)
+    pruner = dg.get_pruner_of_module(mod)
+    width = pruner.get_out_channels(mod) if pruner is not None else None
+    if not width:
+        return None
+    try:
+        group = dg.get_pruning_group(mod, pruner.prune_out_channels, list(range(width)))
+    except Exception:  # noqa: BLE001 - a group the graph cannot derive stays held
+        return None
+    readers = {dep.target.module for dep, _ in group if not dg.is_out_channel_pruning_fn(dep.handler)}
+    fed = [h for h, a in heads.items() if readers.intersection(layout(a).inputs)]
+    if not fed:
+        return None
+    dims = {layout(heads[h]).head_dim for h in fed}
+    counts = [getattr(heads[h], layout(heads[h]).heads_attr) for h in fed]
+    if len(dims) != 1 or min(counts) < 2 or any(c * next(iter(dims)) != width for c in counts):
+        return None
+    return fed
+
+
+def find_couplings(model: nn.Module, example: torch.Tensor, broken: dict[str, str], build_graph,
+                   expected: tuple) -> dict[str, list[str]]:
+    """Residual root -> the head roots it can shrink with, among the groups the proof held (`broken`): for each
+    held residual group that feeds held attention heads whose count times head dim is its width, one joint unit
+    is removed on a copy, which must still run and return logits of `expected` shape."""
+    if not broken:
+        return {}
+    names = {m: n for n, m in model.named_modules()}
+    attentions = {names.get(layout(a).root): a for a in attention_modules(model).values()}
+    held_heads = [h for h in broken if h in attentions]
+    residual = [r for r in broken if r not in attentions]
+    if not held_heads or not residual:
+        return {}
+    work = copy.deepcopy(model).eval()
+    dg = build_graph(work, example)
+    work_names = {m: n for n, m in work.named_modules()}
+    heads = {work_names[layout(a).root]: a for a in attention_modules(work).values()
+             if work_names[layout(a).root] in held_heads}
+    found: dict[str, list[str]] = {}
+    for root in residual:
+        fed = _fed_heads(work, dg, root, heads)
+        if fed is None:
+            continue
+        try:
+            trial = copy.deepcopy(model).eval()
+            remove_joint_unit(trial, build_graph(trial, example), root, fed)
+            with torch.no_grad():
+                out = _logits(trial(example))
+        except Exception:  # noqa: BLE001 - a joint unit that breaks the model leaves both held, as proved
+            continue
+        if tuple(out.shape) == expected:
+            found[root] = fed
+            for h in fed:
+                heads.pop(h)
+    return found
 
 
 _CONTAINERS = (list, dict, set)  # copied with their own .copy() (an OrderedDict stays one)
@@ -586,7 +702,22 @@ def _trial(model: nn.Module, example: torch.Tensor, roots: list[str], build_grap
 
 
 # Bumped whenever what a proof entry means changes (the key also covers this package's pruning code).
-PROOF_CACHE_VERSION = 1
+PROOF_CACHE_VERSION = 2
+
+
+class Proof(dict):
+    """`prove`'s outcome: root name -> the error, for every group whose removal alone breaks the model; and
+    `coupled`, residual root -> the head roots it can shrink with (`find_couplings`). The roots of a coupling are
+    in the dict too (none of them can shrink alone): a caller that prunes jointly takes them out."""
+
+    def __init__(self, broken: dict[str, str], coupled: dict[str, list[str]] | None = None) -> None:
+        super().__init__(broken)
+        self.coupled = {k: list(v) for k, v in (coupled or {}).items()}
+
+    def held(self) -> dict[str, str]:
+        """The roots to hold whole: the broken ones outside every coupling."""
+        joint = {n for root, heads in self.coupled.items() for n in (root, *heads)}
+        return {k: v for k, v in self.items() if k not in joint}
 _PRIMITIVE = (bool, int, float, str, type(None))
 
 
@@ -701,25 +832,28 @@ def _cached_proof(key: str | None) -> dict[str, str] | None:
         data = json.loads(_proof_path(key).read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(data, dict) or data.get("key") != key or not isinstance(data.get("broken"), dict):
+    if not isinstance(data, dict) or data.get("key") != key or not isinstance(data.get("broken"), dict) \
+            or not isinstance(data.get("coupled"), dict):
         return None
-    return data["broken"]
+    return Proof(data["broken"], data["coupled"])
 
 
-def _store_proof(key: str | None, broken: dict[str, str], seconds: float) -> None:
+def _store_proof(key: str | None, broken: Proof, seconds: float) -> None:
     if key is None:
         return
     from core.rundir import atomic_json
 
     try:
-        atomic_json(_proof_path(key), {"key": key, "broken": broken, "seconds": round(seconds, 2)})
+        atomic_json(_proof_path(key), {"key": key, "broken": dict(broken), "coupled": broken.coupled,
+                                       "seconds": round(seconds, 2)})
     except Exception:  # noqa: BLE001 - a cache that cannot be written only costs the next run the proof again
         pass
 
 
 def prove(model: nn.Module, example: torch.Tensor, roots: list[str], build_graph,
-          budget_s: float = 600.0, groups_of: dict[str, int] | None = None) -> dict[str, str]:
-    """Root name -> the error, for every group whose one-unit removal breaks the model (bisection on copies).
+          budget_s: float = 600.0, groups_of: dict[str, int] | None = None) -> Proof:
+    """Root name -> the error, for every group whose one-unit removal breaks the model (bisection on copies),
+    with the couplings among them that shrink jointly (`Proof.coupled`, `find_couplings`).
 
     The outcome is kept in the cache ($COMPRESS_CACHE_DIR/structure) under proof_key, so that `compress inspect`
     and the run's first pruning step share one proof; a proof cut short by its time budget is not kept.
@@ -731,6 +865,12 @@ def prove(model: nn.Module, example: torch.Tensor, roots: list[str], build_graph
         return hit
     t0 = time.monotonic()
     broken = _prove(model, example, roots, build_graph, budget_s, groups_of)
+    if broken and time.monotonic() - t0 < budget_s:
+        with torch.no_grad():
+            expected = tuple(_logits(model.eval()(example)).shape)
+        broken = Proof(broken, find_couplings(model, example, broken, build_graph, expected))
+    else:
+        broken = Proof(broken)
     if time.monotonic() - t0 < budget_s:
         _store_proof(key, broken, time.monotonic() - t0)
     return broken
@@ -803,9 +943,11 @@ def plan_breaks(model: nn.Module, example: torch.Tensor, records: dict[str, Any]
         for name in subset:
             rec = records[name]
             module = copy_.get_submodule(paths[name])
-            attention = copy_.get_submodule(name) if rec.attention is not None else None
-            idxs = rec.features(plan[name])
-            prune_group(dg, module, rec.handler, idxs, copy_, attention)
+            if rec.joint is not None:
+                attentions = [copy_.get_submodule(path) for path, _, _ in rec.joint.attentions]
+            else:
+                attentions = [copy_.get_submodule(name) if rec.attention is not None else None]
+            rec.remove(dg, module, plan[name], copy_, attentions)
         return runs(copy_, example)
 
     broken: dict[str, str] = {}

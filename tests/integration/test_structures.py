@@ -110,7 +110,9 @@ def test_layer_scale_attribute_follows_its_pruned_parameter(tmp_path: Path):
 
 class _Heads(nn.Module):
     """Attention with separate q, k, v projections and a head count, recognised by structure, whose forward takes
-    the head size from the input's width (c // n_heads), as torch's MultiheadAttention does: no head can go."""
+    the head size from the input's width (c // n_heads) and reshapes its heads' output to that width, as torch's
+    MultiheadAttention and MetaFormer's attention do: neither a head nor a channel of the width it reads can go
+    alone, only a head together with head-size channels of that width."""
 
     def __init__(self, dim: int = 32, n_heads: int = 4) -> None:
         super().__init__()
@@ -127,25 +129,32 @@ class _Heads(nn.Module):
         return self.out((att @ split(self.v(x))).transpose(1, 2).reshape(b, n, c))
 
 
+class _TiedNet(nn.Module):
+    """Tokens of width 32 through `_Heads` (4 heads of 8) and an MLP, both residual; `literal` also reshapes the
+    tokens to a width spelled as a number, so that the width cannot shrink at all."""
+
+    def __init__(self, literal: bool = False) -> None:
+        super().__init__()
+        self.literal = literal
+        self.embed = nn.Linear(16, 32)
+        self.attn = _Heads()
+        self.mlp = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x):  # x: B x 1 x 8 x 16 image, read as 8 tokens of 16 features
+        t = self.embed(x.flatten(1, 2))
+        if self.literal:
+            t = t.reshape(t.shape[0], t.shape[1], 32)
+        t = t + self.attn(t)
+        t = t + self.mlp(t)
+        return self.head(t.mean(1))
+
+
 def test_attention_whose_heads_cannot_go_is_held_whole_with_the_reason_and_still_runs():
     from stages._goals import Plan
 
-    class Net(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.embed = nn.Linear(16, 32)
-            self.attn = _Heads()
-            self.mlp = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
-            self.head = nn.Linear(32, 4)
-
-        def forward(self, x):  # x: B x 1 x 8 x 16 image, read as 8 tokens of 16 features
-            t = self.embed(x.flatten(1, 2))
-            t = t + self.attn(t)
-            t = t + self.mlp(t)
-            return self.head(t.mean(1))
-
     torch.manual_seed(0)
-    model = Net().eval()
+    model = _TiedNet(literal=True).eval()
     pruner = pruner_for("l2", (8, 16), round_to=8)
     pruner.apply(model, Plan(0, share=0.25))
     with torch.no_grad():
@@ -156,6 +165,34 @@ def test_attention_whose_heads_cannot_go_is_held_whole_with_the_reason_and_still
     assert all("_Heads, n_heads=4" in h.reason and "derives a head size" in h.reason for h in inside)
     assert model.attn.q.out_features == 32 and model.attn.n_heads == 4, "the heads are kept whole"
     assert model.mlp[0].out_features < 64, "the rest of the model is pruned"
+    assert pruner.coupled == {}, "a width spelled as a number cannot shrink, with heads or without"
+
+
+@pytest.mark.parametrize("latency", [False, True])
+def test_heads_tied_to_the_width_they_read_shrink_with_it_as_one_group(latency: bool):
+    """Neither `_Heads`' heads nor the residual width shrink alone; the proof finds they shrink together (a
+    head with head-size channels of the width), the loop prunes them as one group, scored, planned (share or
+    latency budget) and applied together, nothing is held, the head count stays true and the model runs."""
+    from stages._goals import Plan
+    from stages._latency import Profile
+
+    torch.manual_seed(0)
+    model = _TiedNet().eval()
+    pruner = pruner_for("l2", (8, 16), round_to=8)
+    for step in range(3):
+        if latency:
+            layers = {n: 1.0 for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+            profile = Profile(total_ms=float(len(layers)) + 1.0, layers=layers, other_ms=1.0)
+            plan = Plan(step, share=0.0, budget_ms=2.0, profile=profile)
+        else:
+            plan = Plan(step, share=0.3)
+        pruner.apply(model, plan)
+    assert not pruner.held, {r: h.reason for r, h in pruner.held.items()}
+    assert list(pruner.coupled.values()) == [["attn.q"]], pruner.coupled
+    width = model.embed.out_features
+    assert width < 32 and model.attn.n_heads * 8 == width == model.attn.q.out_features == model.mlp[0].in_features
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, 8, 16)).shape == (2, 4)
 
 
 class _Grouped(nn.Module):
@@ -559,9 +596,10 @@ def test_a_step_that_breaks_the_model_after_the_proof_passed_holds_the_group_tha
     is taken again without it."""
     import stages._pruner as pruner_mod
     from stages._goals import Plan
+    from stages._structure import Proof
 
-    def saw_no_break(*args, **kwargs) -> dict[str, str]:
-        return {}
+    def saw_no_break(*args, **kwargs) -> Proof:
+        return Proof({})
 
     saw_no_break.last_cached = False
     monkeypatch.setattr(pruner_mod, "prove", saw_no_break)
