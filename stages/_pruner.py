@@ -70,6 +70,7 @@ class Pruner:
         self.held: dict[str, Held] = {}
         self.proved = False
         self.coupled: dict[str, list[str]] = {}  # residual root -> head roots, pruned as one (`Proof.coupled`)
+        self.groups_now: dict[str, Any] = {}
         self.proof_cached = False
         self.keep, self.graph_builds, self.score_seconds, self.proof_seconds = 1.0, 0, 0.0, 0.0
         self.round_to = round_to if round_to is not None else ctx.config.filter_prune.round_to
@@ -97,6 +98,23 @@ class Pruner:
             found = [f for f in found if f[0] not in held]
             self.coupled = broken.coupled
             self.proved = True
+        return self._hold_couplings(found)
+
+    def _hold_couplings(self, found: list[tuple[str, nn.Module, Any, Any]]) -> list[tuple[str, nn.Module, Any, Any]]:
+        """A coupling (`self.coupled`) shrinks only as a whole: where one of its roots is held (a later step's
+        fallback, the criterion) or no longer found, the others are held too, with the reason."""
+        present = {f[0] for f in found}
+        for root, heads in self.coupled.items():
+            roots = [root, *heads]
+            gone = next((r for r in roots if r in self.held or r not in present), None)
+            if gone is None:
+                continue
+            why = self.held[gone].reason if gone in self.held else "it is no longer prunable"
+            for r in roots:
+                self.held.setdefault(r, Held(r, f"its units shrink only together with {gone}'s, which are held "
+                                                f"({why})", "breaks forward", [r]))
+        found = [f for f in found if f[0] not in self.held]
+        self.groups_now = {f[0]: f[3] for f in found}  # this step's groups by root path, for the step's fallback
         return found
 
     def _scores(self, model: nn.Module, stats: dict[str, Any] | None, description: str):
@@ -172,8 +190,13 @@ class Pruner:
             paths = {name: where[r.module] for name, r in roots.items()}
             for name, err in plan_breaks(snapshot, self.example, roots, chosen, build_graph, paths).items():
                 rec = roots[name]
+                # every layer whose output the group prunes: held by its root alone, the group was derived again
+                # from its next producer, under that name, and pruned again
+                group = self.groups_now.get(paths[name], ())
+                layers = sorted({where[d.target.module] for d, _ in group if d.target.module in where and
+                                 graph.is_out_channel_pruning_fn(d.handler)} | {paths[name]})
                 self.held[name] = Held(name, f"removing {len(chosen[name])} of its {rec.width} units breaks the "
-                                             f"model ({err})", "breaks forward", [paths[name]])
+                                             f"model ({err})", "breaks forward", layers)
             snapshot = None
         raise AssertionError("unreachable")
 

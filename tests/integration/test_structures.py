@@ -195,6 +195,39 @@ def test_heads_tied_to_the_width_they_read_shrink_with_it_as_one_group(latency: 
         assert model(torch.randn(2, 1, 8, 16)).shape == (2, 4)
 
 
+@pytest.mark.parametrize("coupled", [True, False])
+def test_a_group_that_breaks_a_step_is_held_whole_with_every_layer_and_root_it_ties(coupled: bool, monkeypatch):
+    """A group the proof passed but a step's removal breaks (here: the proof is told nothing breaks, or that the
+    width and the heads shrink together, for a width also spelled as a number) is found by the step's fallback on
+    copies (a joint record removed as one) and held: the width by every layer that produces it (held by its root
+    alone, it was derived again from its next producer and pruned again: "broke the model even without the groups
+    held for it"), and the heads tied to it, with the reason; the step is taken again without them."""
+    import stages._pruner as pruner_mod
+    from stages._goals import Plan
+    from stages._structure import Proof
+
+    def claims_a_coupling(*args, **kwargs) -> Proof:
+        if not coupled:
+            return Proof({})
+        return Proof({"mlp.2": "tied", "attn.q": "tied"}, {"mlp.2": ["attn.q"]})
+
+    claims_a_coupling.last_cached = False
+    monkeypatch.setattr(pruner_mod, "prove", claims_a_coupling)
+    torch.manual_seed(0)
+    model = _TiedNet(literal=True).eval()
+    pruner = pruner_for("l2", (8, 16), round_to=8, ranking="per_layer")
+    pruner.apply(model, Plan(0, share=0.3))
+    assert "mlp.2" in pruner.held and ("attn.q" in pruner.held or "attn" in pruner.held), \
+        {r: h.reason for r, h in pruner.held.items()}
+    assert "breaks the model" in pruner.held["mlp.2"].reason
+    assert {"embed", "attn.out", "mlp.2"} <= set(pruner.held["mlp.2"].layers)
+    if coupled:
+        assert "shrink only together with mlp.2" in pruner.held["attn.q"].reason
+    assert model.embed.out_features == 32 and model.attn.n_heads == 4 and model.mlp[0].out_features < 64
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, 8, 16)).shape == (2, 4)
+
+
 class _Grouped(nn.Module):
     """Channels into grouped convolutions three ways: straight into one (groups 4), into two with nested counts
     (8 and 2), and through a concatenation (held whole: the concatenation offsets the positions)."""
