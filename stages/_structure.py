@@ -718,6 +718,8 @@ class Proof(dict):
         """The roots to hold whole: the broken ones outside every coupling."""
         joint = {n for root, heads in self.coupled.items() for n in (root, *heads)}
         return {k: v for k, v in self.items() if k not in joint}
+
+
 _PRIMITIVE = (bool, int, float, str, type(None))
 
 
