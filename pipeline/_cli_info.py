@@ -94,8 +94,9 @@ def print_inspection(result, out: Console) -> None:
     held_share = sum(h["macs_share"] for h in result.held)
     heads = sum(1 for g in result.groups if g["kind"] == "heads")
     joint = [g for g in result.groups if g["kind"] == "heads+channels"]
-    tied = (f", {len(joint)} of residual channels with the heads of {sum(g['attentions'] for g in joint)} attentions "
-            "they are tied to") if joint else ""
+    n = sum(g["attentions"] for g in joint)
+    tied = (f", {len(joint)} of residual channels with the heads of the {n} attention{'s' if n != 1 else ''} "
+            "tied to them") if joint else ""
     out.print(f"{result.model}, input {result.input}: {result.gflops:.4g} GMACs, {result.params_m:.4g} M params. "
               f"{len(result.groups)} prunable groups ({heads} of attention heads{tied}); {len(result.held)} held whole "
               f"({held_share:.1%} of the MACs); {len(result.candidates)} blocks truncation could remove.",

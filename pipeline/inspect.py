@@ -177,13 +177,9 @@ def _head_roots(model: nn.Module) -> list[nn.Module]:
     return [layout(m).root for m in attention_modules(model).values()]
 
 
-
-
 def _heads_of(model: nn.Module, root: str) -> int:
     """The head count of the attention whose head group is rooted at `root`."""
-    from stages._attention import attention_modules, layout
+    from stages._attention import attention_modules, heads_of, layout
 
-    for attention in attention_modules(model).values():
-        if layout(attention).root is model.get_submodule(root):
-            return getattr(attention, layout(attention).heads_attr)
-    raise KeyError(root)
+    projection = model.get_submodule(root)
+    return next(heads_of(a) for a in attention_modules(model).values() if layout(a).root is projection)

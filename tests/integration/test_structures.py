@@ -25,6 +25,7 @@ from export.runtime import OrtModel
 from pipeline.config import load_config
 from pipeline.runner import run_pipeline
 from tests.conftest import pruner_for, write_config
+from tests.fixtures.tied import TiedNet
 from tests.integration.test_architectures import _config
 
 CLASSES = {
@@ -108,53 +109,11 @@ def test_layer_scale_attribute_follows_its_pruned_parameter(tmp_path: Path):
         assert torch.equal(again(x), y)
 
 
-class _Heads(nn.Module):
-    """Attention with separate q, k, v projections and a head count, recognised by structure, whose forward takes
-    the head size from the input's width (c // n_heads) and reshapes its heads' output to that width, as torch's
-    MultiheadAttention and MetaFormer's attention do: neither a head nor a channel of the width it reads can go
-    alone, only a head together with head-size channels of that width."""
-
-    def __init__(self, dim: int = 32, n_heads: int = 4) -> None:
-        super().__init__()
-        self.n_heads = n_heads
-        self.q, self.k, self.v, self.out = (nn.Linear(dim, dim) for _ in range(4))
-
-    def forward(self, x):
-        b, n, c = x.shape
-
-        def split(t):
-            return t.view(b, n, self.n_heads, c // self.n_heads).transpose(1, 2)
-
-        att = (split(self.q(x)) @ split(self.k(x)).transpose(-1, -2)).softmax(-1)
-        return self.out((att @ split(self.v(x))).transpose(1, 2).reshape(b, n, c))
-
-
-class _TiedNet(nn.Module):
-    """Tokens of width 32 through `_Heads` (4 heads of 8) and an MLP, both residual; `literal` also reshapes the
-    tokens to a width spelled as a number, so that the width cannot shrink at all."""
-
-    def __init__(self, literal: bool = False) -> None:
-        super().__init__()
-        self.literal = literal
-        self.embed = nn.Linear(16, 32)
-        self.attn = _Heads()
-        self.mlp = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
-        self.head = nn.Linear(32, 4)
-
-    def forward(self, x):  # x: B x 1 x 8 x 16 image, read as 8 tokens of 16 features
-        t = self.embed(x.flatten(1, 2))
-        if self.literal:
-            t = t.reshape(t.shape[0], t.shape[1], 32)
-        t = t + self.attn(t)
-        t = t + self.mlp(t)
-        return self.head(t.mean(1))
-
-
 def test_attention_whose_heads_cannot_go_is_held_whole_with_the_reason_and_still_runs():
     from stages._goals import Plan
 
     torch.manual_seed(0)
-    model = _TiedNet(literal=True).eval()
+    model = TiedNet(literal=True).eval()
     pruner = pruner_for("l2", (8, 16), round_to=8)
     pruner.apply(model, Plan(0, share=0.25))
     with torch.no_grad():
@@ -162,7 +121,7 @@ def test_attention_whose_heads_cannot_go_is_held_whole_with_the_reason_and_still
     held = {h.root: h for h in pruner.held.values()}
     inside = [h for h in held.values() if "attention `attn`" in h.reason]
     assert inside, {r: h.reason for r, h in held.items()}
-    assert all("_Heads, n_heads=4" in h.reason and "derives a head size" in h.reason for h in inside)
+    assert all("Heads, n_heads=4" in h.reason and "derives a head size" in h.reason for h in inside)
     assert model.attn.q.out_features == 32 and model.attn.n_heads == 4, "the heads are kept whole"
     assert model.mlp[0].out_features < 64, "the rest of the model is pruned"
     assert pruner.coupled == {}, "a width spelled as a number cannot shrink, with heads or without"
@@ -170,14 +129,14 @@ def test_attention_whose_heads_cannot_go_is_held_whole_with_the_reason_and_still
 
 @pytest.mark.parametrize("latency", [False, True])
 def test_heads_tied_to_the_width_they_read_shrink_with_it_as_one_group(latency: bool):
-    """Neither `_Heads`' heads nor the residual width shrink alone; the proof finds they shrink together (a
+    """Neither `Heads`' heads nor the residual width shrink alone; the proof finds they shrink together (a
     head with head-size channels of the width), the loop prunes them as one group, scored, planned (share or
     latency budget) and applied together, nothing is held, the head count stays true and the model runs."""
     from stages._goals import Plan
     from stages._latency import Profile
 
     torch.manual_seed(0)
-    model = _TiedNet().eval()
+    model = TiedNet().eval()
     pruner = pruner_for("l2", (8, 16), round_to=8)
     for step in range(3):
         if latency:
@@ -193,6 +152,32 @@ def test_heads_tied_to_the_width_they_read_shrink_with_it_as_one_group(latency: 
     assert width < 32 and model.attn.n_heads * 8 == width == model.attn.q.out_features == model.mlp[0].in_features
     with torch.no_grad():
         assert model(torch.randn(2, 1, 8, 16)).shape == (2, 4)
+
+
+def test_inspect_lists_heads_tied_to_a_width_as_one_group_and_exports_the_model_without_a_joint_unit(monkeypatch):
+    """`compress inspect` on a user's model whose heads are tied to the width they read: one prunable group
+    ("head + its channels", its width in heads), nothing held, and its ONNX check runs on the copy that lost a
+    joint unit (a head with head-size channels of the width)."""
+    from rich.console import Console
+
+    from pipeline._cli_info import print_inspection
+    from pipeline.config import Config
+    from pipeline.inspect import inspect_model
+    from tests.conftest import REPO, tiny_config
+
+    monkeypatch.chdir(REPO)  # the factory file is relative to the repository
+    config = Config.model_validate(tiny_config(model={"source": "python", "name": "tests/fixtures/tied.py:build",
+                                                      "num_classes": 4, "in_chans": 1, "input_size": [8, 16]}))
+    result = inspect_model(config)
+    assert not result.held, result.held
+    joint = [g for g in result.groups if g["kind"] == "heads+channels"]
+    assert joint == [{"root": "mlp.2", "width": 4, "layers": 3, "kind": "heads+channels", "attentions": 1}], joint
+    assert result.onnx["max_rel_diff"] < 1e-4
+    out = Console(record=True, width=200)
+    print_inspection(result, out)
+    text = out.export_text()
+    assert "1 of residual channels with the heads of the 1 attention tied to them" in text
+    assert "head + its channels" in text and "0 held whole" in text
 
 
 @pytest.mark.parametrize("coupled", [True, False])
@@ -214,7 +199,7 @@ def test_a_group_that_breaks_a_step_is_held_whole_with_every_layer_and_root_it_t
     claims_a_coupling.last_cached = False
     monkeypatch.setattr(pruner_mod, "prove", claims_a_coupling)
     torch.manual_seed(0)
-    model = _TiedNet(literal=True).eval()
+    model = TiedNet(literal=True).eval()
     pruner = pruner_for("l2", (8, 16), round_to=8, ranking="per_layer")
     pruner.apply(model, Plan(0, share=0.3))
     assert "mlp.2" in pruner.held and ("attn.q" in pruner.held or "attn" in pruner.held), \

@@ -81,14 +81,14 @@ def test_heads_tied_to_a_width_are_kept_with_the_proof_and_come_back_from_the_ca
     """The proof holds both the tied heads and the width they read; the coupling it finds (the two shrink
     together) is part of the cached outcome, so a run after `compress inspect` prunes them jointly too."""
     from stages._graph import build_graph as graph_of
-    from tests.integration.test_structures import _TiedNet
+    from tests.fixtures.tied import TiedNet
 
     x = torch.zeros(1, 1, 8, 16)
-    model = _TiedNet().eval()
+    model = TiedNet().eval()
     found, _ = graph_of(model, x).groups(model, [model.head], {})
     roots = [f[0] for f in found]
     first = S.prove(model, x, roots, graph_of)
     assert not S.prove.last_cached and set(first) == {"mlp.2", "attn.q"}, dict(first)
     assert first.coupled == {"mlp.2": ["attn.q"]} and first.held() == {}
-    again = S.prove(_TiedNet().eval(), x, roots, graph_of)
+    again = S.prove(TiedNet().eval(), x, roots, graph_of)
     assert S.prove.last_cached and again == first and again.coupled == first.coupled
